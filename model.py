@@ -1,0 +1,350 @@
+# One Transformer for the whole zoo. Every difference between families is a behaviour field of
+# ModelArgs; the per-checkpoint entries at the bottom are plain data. Imports torch only.
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ModelArgs:
+    block_size: int = 2048            # longest context the positions support
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    dim: int = 4096
+    intermediate_size: Optional[int] = None
+    n_local_heads: int = -1           # KV heads: n_head (MHA), fewer (GQA), 1 (MQA)
+    head_dim: Optional[int] = None
+    # norm
+    norm: str = "rmsnorm"             # "rmsnorm" | "layernorm" (with bias)
+    norm_eps: float = 1e-5
+    # positions
+    rope_base: float = 10000.0
+    rotary_dim: Optional[int] = None  # dims of each head that rotate (partial rotary); default all
+    rope_interleaved: bool = False    # GPT-J pairs (2i, 2i+1) instead of halves (i, i + d/2)
+    rope_scaling: Optional[dict] = None  # {"type": "llama3" | "linear", "factor": ..., ...}
+    # layout
+    qkv_bias: bool = False
+    out_bias: bool = False            # attention output projection
+    mlp_bias: bool = False
+    output_bias: bool = False         # lm head
+    mlp: str = "swiglu"               # "swiglu" | "gelu" | "gelu_tanh" (ungated)
+    parallel_residual: bool = False   # x + attn(norm1(x)) + mlp(norm2(x))
+    shared_norm: bool = False         # parallel residual under one norm
+    tie_embeddings: bool = False
+    sliding_window: Optional[int] = None
+    # metadata carried into config.json so that loading never guesses
+    name: str = ""
+    chat_format: str = ""
+
+    def __post_init__(self):
+        if self.n_local_heads == -1:
+            self.n_local_heads = self.n_head
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_head
+        if self.intermediate_size is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.intermediate_size = find_multiple(hidden, 256)
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
+        if self.n_head % self.n_local_heads:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_local_heads {self.n_local_heads}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        return cls(**transformer_configs[resolve_name(name)], name=resolve_name(name))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"config has unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+def resolve_name(name: str) -> str:
+    """Exact entry name (or its last path part), else a unique case-insensitive substring."""
+    base = name.rstrip("/").split("/")[-1]
+    if base in transformer_configs:
+        return base
+    hits = [k for k in transformer_configs if k.lower() in base.lower() or base.lower() in k.lower()]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(transformer_configs))}")
+    # several substring hits: the longest entry contained in the name wins only if it is unique
+    inside = [k for k in hits if k.lower() in base.lower()]
+    longest = max(map(len, inside), default=0)
+    best = [k for k in inside if len(k) == longest]
+    if len(best) == 1:
+        return best[0]
+    raise ValueError(f"model name {name!r} is ambiguous: {', '.join(sorted(hits))}")
+
+
+class KVCache(nn.Module):
+    """Static cache [B, H_kv, S, D], allocated once. Row b's token at position p lives in slot p,
+    so rows of a batch can sit at different positions (batched prompts, serving slots)."""
+
+    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype):
+        super().__init__()
+        shape = (max_batch_size, n_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
+        # input_pos [B, T]; k, v [B, H, T, D]
+        rows = torch.arange(k.shape[0], device=k.device).unsqueeze(-1)
+        self.k_cache[rows, :, input_pos] = k.transpose(1, 2)
+        self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k_cache[: k.shape[0]], self.v_cache[: k.shape[0]]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=config.output_bias)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+        self.register_buffer("rope_cache", rope_table(config, config.block_size), persistent=False)
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None):
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context {self.config.block_size}")
+        if self.max_batch_size >= max_batch_size and self.max_seq_length >= max_seq_length:
+            return
+        dtype = dtype or self.output.weight.dtype
+        device = self.output.weight.device
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_local_heads,
+                                               self.config.head_dim, dtype).to(device)
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        self.rope_cache = rope_table(self.config, self.config.block_size).to(device)
+
+    def after_load(self):
+        """After load_state_dict(assign=True) and any .to(dtype): re-tie the head to the embedding and
+        rebuild the fp32 rope table on the weights' device (both are lost by assign/meta/casts)."""
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rope_cache = rope_table(self.config, self.config.block_size).to(self.tok_embeddings.weight.device)
+
+    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> Tensor:
+        """idx [B, T]. input_pos [B, T] (or [T]) writes into and reads from the KV cache;
+        None runs a plain causal forward over positions 0..T-1 without touching any cache."""
+        B, T = idx.shape
+        if input_pos is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+            kv_len = T
+        else:
+            pos = input_pos if input_pos.dim() == 2 else input_pos.expand(B, T)
+            kv_len = self.max_seq_length
+        keys = torch.arange(kv_len, device=idx.device)
+        mask = keys <= pos.unsqueeze(-1)                       # [B, T, S]: causal by position
+        if self.config.sliding_window is not None:
+            mask = mask & (keys > pos.unsqueeze(-1) - self.config.sliding_window)
+        mask = mask.unsqueeze(1)                               # [B, 1, T, S]
+        rope = self.rope_cache[pos]                            # [B, T, rotary_dim // 2, 2]
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, rope, mask, pos if input_pos is not None else None)
+        return self.output(self.norm(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = make_norm(config)
+        self.ffn_norm = None if config.shared_norm else make_norm(config)
+        self.parallel = config.parallel_residual
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor]) -> Tensor:
+        h = self.attention_norm(x)
+        a = self.attention(h, rope, mask, input_pos)
+        if self.parallel:
+            return x + a + self.feed_forward(h if self.ffn_norm is None else self.ffn_norm(x))
+        x = x + a
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_local_heads, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
+        qkv_dim = (config.n_head + 2 * config.n_local_heads) * config.head_dim
+        self.wqkv = nn.Linear(config.dim, qkv_dim, bias=config.qkv_bias)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=config.out_bias)
+        self.rotary_dim, self.interleaved = config.rotary_dim, config.rope_interleaved
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor]) -> Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_local_heads, self.head_dim)
+        v = v.view(B, T, self.n_local_heads, self.head_dim)
+        q = apply_rotary_emb(q, rope, self.rotary_dim, self.interleaved)
+        k = apply_rotary_emb(k, rope, self.rotary_dim, self.interleaved)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # [B, H, T, D]
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           enable_gqa=self.n_local_heads != self.n_head)
+        return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.gated = config.mlp == "swiglu"
+        self.act = {"swiglu": F.silu, "gelu": F.gelu,
+                    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[config.mlp]
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)   # gate (or up)
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias) if self.gated else None
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)   # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.w1(x))
+        return self.w2(h * self.w3(x) if self.gated else h)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # statistics in fp32, then back to the activation dtype before the scale (as HF Llama does)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+def make_norm(config: ModelArgs) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.dim, config.norm_eps)
+    if config.norm == "layernorm":
+        return nn.LayerNorm(config.dim, eps=config.norm_eps)
+    raise ValueError(f"unknown norm {config.norm!r}")
+
+
+def rope_inv_freq(config: ModelArgs) -> Tensor:
+    r = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, r, 2, dtype=torch.float32)[: r // 2] / r))
+    s = config.rope_scaling or {}
+    kind = s.get("type") or s.get("rope_type")
+    if kind == "llama3":   # Llama-3.1: stretch long wavelengths, keep short ones, blend between
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_ctx = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_ctx / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        inv_freq = torch.where(wavelen > old_ctx / lo, inv_freq / factor,
+                               torch.where(wavelen < old_ctx / hi, inv_freq,
+                                           (1 - smooth) * inv_freq / factor + smooth * inv_freq))
+    elif kind == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling {s}")
+    return inv_freq
+
+
+def rope_table(config: ModelArgs, seq_len: int) -> Tensor:
+    """[seq_len, rotary_dim // 2, 2] of (cos, sin), fp32."""
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), rope_inv_freq(config))
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rotary_emb(x: Tensor, rope: Tensor, rotary_dim: int, interleaved: bool) -> Tensor:
+    # x [B, T, H, D]; rope [B, T, r/2, 2]. Rotate in fp32, return in x's dtype.
+    cos, sin = rope[..., 0].unsqueeze(2), rope[..., 1].unsqueeze(2)   # [B, T, 1, r/2]
+    xr, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr.chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return torch.cat([out.type_as(x), rest], dim=-1)
+
+
+# Per-checkpoint entries: plain data, each mirroring the named Hugging Face repo's config.json.
+llama2 = dict(vocab_size=32000, norm_eps=1e-5, block_size=4096, chat_format="llama2")
+llama3 = dict(vocab_size=128256, norm_eps=1e-5, block_size=8192, rope_base=500000.0, chat_format="llama3")
+llama31_scaling = dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=8192)
+llama31 = dict(llama3, block_size=131072, rope_scaling=llama31_scaling)
+codellama = dict(llama2, vocab_size=32016, block_size=16384, rope_base=1000000.0, chat_format="llama2")
+mistral = dict(vocab_size=32000, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336,
+               norm_eps=1e-5, block_size=32768, chat_format="mistral")
+smollm2 = dict(vocab_size=49152, rope_base=100000.0, tie_embeddings=True, block_size=8192, chat_format="chatml")
+
+transformer_configs = {
+    # meta-llama/Llama-2-*-hf and -chat-hf
+    "Llama-2-7b-hf": dict(llama2, n_layer=32, n_head=32, dim=4096, intermediate_size=11008),
+    "Llama-2-7b-chat-hf": dict(llama2, n_layer=32, n_head=32, dim=4096, intermediate_size=11008),
+    "Llama-2-13b-hf": dict(llama2, n_layer=40, n_head=40, dim=5120, intermediate_size=13824),
+    "Llama-2-13b-chat-hf": dict(llama2, n_layer=40, n_head=40, dim=5120, intermediate_size=13824),
+    "Llama-2-70b-hf": dict(llama2, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672),
+    "Llama-2-70b-chat-hf": dict(llama2, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672),
+    # codellama/CodeLlama-*-hf (34B: GQA 8, vocab 32000)
+    "CodeLlama-7b-hf": dict(codellama, n_layer=32, n_head=32, dim=4096, intermediate_size=11008),
+    "CodeLlama-7b-Instruct-hf": dict(codellama, n_layer=32, n_head=32, dim=4096, intermediate_size=11008),
+    "CodeLlama-13b-hf": dict(codellama, n_layer=40, n_head=40, dim=5120, intermediate_size=13824),
+    "CodeLlama-13b-Instruct-hf": dict(codellama, n_layer=40, n_head=40, dim=5120, intermediate_size=13824),
+    "CodeLlama-34b-hf": dict(codellama, vocab_size=32000, n_layer=48, n_head=64, n_local_heads=8, dim=8192,
+                             intermediate_size=22016),
+    "CodeLlama-34b-Instruct-hf": dict(codellama, vocab_size=32000, n_layer=48, n_head=64, n_local_heads=8,
+                                      dim=8192, intermediate_size=22016),
+    # meta-llama/Meta-Llama-3-*
+    "Meta-Llama-3-8B": dict(llama3, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336),
+    "Meta-Llama-3-8B-Instruct": dict(llama3, n_layer=32, n_head=32, n_local_heads=8, dim=4096,
+                                     intermediate_size=14336),
+    "Meta-Llama-3-70B": dict(llama3, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672),
+    "Meta-Llama-3-70B-Instruct": dict(llama3, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
+                                      intermediate_size=28672),
+    # meta-llama/Llama-3.1-* (formerly Meta-Llama-3.1-*)
+    "Llama-3.1-8B": dict(llama31, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336),
+    "Llama-3.1-8B-Instruct": dict(llama31, n_layer=32, n_head=32, n_local_heads=8, dim=4096,
+                                  intermediate_size=14336),
+    "Llama-3.1-70B": dict(llama31, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672),
+    "Llama-3.1-70B-Instruct": dict(llama31, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
+                                   intermediate_size=28672),
+    "Llama-3.1-405B": dict(llama31, n_layer=126, n_head=128, n_local_heads=8, dim=16384, intermediate_size=53248),
+    "Llama-3.1-405B-Instruct": dict(llama31, n_layer=126, n_head=128, n_local_heads=8, dim=16384,
+                                    intermediate_size=53248),
+    # mistralai/Mistral-7B-v0.1 (sliding window 4096), -v0.3 (vocab 32768, no window, theta 1e6)
+    "Mistral-7B-v0.1": dict(mistral, sliding_window=4096),
+    "Mistral-7B-Instruct-v0.1": dict(mistral, sliding_window=4096),
+    "Mistral-7B-v0.3": dict(mistral, vocab_size=32768, rope_base=1000000.0),
+    "Mistral-7B-Instruct-v0.3": dict(mistral, vocab_size=32768, rope_base=1000000.0),
+    # HuggingFaceTB/SmolLM2-* (tied embeddings)
+    "SmolLM2-135M": dict(smollm2, n_layer=30, n_head=9, n_local_heads=3, dim=576, intermediate_size=1536),
+    "SmolLM2-135M-Instruct": dict(smollm2, n_layer=30, n_head=9, n_local_heads=3, dim=576, intermediate_size=1536),
+    "SmolLM2-360M": dict(smollm2, n_layer=32, n_head=15, n_local_heads=5, dim=960, intermediate_size=2560),
+    "SmolLM2-360M-Instruct": dict(smollm2, n_layer=32, n_head=15, n_local_heads=5, dim=960, intermediate_size=2560),
+    "SmolLM2-1.7B": dict(smollm2, n_layer=24, n_head=32, n_local_heads=32, dim=2048, intermediate_size=8192,
+                         rope_base=130000.0),
+    "SmolLM2-1.7B-Instruct": dict(smollm2, n_layer=24, n_head=32, n_local_heads=32, dim=2048,
+                                  intermediate_size=8192, rope_base=130000.0),
+}
