@@ -69,8 +69,9 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16) -> Trans
     if missing or unexpected:
         raise ValueError(f"checkpoint {checkpoint_path} does not fit its config.json: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.after_load()  # off the meta device before the move
     model = model.to(device=device, dtype=precision)
-    model.after_load()
+    model.after_load()  # re-tie after the move, rope table back to fp32
     return model.eval()
 
 
