@@ -1,0 +1,454 @@
+# One tokenizer interface over SentencePiece and tiktoken, and the chat formats.
+# Byte-level BPE tokenizers (a Hugging Face tokenizer.json, vocab.json + merges.txt, a GGUF "gpt2"
+# vocabulary) are converted once, at prepare time, into tiktoken's format, so that generation needs
+# neither transformers nor tokenizers. Imports sentencepiece, tiktoken and the standard library only.
+import base64
+import json
+import os
+import re
+import tempfile
+import unicodedata
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import sentencepiece
+import tiktoken
+
+# The tokenizer files in a checkpoint folder
+SP_FILE = "tokenizer.model"            # a SentencePiece model, copied as is
+TIKTOKEN_FILE = "tokenizer.tiktoken"   # tiktoken ranks: "base64(token bytes) id" per line, id order
+META_FILE = "tokenizer_meta.json"      # ours: split pattern, special tokens, bos/eos (see write_meta)
+
+# Split patterns (the pre-tokenizer as one regex)
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# HF Digits(individual_digits=True) then ByteLevel(GPT-2 regex), as one regex (SmolLM, StarCoder; llama.cpp's
+# "smollm"): a digit is a piece of its own, and a digit ends the piece before it, so whitespace right before
+# a digit is a whole run (`\s+(?!\S)` would leave its last space to a piece of its own).
+DIGITS_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+# Meta's Llama 3 tokenizer.model is a tiktoken ranks file; its 256 specials live in Meta's code
+LLAMA3_SPECIALS = (["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+                   + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)])
+
+
+class Tokenizer:
+    """Common interface. bos_id is the id encode(bos=True) puts first, or None where this model's prompts
+    start without one (SmolLM2, Qwen). stop_ids: eos plus the chat format's stop tokens."""
+
+    def __init__(self, special_tokens: dict, bos_id, eos_id, chat_format: str = ""):
+        self.special_tokens = dict(special_tokens)
+        self.special_ids = {i: s for s, i in self.special_tokens.items()}
+        self.bos_id, self.eos_id = bos_id, eos_id
+        if chat_format and chat_format not in CHAT_FORMATS:
+            raise ValueError(f"unknown chat format {chat_format!r}; known: {', '.join(sorted(CHAT_FORMATS))}")
+        self.chat_format = chat_format
+        stops = CHAT_FORMATS[chat_format].stop if chat_format else ()
+        self.stop_ids = {self.special_tokens[s] for s in stops if s in self.special_tokens}
+        if eos_id is not None:
+            self.stop_ids.add(eos_id)
+        # longest first, so that a special token that is a prefix of another does not win
+        names = sorted(self.special_tokens, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list:
+        """Special-token surface forms in text become their ids; the text between them is encoded alone."""
+        ids = [self.bos_id] if bos and self.bos_id is not None else []
+        parts = self._special_re.split(text) if self._special_re else [text]
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids.append(self.special_tokens[part])
+            elif part:
+                ids += self._encode_ordinary(part)
+        if eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids) -> str:
+        """Special tokens decode to their surface forms (as Hugging Face's decode does by default)."""
+        out, run = [], []
+        for i in map(int, ids):
+            if i in self.special_ids:
+                out += [self._decode_ordinary(run), self.special_ids[i]]
+                run = []
+            else:
+                run.append(i)
+        out.append(self._decode_ordinary(run))
+        return "".join(out)
+
+    def apply_chat(self, messages: list, add_generation_prompt: bool = True) -> list:
+        if not self.chat_format:
+            raise ValueError("this checkpoint has no chat format (config.json 'chat_format'); prompt it as plain text")
+        for m in messages:
+            if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                raise ValueError(f"bad chat message {m!r}: needs role system/user/assistant and str content")
+        return self.encode(CHAT_FORMATS[self.chat_format].render(messages, add_generation_prompt))
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_file, meta: Optional[dict] = None, chat_format: str = ""):
+        meta = meta or {}
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        n = self.sp.vocab_size()
+        specials = {self.sp.id_to_piece(i): i for i in range(n) if self.sp.is_control(i)}
+        specials.update(meta.get("special_tokens", {}))
+        bos = meta.get("bos_id", self.sp.bos_id()) if meta.get("add_bos", True) else None
+        eos = meta.get("eos_id", self.sp.eos_id())
+        super().__init__(specials, None if bos is None or bos < 0 else bos, None if eos is None or eos < 0 else eos,
+                         chat_format)
+        self.vocab_size = max([n] + [i + 1 for i in self.special_ids])
+
+    def _encode_ordinary(self, text):
+        return self.sp.encode(text)  # adds SentencePiece's dummy-prefix space to each piece of text
+
+    def _decode_ordinary(self, ids):
+        return self.sp.decode(ids) if ids else ""
+
+
+class TiktokenTokenizer(Tokenizer):
+    def __init__(self, ranks_file, meta: dict, chat_format: str = ""):
+        specials, ranks = meta["special_tokens"], load_ranks(ranks_file)
+        n = max(list(ranks.values()) + list(specials.values())) + 1
+        # Bytes the vocabulary lacks (SmolLM2 has none for 6 control characters): Hugging Face's BPE drops them.
+        # tiktoken needs every byte, so they get ids past the vocabulary, removed after encoding. (HF drops them
+        # before merging the rest of their piece, we after: text with such a character inside a run of
+        # punctuation can differ.)
+        missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+        ranks.update({b: n + k for k, b in enumerate(missing)})
+        self.enc = tiktoken.Encoding(name=Path(ranks_file).parent.name or "zoofast", pat_str=meta["pattern"],
+                                     mergeable_ranks=ranks, special_tokens=specials)
+        self.normalizer = meta.get("normalizer")
+        if self.normalizer not in (None, "NFC", "NFKC"):
+            raise ValueError(f"unsupported normalizer {self.normalizer!r} in {META_FILE}")
+        super().__init__(specials, meta.get("bos_id") if meta.get("add_bos") else None, meta.get("eos_id"),
+                         chat_format)
+        self.vocab_size, self.drops_bytes = n, bool(missing)
+
+    def _encode_ordinary(self, text):
+        if self.normalizer:
+            text = unicodedata.normalize(self.normalizer, text)
+        ids = self.enc.encode_ordinary(text)
+        return [i for i in ids if i < self.vocab_size] if self.drops_bytes else ids
+
+    def _decode_ordinary(self, ids):
+        return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+class StreamDecoder:
+    """Incremental decode for streaming: push(id) returns only new, complete text. It decodes a short window
+    (the previous token's text plus the new ids) and returns the difference, so SentencePiece's leading-space
+    rule and byte-level tokens that split a UTF-8 character both come out right. flush() returns the rest."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) > len(done) and not text.endswith("\ufffd"):   # hold back an incomplete character
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(done):]
+        return ""
+
+    def flush(self) -> str:
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(done):]
+
+
+# ---- chat formats: name -> render(messages, add_generation_prompt) -> text with special tokens, stop tokens ----
+
+class ChatFormat(NamedTuple):
+    render: Callable
+    stop: tuple
+
+
+def split_system(messages):
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return None, messages
+
+
+def render_chatml_smollm2(messages, add_generation_prompt):
+    # SmolLM2-Instruct's chat_template (GGUF tokenizer.chat_template), including its default system message
+    out = ""
+    if messages and messages[0]["role"] != "system":
+        out += "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    out += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def render_llama2(messages, add_generation_prompt):
+    # Meta's chat_completion: the system prompt goes inside the first [INST]; each exchange is <s>...</s>
+    system, turns = split_system(messages)
+    out = ""
+    for i, m in enumerate(turns):
+        content = m["content"]
+        if i == 0 and system is not None:
+            content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{content}"
+        if m["role"] == "user":
+            out += f"<s>[INST] {content.strip()} [/INST]"
+        else:
+            out += f" {content.strip()} </s>"
+    return out
+
+
+def render_llama3(messages, add_generation_prompt):
+    out = "<|begin_of_text|>" + "".join(
+        f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>" for m in messages)
+    return out + ("<|start_header_id|>assistant<|end_header_id|>\n\n" if add_generation_prompt else "")
+
+
+def render_mistral(messages, add_generation_prompt):
+    # Mistral-7B-Instruct's template; a system message is put before the first user message
+    system, turns = split_system(messages)
+    out = "<s>"
+    for i, m in enumerate(turns):
+        content = m["content"] if i or system is None else f"{system}\n\n{m['content']}"
+        out += f"[INST] {content} [/INST]" if m["role"] == "user" else f"{content}</s>"
+    return out
+
+
+CHAT_FORMATS = {
+    "chatml": ChatFormat(render_chatml_smollm2, ("<|im_end|>",)),
+    "llama2": ChatFormat(render_llama2, ("</s>",)),
+    "llama3": ChatFormat(render_llama3, ("<|eot_id|>", "<|end_of_text|>")),
+    "mistral": ChatFormat(render_mistral, ("</s>",)),
+}
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+def load_ranks(path) -> dict:
+    """Our own reader: tiktoken.load caches by path, so a rewritten file would be read stale."""
+    ranks = {}
+    for line in Path(path).read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def load_tokenizer(checkpoint_dir) -> Tokenizer:
+    d = Path(checkpoint_dir)
+    config = json.loads((d / "config.json").read_text()) if (d / "config.json").is_file() else {}
+    chat_format = config.get("chat_format", "")
+    meta = json.loads((d / META_FILE).read_text()) if (d / META_FILE).is_file() else None
+    if (d / TIKTOKEN_FILE).is_file():
+        if meta is None:
+            raise FileNotFoundError(f"{d / TIKTOKEN_FILE} needs {META_FILE} beside it; run scripts/prepare.sh again")
+        return TiktokenTokenizer(d / TIKTOKEN_FILE, meta, chat_format)
+    if (d / SP_FILE).is_file():
+        return SentencePieceTokenizer(d / SP_FILE, meta, chat_format)
+    raise FileNotFoundError(f"no tokenizer in {d} ({SP_FILE} or {TIKTOKEN_FILE}); run scripts/prepare.sh ORG/NAME")
+
+
+# ---- preparing: convert once into our folder ----------------------------------------------------------
+
+def bytes_to_unicode() -> dict:
+    """GPT-2's byte -> printable character map, in which byte-level vocabularies spell their tokens."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    for b in range(256):
+        if b not in bs:   # the unprintable bytes map to 256, 257, ... in byte order
+            bs.append(b)
+            cs.append(256 + len(cs) - 188)
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_atomic(path: Path, data: bytes):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes it 0600; give it a plain file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_meta(out_dir: Path, **meta):
+    write_atomic(out_dir / META_FILE, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode())
+
+
+def write_bpe_as_tiktoken(out_dir, vocab: dict, merges: list, special_tokens: dict, pattern: str,
+                          bos_id=None, eos_id=None, add_bos=False, normalizer=None):
+    """vocab: byte-level spelled token -> id; merges: [(left, right)] best first; special_tokens: text -> id
+    (matched whole in text). tiktoken merges any adjacent pair whose concatenation has a rank, Hugging Face
+    only the listed merges, lowest merge first: the two agree when a merged token's rank follows its merge
+    order and every token is reached by its own merges. The rank is also the id tiktoken returns, so the ids
+    must follow merge order. Both are checked here; the tests compare the results on real vocabularies."""
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    special_ids = set(special_tokens.values())
+    ranks = {}
+    for token, i in vocab.items():
+        if i in special_ids:
+            continue
+        try:
+            ranks[bytes(byte_of[c] for c in token)] = i
+        except KeyError:
+            raise ValueError(f"token {token!r} (id {i}) is not spelled in the byte-level alphabet") from None
+    if sum(bytes([b]) in ranks for b in range(256)) < 192:
+        raise ValueError("vocabulary lacks most single-byte tokens; not byte-level BPE")
+    last = -1
+    made = set()
+    for a, b in merges:
+        if a + b in made:
+            continue
+        made.add(a + b)
+        i = vocab.get(a + b)
+        if i is None:
+            raise ValueError(f"merge {a!r} {b!r} makes a token missing from the vocabulary")
+        if i < last:
+            raise ValueError(f"token ids do not follow merge order (merge {a!r} {b!r} -> id {i} after id {last}); "
+                             "tiktoken ranks cannot express this vocabulary")
+        last = i
+    # tiktoken returns a piece that is a token whole; Hugging Face must reach it through the merges
+    merge_rank = {m: r for r, m in reversed(list(enumerate(merges)))}
+    stray = [t for t, i in vocab.items() if i not in special_ids and len(t) > 1 and bpe(t, merge_rank) != [t]]
+    if stray:
+        raise ValueError(f"{len(stray)} tokens are not reached by the merges (e.g. {stray[0]!r}); "
+                         "tiktoken ranks cannot express this vocabulary")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = [base64.b64encode(t) + b" " + str(i).encode() for t, i in sorted(ranks.items(), key=lambda kv: kv[1])]
+    write_atomic(out_dir / TIKTOKEN_FILE, b"\n".join(lines) + b"\n")
+    write_meta(out_dir, type="tiktoken", pattern=pattern, normalizer=normalizer, special_tokens=special_tokens,
+               bos_id=bos_id, eos_id=eos_id, add_bos=add_bos)
+    (out_dir / SP_FILE).unlink(missing_ok=True)   # load_tokenizer must not find a stale one of the other kind
+
+
+def bpe(word: str, merge_rank: dict) -> list:
+    """Hugging Face's BPE on one piece: apply the best listed merge until none applies."""
+    parts = list(word)
+    while len(parts) > 1:
+        ranks = [merge_rank.get(pair, float("inf")) for pair in zip(parts, parts[1:])]
+        best = min(range(len(ranks)), key=ranks.__getitem__)
+        if ranks[best] == float("inf"):
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def token_text(t) -> Optional[str]:
+    return t.get("content") if isinstance(t, dict) else t   # tokenizer_config spells a token as str or dict
+
+
+def byte_level_pattern(pre: Optional[dict]) -> str:
+    """One split regex for a Hugging Face byte-level pre-tokenizer, or ValueError."""
+    steps = (pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]) if pre else []
+    kinds = [s["type"] for s in steps]
+    if any(s["type"] == "ByteLevel" and s.get("add_prefix_space") for s in steps):
+        raise ValueError("byte-level pre-tokenizers with add_prefix_space are not supported")
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return GPT2_PATTERN
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return DIGITS_GPT2_PATTERN
+    if (kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and "Regex" in steps[0]["pattern"]
+            and steps[0]["behavior"] == "Isolated" and not steps[0].get("invert")):
+        return steps[0]["pattern"]["Regex"]
+    raise ValueError(f"unsupported pre-tokenizer {json.dumps(pre)[:200]}")
+
+
+def adds_bos(post_processor: Optional[dict], bos: Optional[str]) -> bool:
+    """Whether a tokenizer.json post-processor puts bos first (Llama 3 adds it this way)."""
+    if not post_processor or bos is None:
+        return False
+    procs = post_processor.get("processors", [post_processor])
+    single = [p["single"] for p in procs if p["type"] == "TemplateProcessing"]
+    return bool(single) and single[0][0].get("SpecialToken", {}).get("id") == bos
+
+
+# class named in tokenizer_config.json -> (split pattern, normalizer), for vocab.json + merges.txt folders
+BPE_CLASSES = {"GPT2Tokenizer": (GPT2_PATTERN, None), "Qwen2Tokenizer": (QWEN2_PATTERN, "NFC")}
+
+
+def prepare_tokenizer(hf_dir, out_dir):
+    """Copy or convert a Hugging Face repo's tokenizer into our checkpoint folder (writes only tokenizer files)."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    cfg = read_json(hf_dir / "tokenizer_config.json")
+    bos, eos = token_text(cfg.get("bos_token")), token_text(cfg.get("eos_token"))
+    tok = read_json(hf_dir / "tokenizer.json")
+    model = tok.get("model", {})
+    byte_level = model.get("type") == "BPE" and (tok.get("decoder") or {}).get("type") == "ByteLevel"
+    if byte_level:
+        if tok.get("normalizer") not in (None, {"type": "NFC"}):
+            raise ValueError(f"unsupported normalizer {json.dumps(tok['normalizer'])[:200]} in {hf_dir}/tokenizer.json")
+        specials = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        add_bos = cfg.get("add_bos_token", False) or adds_bos(tok.get("post_processor"), bos)
+        return write_bpe_as_tiktoken(out_dir, model["vocab"], merges, specials, byte_level_pattern(tok["pre_tokenizer"]),
+                                     specials.get(bos), specials.get(eos), add_bos,
+                                     "NFC" if tok.get("normalizer") else None)
+    added = {t["content"]: int(i) for i, t in cfg.get("added_tokens_decoder", {}).items()}
+    for name in ("tokenizer.model", "original/tokenizer.model"):
+        if (hf_dir / name).is_file():
+            return copy_tokenizer_model(hf_dir / name, out_dir, added, cfg.get("add_bos_token", True))
+    if (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():
+        cls = cfg.get("tokenizer_class", "GPT2Tokenizer")
+        if cls not in BPE_CLASSES:
+            raise ValueError(f"unknown split pattern for tokenizer_class {cls!r}; known: {', '.join(BPE_CLASSES)}")
+        lines = (hf_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [tuple(m.split(" ")) for m in lines if m and not m.startswith("#version")]
+        vocab = read_json(hf_dir / "vocab.json")
+        return write_bpe_as_tiktoken(out_dir, vocab, merges, added, *BPE_CLASSES[cls][:1], added.get(bos),
+                                     added.get(eos), cfg.get("add_bos_token", False), BPE_CLASSES[cls][1])
+    raise FileNotFoundError(f"no tokenizer found in {hf_dir} (tokenizer.json, tokenizer.model or vocab.json + merges.txt)")
+
+
+def copy_tokenizer_model(path: Path, out_dir: Path, added: dict, add_bos: bool):
+    """tokenizer.model is SentencePiece, except Meta's Llama 3, which is a tiktoken ranks file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    head = path.read_bytes()[:200].split(b"\n")[0]
+    if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", head):
+        n = len(load_ranks(path))
+        specials = {s: n + i for i, s in enumerate(LLAMA3_SPECIALS)}
+        write_atomic(out_dir / TIKTOKEN_FILE, path.read_bytes())
+        write_meta(out_dir, type="tiktoken", pattern=LLAMA3_PATTERN, normalizer=None, special_tokens=specials,
+                   bos_id=specials["<|begin_of_text|>"], eos_id=specials["<|end_of_text|>"], add_bos=True)
+        (out_dir / SP_FILE).unlink(missing_ok=True)
+        return
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except Exception as e:
+        raise ValueError(f"{path} is neither SentencePiece nor tiktoken: {str(e).splitlines()[0]}") from None
+    write_atomic(out_dir / SP_FILE, path.read_bytes())
+    write_meta(out_dir, type="sentencepiece", special_tokens=added, add_bos=add_bos)
+    (out_dir / TIKTOKEN_FILE).unlink(missing_ok=True)
+
+
+# llama.cpp's tokenizer.ggml.pre -> split pattern
+GGUF_PRE_PATTERNS = {"smollm": DIGITS_GPT2_PATTERN, "starcoder": DIGITS_GPT2_PATTERN, "gpt-2": GPT2_PATTERN,
+                     "llama-bpe": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN}
+
+
+def tokenizer_from_gguf(reader, out_dir):
+    """From a gguf.GGUFReader's tokenizer metadata (read by field name; this module does not import gguf)."""
+    def get(key, default=None):
+        return reader.fields[key].contents() if key in reader.fields else default
+
+    kind, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"GGUF tokenizer {kind!r} is not supported yet (only byte-level BPE, 'gpt2')")
+    if pre not in GGUF_PRE_PATTERNS:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; known: {', '.join(GGUF_PRE_PATTERNS)}")
+    tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
+    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}   # control, user-defined
+    merges = [tuple(m.split(" ")) for m in get("tokenizer.ggml.merges")]
+    write_bpe_as_tiktoken(out_dir, {t: i for i, t in enumerate(tokens)}, merges, specials, GGUF_PRE_PATTERNS[pre],
+                          get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id"),
+                          bool(get("tokenizer.ggml.add_bos_token", False)))
