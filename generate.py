@@ -233,6 +233,8 @@ def run_batch(model, tokenizer, prompts, args, stream: bool) -> tuple:
     t0 = time.perf_counter()
     outputs = generate(model, prompts, args.max_new_tokens, stop_ids=tokenizer.stop_ids, callback=on_token,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if decoder is not None:
+        print(decoder.flush(), end="", flush=True)
     if model.output.weight.is_cuda:
         torch.cuda.synchronize()
     return outputs, time.perf_counter() - t0
@@ -330,8 +332,8 @@ def run(args):
         prof = torch.profiler.profile() if profiling else None
         if prof:
             prof.__enter__()
-        if stream and not warmup:
-            print(texts[0], end="", flush=True)
+        if stream and not warmup and not args.chat:
+            print(texts[0], end="", flush=True)  # a completion continues its prompt
         outputs, secs = run_batch(model, tokenizer, prompts, args, stream=stream and not warmup)
         if prof:
             prof.__exit__(None, None, None)
@@ -344,7 +346,7 @@ def run(args):
             print()
         else:
             for t, out in zip(texts, outputs):
-                print(t + tokenizer.decode([x for x in out if x not in tokenizer.stop_ids]))
+                print(("" if args.chat else t) + tokenizer.decode([x for x in out if x not in tokenizer.stop_ids]))
                 print("-" * 40)
         n = sum(len(o) for o in outputs)
         tps = n / secs
