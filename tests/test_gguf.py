@@ -42,7 +42,7 @@ def reference(smollm2_gguf):
 
 @pytest.fixture
 def one_thread():
-    # after transformers loads a GGUF, torch ops in this process run ~10x slower on 2 threads than on 1
+    # small forwards: with a busy core (parallel test runs), 2 OpenMP threads are ~20x slower than 1
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
