@@ -134,12 +134,20 @@ def test_bpe_to_tiktoken_checks(tmp_path):
         T.write_bpe_as_tiktoken(tmp_path, dict(vocab, ab=257, cd=256), [("a", "b"), ("c", "d")], {}, T.GPT2_PATTERN)
 
 
-def test_tokenizer_json_conversion_matches_tokenizers(tmp_path):
-    """prepare_tokenizer on a byte-level tokenizer.json (SmolLM2's pre-tokenizer) trained here: same ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+@pytest.mark.parametrize("pre", ["digits+bytelevel", "split+bytelevel"])
+def test_tokenizer_json_conversion_matches_tokenizers(pre, tmp_path):
+    """prepare_tokenizer on byte-level tokenizer.json files trained here (SmolLM2's pre-tokenizer; Llama 3's
+    Split regex, with bos added by the post-processor): same ids as the tokenizers library."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    if pre == "digits+bytelevel":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(T.LLAMA3_PATTERN), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                           special_tokens=[("<|im_start|>", 1)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -147,12 +155,13 @@ def test_tokenizer_json_conversion_matches_tokenizers(tmp_path):
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
     tok.save(str(hf_dir / "tokenizer.json"))
-    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
     T.prepare_tokenizer(hf_dir, tmp_path / "ours")
     ours = T.load_tokenizer(tmp_path / "ours")
-    assert ours.eos_id == 2 and ours.vocab_size == tok.get_vocab_size()
+    bos = pre == "split+bytelevel"
+    assert ours.eos_id == 2 and ours.bos_id == (1 if bos else None) and ours.vocab_size == tok.get_vocab_size()
     for text in CORPUS + ["a  1\n\n2", "unseen words: zebra quixotic 98765"]:
-        assert ours.encode(text) == tok.encode(text).ids, text
+        assert ours.encode(text, bos=True) == tok.encode(text).ids, text
 
 
 # ---- published vectors --------------------------------------------------------------------------
