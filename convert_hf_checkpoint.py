@@ -268,6 +268,9 @@ def check_fits(state_dict: dict, args: ModelArgs):
                          f"unexpected {unexpected[:3]}, wrong shapes {shapes[:3]}")
 
 
+UMASK = os.umask(0); os.umask(UMASK)
+
+
 def write_atomic(outputs: dict):
     """{path: write(file)}: write every output to a temp file beside it, then rename them all."""
     tmps = {}
@@ -277,6 +280,7 @@ def write_atomic(outputs: dict):
             tmps[path] = tmp
             with os.fdopen(fd, "wb") as f:
                 write(f)
+            os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; outputs get the usual permissions
         for path, tmp in tmps.items():
             os.replace(tmp, path)
     finally:
