@@ -28,6 +28,10 @@ class ModelArgs:
     rotary_dim: Optional[int] = None  # dims of each head that rotate (partial rotary); default all
     rope_interleaved: bool = False    # GPT-J pairs (2i, 2i+1) instead of halves (i, i + d/2)
     rope_scaling: Optional[dict] = None  # {"type": "llama3" | "linear", "factor": ..., ...}
+    position: str = "rope"            # "rope" | "alibi" (a per-head linear bias on key positions, no rotation)
+    rope_dynamic_ntk: bool = False    # past train_seq_length, raise the base by the NTK alpha of the prompt length
+    logn_attn: bool = False           # past train_seq_length, scale queries by log(p + 1) / log(train_seq_length)
+    train_seq_length: Optional[int] = None
     # layout
     qkv_bias: bool = False
     out_bias: bool = False            # attention output projection
@@ -38,6 +42,8 @@ class ModelArgs:
     shared_norm: bool = False         # parallel residual under one norm
     tie_embeddings: bool = False
     sliding_window: Optional[int] = None
+    n_experts: int = 0                # > 0: mixture-of-experts feed-forward, top n_experts_per_tok per token
+    n_experts_per_tok: int = 2
     # metadata carried into config.json so that loading never guesses
     name: str = ""
     chat_format: str = ""
@@ -52,6 +58,8 @@ class ModelArgs:
             self.intermediate_size = find_multiple(hidden, 256)
         if self.rotary_dim is None:
             self.rotary_dim = self.head_dim
+        if self.position == "alibi":
+            self.rotary_dim = 0
         if self.n_head % self.n_local_heads:
             raise ValueError(f"n_head {self.n_head} is not a multiple of n_local_heads {self.n_local_heads}")
 
@@ -125,6 +133,8 @@ class Transformer(nn.Module):
         self.max_batch_size = -1
         self.max_seq_length = -1
         self.register_buffer("rope_cache", rope_table(config, config.block_size), persistent=False)
+        self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
+        self.register_buffer("ntk_alpha", torch.ones(1), persistent=False)
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None):
         if max_seq_length > self.config.block_size:
@@ -137,49 +147,77 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_local_heads,
                                                self.config.head_dim, dtype).to(device)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
-        self.rope_cache = rope_table(self.config, self.config.block_size).to(device)
+        self.after_load()
 
     def after_load(self):
         """After load_state_dict(assign=True) and any .to(dtype): re-tie the head to the embedding and
         rebuild the fp32 rope table on the weights' device (both are lost by assign/meta/casts)."""
         if self.config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.rope_cache = rope_table(self.config, self.config.block_size).to(self.tok_embeddings.weight.device)
+        device = self.tok_embeddings.weight.device
+        self.rope_cache = rope_table(self.config, self.config.block_size).to(device)
+        self.alibi_slopes = alibi_slopes(self.config.n_head).to(device)
+        self.ntk_alpha = torch.ones(max(self.max_batch_size, 1), device=device)
 
     def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> Tensor:
         """idx [B, T]. input_pos [B, T] (or [T]) writes into and reads from the KV cache;
         None runs a plain causal forward over positions 0..T-1 without touching any cache."""
         B, T = idx.shape
-        if input_pos is None:
-            pos = torch.arange(T, device=idx.device).expand(B, T)
-            kv_len = T
-        else:
+        cached = input_pos is not None
+        if cached:
             pos = input_pos if input_pos.dim() == 2 else input_pos.expand(B, T)
-            kv_len = self.max_seq_length
-        keys = torch.arange(kv_len, device=idx.device)
+        else:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        keys = torch.arange(self.max_seq_length if cached else T, device=idx.device)
         mask = keys <= pos.unsqueeze(-1)                       # [B, T, S]: causal by position
         if self.config.sliding_window is not None:
             mask = mask & (keys > pos.unsqueeze(-1) - self.config.sliding_window)
         mask = mask.unsqueeze(1)                               # [B, 1, T, S]
-        rope = self.rope_cache[pos]                            # [B, T, rotary_dim // 2, 2]
         x = self.tok_embeddings(idx)
+        if self.config.position == "alibi":                    # bias slope_h * key index (softmax ignores the row shift)
+            bias = self.alibi_slopes.view(1, -1, 1, 1) * keys.float()
+            mask = torch.where(mask, bias, -float("inf")).to(x.dtype)   # [B, H, T, S]
+        rope = self.dynamic_ntk_rope(pos, cached) if self.config.rope_dynamic_ntk else self.rope_cache[pos]
+        q_scale = None
+        if self.config.logn_attn:
+            n = float(self.config.train_seq_length)
+            q_scale = torch.where(pos + 1 > n, torch.log(pos + 1.0) / math.log(n), 1.0)[..., None, None]
         for layer in self.layers:
-            x = layer(x, rope, mask, pos if input_pos is not None else None)
+            x = layer(x, rope, mask, pos if cached else None, q_scale)
         return self.output(self.norm(x))
+
+    def dynamic_ntk_rope(self, pos: Tensor, cached: bool) -> Tensor:
+        """Qwen's dynamic NTK: a prompt of L > train_seq_length tokens raises the rope base by
+        alpha^(d / (d - 2)), alpha = 2^ceil(log2(L / train_seq_length) + 1) - 1; decode steps keep the
+        alpha their prompt chose (a per-row buffer), as the reference does."""
+        B, T = pos.shape
+        if cached and T == 1:
+            alpha = self.ntk_alpha[:B]
+        else:
+            length = (pos[:, -1] + 1).float()
+            alpha = (2 ** torch.ceil(torch.log2(length / self.config.train_seq_length) + 1) - 1).clamp(min=1)
+            if cached:
+                self.ntk_alpha[:B] = alpha
+        alpha = alpha.view(-1, 1, 1)
+        d = self.config.rotary_dim
+        base = self.config.rope_base * alpha ** (d / (d - 2))                          # [B, 1, 1]
+        inv_freq = 1.0 / base ** (torch.arange(0, d, 2, device=pos.device).float() / d)  # [B, 1, d/2]
+        angles = pos.unsqueeze(-1).float() * inv_freq                                  # [B, T, d/2]
+        return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
         self.attention = Attention(config)
-        self.feed_forward = FeedForward(config)
+        self.feed_forward = MOEFeedForward(config) if config.n_experts else FeedForward(config)
         self.attention_norm = make_norm(config)
         self.ffn_norm = None if config.shared_norm else make_norm(config)
         self.parallel = config.parallel_residual
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor], q_scale=None) -> Tensor:
         h = self.attention_norm(x)
-        a = self.attention(h, rope, mask, input_pos)
+        a = self.attention(h, rope, mask, input_pos, q_scale)
         if self.parallel:
             return x + a + self.feed_forward(h if self.ffn_norm is None else self.ffn_norm(x))
         x = x + a
@@ -196,15 +234,18 @@ class Attention(nn.Module):
         self.rotary_dim, self.interleaved = config.rotary_dim, config.rope_interleaved
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor], q_scale=None) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_local_heads, self.head_dim)
         v = v.view(B, T, self.n_local_heads, self.head_dim)
-        q = apply_rotary_emb(q, rope, self.rotary_dim, self.interleaved)
-        k = apply_rotary_emb(k, rope, self.rotary_dim, self.interleaved)
+        if self.rotary_dim:
+            q = apply_rotary_emb(q, rope, self.rotary_dim, self.interleaved)
+            k = apply_rotary_emb(k, rope, self.rotary_dim, self.interleaved)
+        if q_scale is not None:
+            q = (q * q_scale).type_as(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # [B, H, T, D]
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -228,6 +269,35 @@ class FeedForward(nn.Module):
         return self.w2(h * self.w3(x) if self.gated else h)
 
 
+class MOEFeedForward(nn.Module):
+    """Top-k of n_experts SwiGLU experts, Mixtral's router (softmax in fp32, top-k, renormalised). Experts are
+    stacked [E, ...] so that a decode step gathers, and reads, only the chosen experts' weights."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        E, D, I = config.n_experts, config.dim, config.intermediate_size
+        self.gate = nn.Linear(D, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, I, D))   # gate
+        self.w3 = nn.Parameter(torch.empty(E, I, D))   # up
+        self.w2 = nn.Parameter(torch.empty(E, D, I))   # down
+        self.k = config.n_experts_per_tok
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                        # [N, D]
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weights, experts = torch.topk(probs, self.k, dim=-1)                 # [N, k]
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        if x.shape[0] <= 4:   # decode: gather the chosen experts only
+            h = F.silu(torch.einsum("nd,nkid->nki", x, self.w1[experts])) * torch.einsum("nd,nkid->nki", x, self.w3[experts])
+            y = torch.einsum("nki,nkdi,nk->nd", h, self.w2[experts], weights)
+        else:                 # prefill: every expert over all tokens, weighted by its (often zero) routing weight
+            dense = torch.zeros_like(probs, dtype=x.dtype).scatter(1, experts, weights)   # [N, E]
+            h = F.silu(torch.einsum("nd,eid->nei", x, self.w1)) * torch.einsum("nd,eid->nei", x, self.w3)
+            y = torch.einsum("nei,edi,ne->nd", h, self.w2, dense)
+        return y.view(shape)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -247,6 +317,15 @@ def make_norm(config: ModelArgs) -> nn.Module:
     if config.norm == "layernorm":
         return nn.LayerNorm(config.dim, eps=config.norm_eps)
     raise ValueError(f"unknown norm {config.norm!r}")
+
+
+def alibi_slopes(n_head: int) -> Tensor:
+    """ALiBi slopes 2^(-8k/n); for n not a power of two, those of the power below, then every other one
+    of twice that (Press et al.; Baichuan's _get_interleave)."""
+    def power_of_two(n):
+        return [2 ** (-8 * (k + 1) / n) for k in range(n)]
+    p = 2 ** math.floor(math.log2(n_head))
+    return torch.tensor(power_of_two(p) + power_of_two(2 * p)[0::2][: n_head - p], dtype=torch.float32)
 
 
 def rope_inv_freq(config: ModelArgs) -> Tensor:
