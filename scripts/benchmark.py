@@ -1,0 +1,148 @@
+# Decode speed on the default model: ours (eager / compiled, fp32 / bf16) against transformers'
+# generate() on the same weights, with this machine's read bandwidth and the roofline it implies.
+# Variants are measured in interleaved rounds (this machine's bandwidth swings minute to minute) and
+# the median of each is reported. Writes a markdown table.
+#   python scripts/benchmark.py [--rounds 3] [--tokens 128] [--out benchmarks/decode.md]
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import generate as gen  # noqa: E402
+
+PROMPT = "The history of the printing press begins"
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s of a streaming read (a sum over a tensor far larger than the caches), best of `repeats`."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+class Ours:
+    def __init__(self, checkpoint, dtype, compiled):
+        self.model = gen.load_model(checkpoint, "cpu", dtype)
+        self.step = gen.compile_step(gen.decode_one_token, "cpu") if compiled else gen.decode_one_token
+        self.bytes = gen.weight_bytes_per_token(self.model)
+
+    def decode_seconds(self, prompt_ids, n):
+        """Seconds for n decode steps after the prompt's prefill (prefill excluded)."""
+        times = {}
+
+        def on_token(tokens, done):
+            times.setdefault("first", time.perf_counter())
+
+        eager, gen.decode_one_token = gen.decode_one_token, self.step
+        try:
+            gen.generate(self.model, [prompt_ids], n + 1, callback=on_token, temperature=0)
+        finally:
+            gen.decode_one_token = eager
+        return time.perf_counter() - times["first"]
+
+
+class Transformers:
+    """transformers' LlamaForCausalLM holding the same dense weights (our state dict mapped back to HF names;
+    transformers' own GGUF loader would keep them quantized, which is not the baseline we want)."""
+
+    def __init__(self, ours: Ours, dtype):
+        from transformers import LlamaConfig, LlamaForCausalLM
+        c = ours.model.config
+        config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.intermediate_size,
+                             num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
+                             num_key_value_heads=c.n_local_heads, head_dim=c.head_dim, rms_norm_eps=c.norm_eps,
+                             rope_theta=c.rope_base, max_position_embeddings=c.block_size,
+                             tie_word_embeddings=c.tie_embeddings)
+        sd, q, kv = {}, c.n_head * c.head_dim, c.n_local_heads * c.head_dim
+        for k, v in ours.model.state_dict().items():
+            if "cache" in k or (k == "output.weight" and c.tie_embeddings):
+                continue
+            k = k.replace("tok_embeddings", "model.embed_tokens").replace("layers.", "model.layers.")
+            k = k.replace("attention_norm", "input_layernorm").replace("ffn_norm", "post_attention_layernorm")
+            k = k.replace("feed_forward.w1", "mlp.gate_proj").replace("feed_forward.w3", "mlp.up_proj")
+            k = k.replace("feed_forward.w2", "mlp.down_proj").replace("attention.wo", "self_attn.o_proj")
+            k = {"norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}.get(k, k)
+            if "attention.wqkv" in k:
+                for name, part in zip("qkv", v.split([q, kv, kv])):
+                    sd[k.replace("attention.wqkv", f"self_attn.{name}_proj")] = part
+            else:
+                sd[k] = v
+        self.model = LlamaForCausalLM(config).to(getattr(torch, dtype)).eval()
+        missing, unexpected = self.model.load_state_dict(sd, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        self.model.tie_weights()
+        self.bytes = ours.bytes
+
+    @torch.no_grad()
+    def decode_seconds(self, prompt_ids, n):
+        ids = torch.tensor([prompt_ids])
+
+        def run(k):
+            t0 = time.perf_counter()
+            self.model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
+            return time.perf_counter() - t0
+        return run(n + 1) - run(1)  # the difference leaves n decode steps
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint_path", default=str(gen.DEFAULT_CHECKPOINT))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = gen.find_checkpoint(args.checkpoint_path)
+    from tokenizer import load_tokenizer
+    prompt_ids = load_tokenizer(checkpoint.parent).encode(PROMPT)
+
+    variants = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for compiled in (False, True):
+            name = f"zoofast {'compiled' if compiled else 'eager'} {str(dtype)[6:]}"
+            variants[name] = Ours(checkpoint, dtype, compiled)
+    for dtype in ("float32", "bfloat16"):
+        variants[f"transformers generate() {dtype}"] = Transformers(variants[f"zoofast eager {dtype}"], dtype)
+
+    for v in variants.values():  # warm up (and compile) outside the timed rounds
+        v.decode_seconds(prompt_ids, args.tokens)
+    tps = {k: [] for k in variants}
+    bandwidth = []
+    for r in range(args.rounds):
+        bandwidth.append(read_bandwidth())
+        for k, v in variants.items():
+            tps[k].append(args.tokens / v.decode_seconds(prompt_ids, args.tokens))
+            print(f"round {r + 1}: {k}: {tps[k][-1]:.1f} tok/s", file=sys.stderr)
+
+    bw = statistics.median(bandwidth)
+    rows = [f"| variant | decode tok/s | weight GB/s | % of roofline |", "|---|---:|---:|---:|"]
+    for k, v in variants.items():
+        t = statistics.median(tps[k])
+        nbytes = v.bytes
+        rows.append(f"| {k} | {t:.1f} | {nbytes * t / 1e9:.1f} | {100 * nbytes * t / 1e9 / bw:.0f}% |")
+    lines = [f"Default model, {args.tokens} greedy decode tokens after a {len(prompt_ids)}-token prompt, batch 1, "
+             f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds.",
+             f"Measured read bandwidth: {bw:.1f} GB/s (median; rounds: {', '.join(f'{b:.0f}' for b in bandwidth)}).",
+             f"Roofline = bandwidth / weight bytes per token: fp32 "
+             f"{bw * 1e9 / variants['zoofast eager float32'].bytes:.0f} tok/s, bf16 "
+             f"{bw * 1e9 / variants['zoofast eager bfloat16'].bytes:.0f} tok/s.", ""] + rows
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
