@@ -29,6 +29,11 @@ class ModelArgs:
     rope_interleaved: bool = False    # GPT-J pairs (2i, 2i+1) instead of halves (i, i + d/2)
     rope_scaling: Optional[dict] = None  # {"type": "llama3" | "linear", "factor": ..., ...}
     position: str = "rope"            # "rope" | "alibi" (a per-head linear bias on key positions, no rotation)
+                                      # | "rope_2d" (GLM: half of each head by position, half by block position,
+                                      #   prefix-LM mask; the prompt ends with mask_token_id, sop_token_id)
+    mask_token_id: Optional[int] = None
+    sop_token_id: Optional[int] = None
+    rope_inv_freq_fp16: bool = False  # the reference rounds its inverse frequencies to fp16 (ChatGLM-6B)
     rope_dynamic_ntk: bool = False    # past train_seq_length, raise the base by the NTK alpha of the prompt length
     logn_attn: bool = False           # past train_seq_length, scale queries by log(p + 1) / log(train_seq_length)
     train_seq_length: Optional[int] = None
@@ -40,6 +45,7 @@ class ModelArgs:
     mlp: str = "swiglu"               # "swiglu" | "gelu" | "gelu_tanh" (ungated)
     parallel_residual: bool = False   # x + attn(norm1(x)) + mlp(norm2(x))
     shared_norm: bool = False         # parallel residual under one norm
+    deepnorm_alpha: Optional[float] = None  # GLM: x = alpha * LN(x) + f(LN(x)), the residual taken after the norm
     tie_embeddings: bool = False
     sliding_window: Optional[int] = None
     n_experts: int = 0                # > 0: mixture-of-experts feed-forward, top n_experts_per_tok per token
@@ -60,6 +66,8 @@ class ModelArgs:
             self.rotary_dim = self.head_dim
         if self.position == "alibi":
             self.rotary_dim = 0
+        if self.position == "rope_2d":
+            self.rotary_dim = self.head_dim // 2
         if self.n_head % self.n_local_heads:
             raise ValueError(f"n_head {self.n_head} is not a multiple of n_local_heads {self.n_local_heads}")
 
@@ -134,7 +142,9 @@ class Transformer(nn.Module):
         self.max_seq_length = -1
         self.register_buffer("rope_cache", rope_table(config, config.block_size), persistent=False)
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
-        self.register_buffer("ntk_alpha", torch.ones(1), persistent=False)
+        self.register_buffer("ntk_alpha", torch.ones(1), persistent=False)   # per-row state set by a prefill
+        self.register_buffer("glm_ctx", torch.zeros(1, 1, dtype=torch.long), persistent=False)
+        self.register_buffer("glm_mask_pos", torch.zeros(1, 1, dtype=torch.long), persistent=False)
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None):
         if max_seq_length > self.config.block_size:
@@ -157,7 +167,10 @@ class Transformer(nn.Module):
         device = self.tok_embeddings.weight.device
         self.rope_cache = rope_table(self.config, self.config.block_size).to(device)
         self.alibi_slopes = alibi_slopes(self.config.n_head).to(device)
-        self.ntk_alpha = torch.ones(max(self.max_batch_size, 1), device=device)
+        rows = max(self.max_batch_size, 1)
+        self.ntk_alpha = torch.ones(rows, device=device)
+        self.glm_ctx = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.glm_mask_pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
 
     def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> Tensor:
         """idx [B, T]. input_pos [B, T] (or [T]) writes into and reads from the KV cache;
@@ -177,7 +190,15 @@ class Transformer(nn.Module):
         if self.config.position == "alibi":                    # bias slope_h * key index (softmax ignores the row shift)
             bias = self.alibi_slopes.view(1, -1, 1, 1) * keys.float()
             mask = torch.where(mask, bias, -float("inf")).to(x.dtype)   # [B, H, T, S]
-        rope = self.dynamic_ntk_rope(pos, cached) if self.config.rope_dynamic_ntk else self.rope_cache[pos]
+        if self.config.position == "rope_2d":
+            ctx, mask_pos = self.glm_prompt(idx, cached)                       # [B, 1] each
+            mask = mask | (keys < ctx.view(-1, 1, 1, 1))      # prefix-LM: the whole prompt sees itself
+            block = torch.where(pos < ctx, 0, pos - ctx + 1)
+            rope = torch.stack([self.rope_cache[torch.where(pos < ctx, pos, mask_pos)], self.rope_cache[block]], 2)
+        elif self.config.rope_dynamic_ntk:
+            rope = self.dynamic_ntk_rope(pos, cached)
+        else:
+            rope = self.rope_cache[pos]
         q_scale = None
         if self.config.logn_attn:
             n = float(self.config.train_seq_length)
@@ -185,6 +206,19 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, mask, pos if cached else None, q_scale)
         return self.output(self.norm(x))
+
+    def glm_prompt(self, idx: Tensor, cached: bool):
+        """GLM's prompt ends `[gMASK] <sop>`: the prompt (before <sop>) is the context, generated tokens keep
+        the [gMASK] position and count block positions 1, 2, ... A decode step reuses its row's prompt values."""
+        B, T = idx.shape
+        if cached and T == 1:
+            return self.glm_ctx[:B], self.glm_mask_pos[:B]
+        steps = torch.arange(T, device=idx.device)
+        first = lambda hit: torch.where(hit, steps, T).amin(-1, keepdim=True)  # noqa: E731  (T if absent)
+        ctx, mask_pos = first(idx == self.config.sop_token_id), first(idx == self.config.mask_token_id)
+        if cached:
+            self.glm_ctx[:B], self.glm_mask_pos[:B] = ctx, mask_pos
+        return ctx, mask_pos
 
     def dynamic_ntk_rope(self, pos: Tensor, cached: bool) -> Tensor:
         """Qwen's dynamic NTK: a prompt of L > train_seq_length tokens raises the rope base by
@@ -214,10 +248,15 @@ class TransformerBlock(nn.Module):
         self.attention_norm = make_norm(config)
         self.ffn_norm = None if config.shared_norm else make_norm(config)
         self.parallel = config.parallel_residual
+        self.deepnorm_alpha = config.deepnorm_alpha
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor], q_scale=None) -> Tensor:
         h = self.attention_norm(x)
         a = self.attention(h, rope, mask, input_pos, q_scale)
+        if self.deepnorm_alpha is not None:
+            x = h * self.deepnorm_alpha + a
+            h = self.ffn_norm(x)
+            return h * self.deepnorm_alpha + self.feed_forward(h)
         if self.parallel:
             return x + a + self.feed_forward(h if self.ffn_norm is None else self.ffn_norm(x))
         x = x + a
@@ -232,6 +271,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, qkv_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=config.out_bias)
         self.rotary_dim, self.interleaved = config.rotary_dim, config.rope_interleaved
+        self.rope_2d = config.position == "rope_2d"
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor], q_scale=None) -> Tensor:
@@ -241,7 +281,11 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim)
         k = k.view(B, T, self.n_local_heads, self.head_dim)
         v = v.view(B, T, self.n_local_heads, self.head_dim)
-        if self.rotary_dim:
+        if self.rope_2d:     # rope [B, T, 2, r/2, 2]: first half of each head by position, second by block
+            h = self.head_dim // 2
+            q, k = (torch.cat([apply_rotary_emb(t[..., :h], rope[:, :, 0], h, False),
+                               apply_rotary_emb(t[..., h:], rope[:, :, 1], h, False)], -1) for t in (q, k))
+        elif self.rotary_dim:
             q = apply_rotary_emb(q, rope, self.rotary_dim, self.interleaved)
             k = apply_rotary_emb(k, rope, self.rotary_dim, self.interleaved)
         if q_scale is not None:
@@ -345,7 +389,7 @@ def rope_inv_freq(config: ModelArgs) -> Tensor:
         inv_freq = inv_freq / s["factor"]
     elif kind not in (None, "default"):
         raise ValueError(f"unsupported rope_scaling {s}")
-    return inv_freq
+    return inv_freq.half().float() if config.rope_inv_freq_fp16 else inv_freq
 
 
 def rope_table(config: ModelArgs, seq_len: int) -> Tensor:
