@@ -143,3 +143,20 @@ def test_cli_bad_input_is_one_line(default_checkpoint, args, message):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_cli_interactive_two_turns(default_checkpoint):
+    r = subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint_path", str(default_checkpoint),
+                        "--interactive", "--temperature", "0", "--max_new_tokens", "24"],
+                       input="What is the capital of France?\nAnd of Germany?\n", capture_output=True, text=True,
+                       timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    replies = [line for line in r.stdout.split("> ") if line.strip()]
+    assert len(replies) == 2 and "Paris" in replies[0] and "Berlin" in replies[1], r.stdout
+
+
+def test_cli_batch_of_different_prompts(default_checkpoint):
+    r = cli("--checkpoint_path", str(default_checkpoint), "--prompt", "Once upon a time", "--prompt", "def add(a, b):",
+            "--max_new_tokens", "12", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("-" * 40) == 2 and "Once upon a time" in r.stdout and "def add(a, b):" in r.stdout
