@@ -9,7 +9,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -253,7 +253,7 @@ def convert_state_dict(files, table: dict, total: Optional[int] = None) -> dict:
     return out
 
 
-def check_fits(state_dict: dict, args: ModelArgs):
+def check_fits(state_dict: dict, args: ModelArgs, source: str = "the HF config.json"):
     """Every weight the model needs, with the shape it needs, and nothing else."""
     with torch.device("meta"):
         want = {k: v.shape for k, v in Transformer(args).state_dict().items()}
@@ -264,7 +264,7 @@ def check_fits(state_dict: dict, args: ModelArgs):
     shapes = [f"{k} {tuple(state_dict[k].shape)} != {tuple(want[k])}" for k in want
               if k in state_dict and state_dict[k].shape != want[k]]
     if missing or unexpected or shapes:
-        raise ValueError(f"weights do not fit the HF config.json: missing {missing[:3]}, "
+        raise ValueError(f"weights do not fit {source}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}, wrong shapes {shapes[:3]}")
 
 

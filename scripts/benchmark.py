@@ -126,7 +126,7 @@ def main():
             print(f"round {r + 1}: {k}: {tps[k][-1]:.1f} tok/s", file=sys.stderr)
 
     bw = statistics.median(bandwidth)
-    rows = [f"| variant | decode tok/s | weight GB/s | % of roofline |", "|---|---:|---:|---:|"]
+    rows = ["| variant | decode tok/s | weight GB/s | % of roofline |", "|---|---:|---:|---:|"]
     for k, v in variants.items():
         t = statistics.median(tps[k])
         nbytes = v.bytes

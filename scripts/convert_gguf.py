@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from convert_hf_checkpoint import SHAPE_FIELDS, find_entry, first_line, write_atomic  # noqa: E402
-from model import ModelArgs, Transformer, transformer_configs  # noqa: E402
+from convert_hf_checkpoint import SHAPE_FIELDS, check_fits, find_entry, first_line, write_atomic  # noqa: E402
+from model import ModelArgs, transformer_configs  # noqa: E402
 
 # GGUF name template -> our name, or (our name, part) for the parts of the fused [q; k; v]
 LLAMA_WEIGHTS = {
@@ -127,23 +127,13 @@ def convert_state_dict(reader, args: ModelArgs) -> dict:
     return out
 
 
-def check_fits(state_dict: dict, args: ModelArgs):
-    with torch.device("meta"):
-        want = {k: v.shape for k, v in Transformer(args).state_dict().items()}
-    if args.tie_embeddings:
-        want.pop("output.weight")
-    bad = sorted(set(want) ^ set(state_dict)) + [k for k in want if k in state_dict and state_dict[k].shape != want[k]]
-    if bad:
-        raise ValueError(f"the GGUF tensors do not fit its metadata (e.g. {bad[:3]})")
-
-
 def convert_gguf(gguf_path, out_dir, model_name=None) -> ModelArgs:
     """Read and check everything first; then write the tokenizer, config.json and model.pth, each atomically."""
     import tokenizer
     reader = read_gguf(Path(gguf_path))
     args = args_from_gguf(reader, model_name or Path(gguf_path).stem)
     state_dict = convert_state_dict(reader, args)
-    check_fits(state_dict, args)
+    check_fits(state_dict, args, "the GGUF metadata")
     out_dir = Path(out_dir)
     tokenizer.tokenizer_from_gguf(reader, out_dir)     # checks its input before it makes out_dir
     write_atomic({out_dir / "config.json": lambda f: f.write(json.dumps(args.to_dict(), indent=2).encode()),
