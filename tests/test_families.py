@@ -108,3 +108,24 @@ def test_baichuan2_head_is_normalised_once_at_conversion(refs, tmp_path):
     raw = torch.load(refs / "baichuan2-7b" / "pytorch_model.bin", weights_only=True)["lm_head.weight"]
     assert torch.allclose(head.norm(dim=-1), torch.ones(head.shape[0]), atol=1e-6)
     assert not torch.allclose(raw.norm(dim=-1), torch.ones(raw.shape[0]), atol=1e-2)
+
+
+def test_compiled_equals_eager(refs, tmp_path, monkeypatch):
+    """The behaviours a compiled decode step must keep: GLM's per-row prompt state (2-D positions, prefix-LM),
+    the MoE expert gather, ALiBi and Qwen's NTK alpha chosen at prefill (a 45-token prompt past seq_length 32).
+    Without max-autotune: the kernels it picks are tested on the default model, not the graph."""
+    import generate as gen
+    import torch._inductor.config as inductor_config
+    cases = []
+    for family, inputs in [("chatglm", "inputs.pt"), ("mixtral", "inputs.pt"), ("baichuan-13b", "inputs.pt"),
+                           ("qwen1", "inputs_long.pt")]:
+        ids = load(refs, family, inputs)["input_ids"]
+        prompts = [ids[0, :-8].tolist(), ids[1, :-12].tolist()]
+        model = convert(refs, family, tmp_path)
+        cases.append((model, prompts, gen.generate(model, prompts, 8, temperature=0)))
+    monkeypatch.setattr(gen, "decode_one_token", gen.decode_one_token)
+    monkeypatch.setattr(gen, "prefill_fn", gen.prefill_fn)
+    gen.compile_decode("cpu", compile_prefill=True)
+    monkeypatch.setattr(inductor_config, "max_autotune", False)
+    for model, prompts, eager in cases:
+        assert gen.generate(model, prompts, 8, temperature=0) == eager, model.config.name
