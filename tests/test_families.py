@@ -129,3 +129,21 @@ def test_compiled_equals_eager(refs, tmp_path, monkeypatch):
     monkeypatch.setattr(inductor_config, "max_autotune", False)
     for model, prompts, eager in cases:
         assert gen.generate(model, prompts, 8, temperature=0) == eager, model.config.name
+
+
+@pytest.mark.parametrize("family,overrides,words", [
+    ("chatglm2", dict(apply_residual_connection_post_layernorm=True), "unsupported chatglm variant"),
+    ("moss", dict(activation_function="relu"), "unsupported activation_function 'relu'"),
+    ("qwen1", dict(no_bias=False), "unsupported qwen variant"),
+    ("chatglm2", dict(num_layers=2), "unexpected ['layers.2."),   # the file has a layer the config lacks
+], ids=["glm_post_ln_residual", "moss_relu", "qwen_biases", "layers_mismatch"])
+def test_unsupported_variants_fail_in_one_line(refs, family, overrides, words, tmp_path, capsys):
+    from convert_hf_checkpoint import main
+    hf = tmp_path / "hf"
+    shutil.copytree(refs / family, hf, ignore=shutil.ignore_patterns("*.pt", "NOTES.md"))
+    (hf / "config.json").write_text(json.dumps(json.loads((hf / "config.json").read_text()) | overrides))
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint_dir", str(tmp_path), "--hf_dir", str(hf)])
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg and words in msg, msg
+    assert not (tmp_path / "model.pth").exists()
