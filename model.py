@@ -422,6 +422,27 @@ mistral = dict(vocab_size=32000, n_layer=32, n_head=32, n_local_heads=8, dim=409
                norm_eps=1e-5, block_size=32768, chat_format="mistral")
 smollm2 = dict(vocab_size=49152, rope_base=100000.0, tie_embeddings=True, block_size=8192, chat_format="chatml")
 
+qwen1 = dict(vocab_size=151936, norm_eps=1e-6, qkv_bias=True, rope_dynamic_ntk=True, logn_attn=True,
+             chat_format="qwen")
+qwen2 = dict(vocab_size=152064, norm_eps=1e-6, qkv_bias=True, rope_base=1000000.0, block_size=32768,
+             chat_format="qwen2")
+qwen25 = dict(qwen2, chat_format="qwen2.5")
+qwen2_small = dict(vocab_size=151936, tie_embeddings=True)
+chatglm2 = dict(vocab_size=65024, n_layer=28, n_head=32, n_local_heads=2, head_dim=128, dim=4096,
+                intermediate_size=13696, rotary_dim=64, rope_interleaved=True, qkv_bias=True, block_size=32768,
+                chat_format="chatglm2")
+chatglm3 = dict(chatglm2, block_size=8192, chat_format="chatglm3")
+baichuan7 = dict(vocab_size=64000, n_layer=32, n_head=32, dim=4096, intermediate_size=11008, norm_eps=1e-6,
+                 block_size=4096, chat_format="baichuan")
+baichuan13 = dict(baichuan7, n_layer=40, n_head=40, dim=5120, intermediate_size=13696, position="alibi")
+moss = dict(vocab_size=107008, n_layer=34, n_head=24, dim=6144, intermediate_size=24576, rotary_dim=64,
+            block_size=2048, norm="layernorm", rope_interleaved=True, parallel_residual=True, shared_norm=True,
+            mlp="gelu_tanh", mlp_bias=True, output_bias=True, chat_format="moss")
+neox = dict(norm="layernorm", parallel_residual=True, mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True,
+            block_size=2048)
+pythia = dict(neox, vocab_size=50304)
+mixtral = dict(mistral, rope_base=1000000.0, n_experts=8, n_experts_per_tok=2)
+
 transformer_configs = {
     # meta-llama/Llama-2-*-hf and -chat-hf
     "Llama-2-7b-hf": dict(llama2, n_layer=32, n_head=32, dim=4096, intermediate_size=11008),
@@ -470,4 +491,97 @@ transformer_configs = {
                          rope_base=130000.0),
     "SmolLM2-1.7B-Instruct": dict(smollm2, n_layer=24, n_head=32, n_local_heads=32, dim=2048,
                                   intermediate_size=8192, rope_base=130000.0),
+    # Qwen/Qwen-* (Qwen-1; the MLP's two halves: config intermediate_size / 2). Past seq_length (train_seq_length)
+    # the reference raises the rope base by the dynamic NTK alpha and scales queries by logn.
+    "Qwen-1_8B": dict(qwen1, n_layer=24, n_head=16, dim=2048, intermediate_size=5504, block_size=8192,
+                      train_seq_length=8192),
+    "Qwen-1_8B-Chat": dict(qwen1, n_layer=24, n_head=16, dim=2048, intermediate_size=5504, block_size=8192,
+                           train_seq_length=8192),
+    "Qwen-7B": dict(qwen1, n_layer=32, n_head=32, dim=4096, intermediate_size=11008, block_size=32768,
+                    train_seq_length=8192),
+    "Qwen-7B-Chat": dict(qwen1, n_layer=32, n_head=32, dim=4096, intermediate_size=11008, block_size=32768,
+                         train_seq_length=8192),
+    "Qwen-14B": dict(qwen1, vocab_size=152064, n_layer=40, n_head=40, dim=5120, intermediate_size=13696,
+                     block_size=8192, train_seq_length=2048),
+    "Qwen-14B-Chat": dict(qwen1, vocab_size=152064, n_layer=40, n_head=40, dim=5120, intermediate_size=13696,
+                          block_size=8192, train_seq_length=2048),
+    "Qwen-72B": dict(qwen1, vocab_size=152064, n_layer=80, n_head=64, dim=8192, intermediate_size=24576,
+                     block_size=32768, train_seq_length=32768, rope_base=1000000.0),
+    "Qwen-72B-Chat": dict(qwen1, vocab_size=152064, n_layer=80, n_head=64, dim=8192, intermediate_size=24576,
+                          block_size=32768, train_seq_length=32768, rope_base=1000000.0),
+    # Qwen/Qwen2-* and Qwen2.5-* (qkv bias, GQA; the small ones tie the head to the embedding)
+    "Qwen2-0.5B": dict(qwen2, **qwen2_small, n_layer=24, n_head=14, n_local_heads=2, dim=896, intermediate_size=4864),
+    "Qwen2-0.5B-Instruct": dict(qwen2, **qwen2_small, n_layer=24, n_head=14, n_local_heads=2, dim=896,
+                                intermediate_size=4864),
+    "Qwen2-1.5B": dict(qwen2, **qwen2_small, n_layer=28, n_head=12, n_local_heads=2, dim=1536, intermediate_size=8960),
+    "Qwen2-1.5B-Instruct": dict(qwen2, **qwen2_small, n_layer=28, n_head=12, n_local_heads=2, dim=1536,
+                                intermediate_size=8960),
+    "Qwen2-7B": dict(qwen2, n_layer=28, n_head=28, n_local_heads=4, dim=3584, intermediate_size=18944),
+    "Qwen2-7B-Instruct": dict(qwen2, n_layer=28, n_head=28, n_local_heads=4, dim=3584, intermediate_size=18944),
+    "Qwen2-72B": dict(qwen2, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=29568),
+    "Qwen2-72B-Instruct": dict(qwen2, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=29568),
+    "Qwen2.5-0.5B": dict(qwen25, **qwen2_small, n_layer=24, n_head=14, n_local_heads=2, dim=896, intermediate_size=4864),
+    "Qwen2.5-0.5B-Instruct": dict(qwen25, **qwen2_small, n_layer=24, n_head=14, n_local_heads=2, dim=896,
+                                  intermediate_size=4864),
+    "Qwen2.5-1.5B": dict(qwen25, **qwen2_small, n_layer=28, n_head=12, n_local_heads=2, dim=1536,
+                         intermediate_size=8960),
+    "Qwen2.5-1.5B-Instruct": dict(qwen25, **qwen2_small, n_layer=28, n_head=12, n_local_heads=2, dim=1536,
+                                  intermediate_size=8960),
+    "Qwen2.5-3B": dict(qwen25, **qwen2_small, n_layer=36, n_head=16, n_local_heads=2, dim=2048, intermediate_size=11008),
+    "Qwen2.5-3B-Instruct": dict(qwen25, **qwen2_small, n_layer=36, n_head=16, n_local_heads=2, dim=2048,
+                                intermediate_size=11008),
+    "Qwen2.5-7B": dict(qwen25, n_layer=28, n_head=28, n_local_heads=4, dim=3584, intermediate_size=18944),
+    "Qwen2.5-7B-Instruct": dict(qwen25, n_layer=28, n_head=28, n_local_heads=4, dim=3584, intermediate_size=18944),
+    "Qwen2.5-14B": dict(qwen25, n_layer=48, n_head=40, n_local_heads=8, dim=5120, intermediate_size=13824),
+    "Qwen2.5-14B-Instruct": dict(qwen25, n_layer=48, n_head=40, n_local_heads=8, dim=5120, intermediate_size=13824),
+    "Qwen2.5-32B": dict(qwen25, n_layer=64, n_head=40, n_local_heads=8, dim=5120, intermediate_size=27648),
+    "Qwen2.5-32B-Instruct": dict(qwen25, n_layer=64, n_head=40, n_local_heads=8, dim=5120, intermediate_size=27648),
+    "Qwen2.5-72B": dict(qwen25, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=29568),
+    "Qwen2.5-72B-Instruct": dict(qwen25, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=29568),
+    # THUDM/chatglm-6b (GLM: 2-D rotary positions, prefix-LM over the prompt, DeepNorm residual, fp16 inv_freq)
+    "chatglm-6b": dict(vocab_size=130528, n_layer=28, n_head=32, dim=4096, intermediate_size=16384, block_size=2048,
+                       norm="layernorm", position="rope_2d", mask_token_id=130001, sop_token_id=130004,
+                       rope_inv_freq_fp16=True, deepnorm_alpha=math.sqrt(56), qkv_bias=True, out_bias=True,
+                       mlp_bias=True, mlp="gelu_tanh", tie_embeddings=True, chat_format="chatglm"),
+    # THUDM/chatglm2-6b, chatglm3-6b (2 KV groups, rotary on half of each head in interleaved pairs). -32k:
+    # ChatGLM2's code divides positions by rope_ratio, ChatGLM3's multiplies the base by it.
+    "chatglm2-6b": dict(chatglm2),
+    "chatglm2-6b-32k": dict(chatglm2, rope_scaling=dict(type="linear", factor=16)),
+    "chatglm3-6b": dict(chatglm3),
+    "chatglm3-6b-base": dict(chatglm3, block_size=32768),
+    "chatglm3-6b-32k": dict(chatglm3, block_size=32768, rope_base=500000.0),
+    # baichuan-inc/Baichuan-* (W_pack = [q; k; v]; 13B: ALiBi; Baichuan2: the head's rows are normalised at
+    # conversion (NormHead), vocabulary 125696). Chat: user / assistant ids 195 / 196.
+    "Baichuan-7B": dict(baichuan7, chat_format=""),   # a base model: no chat format
+    "Baichuan-13B-Base": dict(baichuan13),
+    "Baichuan-13B-Chat": dict(baichuan13),
+    "Baichuan2-7B-Base": dict(baichuan7, vocab_size=125696),
+    "Baichuan2-7B-Chat": dict(baichuan7, vocab_size=125696),
+    "Baichuan2-13B-Base": dict(baichuan13, vocab_size=125696),
+    "Baichuan2-13B-Chat": dict(baichuan13, vocab_size=125696),
+    # fnlp/moss-moon-003-* (CodeGen: attention and MLP in parallel under one LayerNorm, GPT-J rotary on 64 dims)
+    "moss-moon-003-base": dict(moss),
+    "moss-moon-003-sft": dict(moss),
+    # codefuse-ai/CodeFuse-13B, EleutherAI/pythia-*, gpt-neox-20b (GPT-NeoX: parallel residual, two LayerNorms,
+    # rotary on rotary_pct of each head)
+    "CodeFuse-13B": dict(neox, vocab_size=100831, n_layer=40, n_head=40, dim=5120, intermediate_size=20480,
+                         block_size=4096),
+    "pythia-70m": dict(pythia, n_layer=6, n_head=8, dim=512, intermediate_size=2048, rotary_dim=16),
+    "pythia-160m": dict(pythia, n_layer=12, n_head=12, dim=768, intermediate_size=3072, rotary_dim=16),
+    "pythia-410m": dict(pythia, n_layer=24, n_head=16, dim=1024, intermediate_size=4096, rotary_dim=16),
+    "pythia-1b": dict(pythia, n_layer=16, n_head=8, dim=2048, intermediate_size=8192, rotary_dim=64),
+    "pythia-1.4b": dict(pythia, n_layer=24, n_head=16, dim=2048, intermediate_size=8192, rotary_dim=32),
+    "pythia-2.8b": dict(pythia, n_layer=32, n_head=32, dim=2560, intermediate_size=10240, rotary_dim=20),
+    "pythia-6.9b": dict(pythia, vocab_size=50432, n_layer=32, n_head=32, dim=4096, intermediate_size=16384,
+                        rotary_dim=32),
+    "pythia-12b": dict(pythia, vocab_size=50688, n_layer=36, n_head=40, dim=5120, intermediate_size=20480,
+                       rotary_dim=32),
+    "gpt-neox-20b": dict(neox, vocab_size=50432, n_layer=44, n_head=64, dim=6144, intermediate_size=24576,
+                         rotary_dim=24),
+    # mistralai/Mixtral-* (top-2 of 8 SwiGLU experts, stacked so a decode step reads only the chosen two)
+    "Mixtral-8x7B-v0.1": dict(mixtral),
+    "Mixtral-8x7B-Instruct-v0.1": dict(mixtral),
+    "Mixtral-8x22B-v0.1": dict(mixtral, n_layer=56, n_head=48, dim=6144, intermediate_size=16384, block_size=65536),
+    "Mixtral-8x22B-Instruct-v0.1": dict(mixtral, vocab_size=32768, n_layer=56, n_head=48, dim=6144,
+                                        intermediate_size=16384, block_size=65536),
 }

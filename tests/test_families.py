@@ -37,7 +37,7 @@ def convert(refs, family, tmp_path, **overrides) -> torch.nn.Module:
     if overrides:
         cfg = json.loads((hf / "config.json").read_text())
         (hf / "config.json").write_text(json.dumps(cfg | overrides))
-    convert_hf_checkpoint(tmp_path / family, model_name=f"tiny-{family}")
+    convert_hf_checkpoint(tmp_path / family, model_name=f"ref_{family.replace('-', '_')}")  # fits no entry
     return load_model(tmp_path / family / "model.pth", "cpu", torch.float32)
 
 
