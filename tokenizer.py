@@ -354,8 +354,8 @@ CHAT_FORMATS = {
     "qwen": ChatFormat(render_qwen, ("<|im_end|>", "<|im_start|>", "<|endoftext|>"), raw_text=True),
     "qwen2": ChatFormat(partial(render_chatml, default_system="You are a helpful assistant."),
                         ("<|im_end|>", "<|endoftext|>")),
-    "qwen2.5": ChatFormat(partial(render_chatml,
-                                  default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    "qwen2.5": ChatFormat(partial(render_chatml, default_system="You are Qwen, created by Alibaba Cloud. "
+                                                                "You are a helpful assistant."),
                           ("<|im_end|>", "<|endoftext|>")),
     "chatglm": ChatFormat(render_chatglm, ("<eop>",)),
     "chatglm2": ChatFormat(render_chatglm2, ()),                                   # eos </s>
@@ -575,7 +575,8 @@ def copy_tokenizer_model(path: Path, out_dir: Path, added: dict, add_bos: bool):
         n = len(load_ranks(path))
         specials = {s: n + i for i, s in enumerate(LLAMA3_SPECIALS)}
         return copy_tiktoken_ranks(path, out_dir, pattern=LLAMA3_PATTERN, normalizer=None, special_tokens=specials,
-                                   bos_id=specials["<|begin_of_text|>"], eos_id=specials["<|end_of_text|>"], add_bos=True)
+                                   bos_id=specials["<|begin_of_text|>"], eos_id=specials["<|end_of_text|>"],
+                                   add_bos=True)
     copy_sentencepiece(path, out_dir, special_tokens=added, add_bos=add_bos)
 
 

@@ -13,21 +13,23 @@ import tokenizer as T
 # vectors.json name -> (hub file name for each shared file, tokenizer_config.json when the shared folder has none,
 # chat format). Baichuan's configs: add_bos_token/add_eos_token false in all four repos (families.md 3.6).
 HUB = {
-    "qwen-7b": ({"qwen.tiktoken": "qwen.tiktoken", "tokenizer_config.json": "tokenizer_config.json"}, None, "qwen"),
+    "qwen-7b": ({"qwen.tiktoken": "qwen.tiktoken", "tokenizer_config.json": "tokenizer_config.json"}, None,
+                "qwen"),
     "chatglm2-6b": ({"tokenizer.model": "tokenizer.model", "tokenizer_config.json": "tokenizer_config.json"}, None,
                     "chatglm2"),
     "chatglm3-6b": ({"tokenizer.model": "tokenizer.model", "tokenizer_config.json": "tokenizer_config.json"}, None,
                     "chatglm3"),
     "baichuan-7b": ({"tokenizer.model": "tokenizer.model"},
-                    {"tokenizer_class": "BaiChuanTokenizer", "add_bos_token": False, "add_eos_token": False}, "baichuan"),
+                    {"tokenizer_class": "BaiChuanTokenizer", "add_bos_token": False, "add_eos_token": False},
+                    "baichuan"),
     "baichuan2-7b-chat": ({"tokenizer.model": "tokenizer.model"},
                           {"tokenizer_class": "BaichuanTokenizer", "add_bos_token": False, "add_eos_token": False},
                           "baichuan"),
-    "qwen2.5": ({"vocab.json": "vocab.json", "merges.txt": "merges.txt", "tokenizer_config.json": "tokenizer_config.json"},
-                None, "qwen2.5"),
+    "qwen2.5": ({"vocab.json": "vocab.json", "merges.txt": "merges.txt",
+                 "tokenizer_config.json": "tokenizer_config.json"}, None, "qwen2.5"),
     "gpt-neox-20b": ({"20B_tokenizer.json": "tokenizer.json"},
-                     {"tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-                      "unk_token": "<|endoftext|>", "add_prefix_space": False}, ""),
+                     {"tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>",
+                      "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False}, ""),
 }
 # vectors checked in tests/test_tokenizer.py (llama-2, llama-3, qwen2.5 text), here, or not checkable
 ELSEWHERE = {"llama-2", "llama-3", "qwen2.5"}
@@ -54,7 +56,8 @@ def family(shared_tokenizers, tmp_path_factory):
                 (hf / "tokenizer_config.json").write_text(json.dumps(config))
             T.prepare_tokenizer(hf, out)
             cache[name] = out
-        (cache[name] / "config.json").write_text(json.dumps({"chat_format": fmt if chat_format is None else chat_format}))
+        config_json = {"chat_format": fmt if chat_format is None else chat_format}
+        (cache[name] / "config.json").write_text(json.dumps(config_json))
         return T.load_tokenizer(cache[name])
     return get
 
@@ -158,7 +161,8 @@ def test_qwen1_chat_follows_make_context(family, shared_tokenizers):
     "<|im_end|>" per message, joined by "\\n", role and content encoded apart with allowed_special=set()."""
     import tiktoken
     tok = family("qwen-7b")
-    pat = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    pat = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+           r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")   # tokenization_qwen.py's PAT_STR
     enc = tiktoken.Encoding("qwen", pat_str=pat, special_tokens={},
                             mergeable_ranks=T.load_ranks(shared_tokenizers / "qwen-7b" / "qwen.tiktoken"))
     im_start, im_end, nl = [151644], [151645], enc.encode("\n")
