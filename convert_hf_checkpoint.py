@@ -303,7 +303,10 @@ def baichuan_layout(c: dict) -> Layout:
 def chatglm_layout(c: dict) -> Layout:
     if c.get("position_encoding_2d"):
         return Layout(CHATGLM_CONFIG, CHATGLM_WEIGHTS)
-    return Layout(CHATGLM2_CONFIG, CHATGLM2_WEIGHTS, dict(
+    # without multi_query_attention the code views query_key_value per head, [q_h | k_h | v_h]
+    weights = CHATGLM2_WEIGHTS if c.get("multi_query_attention") else CHATGLM2_WEIGHTS | both(
+        "transformer.encoder.layers.{}.self_attention.query_key_value", "layers.{}.attention.wqkv", per_head_qkv)
+    return Layout(CHATGLM2_CONFIG, weights, dict(
         rmsnorm=True, post_layer_norm=True, apply_residual_connection_post_layernorm=False))
 
 

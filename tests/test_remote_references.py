@@ -306,8 +306,6 @@ def test_chatglm2(tmp_path, overrides, divide_positions):
     run_chatglm2(tmp_path, overrides, divide_positions)
 
 
-@pytest.mark.xfail(strict=True, reason="without multi_query_attention the code views query_key_value per head "
-                   "[q_h | k_h | v_h]; the converter reads it as [q | k | v]")
 def test_chatglm2_without_multi_query_attention(tmp_path):
     run_chatglm2(tmp_path, dict(hidden_size=64, num_attention_heads=4, multi_query_attention=False))
 
