@@ -276,7 +276,8 @@ GPT_NEOX_CONFIG = dict(   # GPT-NeoX, Pythia, CodeFuse-13B
     parallel_residual=first("use_parallel_residual", default=True), tie_embeddings="tie_word_embeddings",
     qkv_bias=first("attention_bias", default=True), out_bias=first("attention_bias", default=True),
     mlp_bias=lambda c: True, norm=lambda c: "layernorm",
-    mlp=activation("hidden_act", gelu="gelu", gelu_new="gelu_tanh", gelu_pytorch_tanh="gelu_tanh"),
+    mlp=activation("hidden_act", gelu="gelu", gelu_new="gelu_tanh", gelu_fast="gelu_tanh",
+                   gelu_pytorch_tanh="gelu_tanh"),
 )
 CODEGEN_CONFIG = dict(    # CodeGen and MOSS
     vocab_size="vocab_size", n_layer="n_layer", n_head="n_head", dim="n_embd",
