@@ -276,7 +276,10 @@ def interactive(model, tokenizer, args):
         ids = tokenizer.apply_chat(messages, add_generation_prompt=True)
         (reply,), *_ = run_batch(model, tokenizer, [ids], args, stream=True)
         print()
-        messages.append({"role": "assistant", "content": tokenizer.decode([t for t in reply if t not in tokenizer.stop_ids])})
+        text = tokenizer.decode([t for t in reply if t not in tokenizer.stop_ids])
+        if tokenizer.chat_format == "chatglm3":   # its replies open with a metadata line, kept apart by its chat()
+            text = text.split("\n", 1)[-1]
+        messages.append({"role": "assistant", "content": text})
 
 
 def main(argv=None):

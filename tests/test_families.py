@@ -147,3 +147,32 @@ def test_unsupported_variants_fail_in_one_line(refs, family, overrides, words, t
     msg = str(e.value.code)
     assert msg.startswith("error: ") and "\n" not in msg and words in msg, msg
     assert not (tmp_path / "model.pth").exists()
+
+
+def test_generate_chats_in_the_family_format(refs, shared_tokenizers, tmp_path):
+    """generate.py end to end on a ChatGLM3 checkpoint: random tiny weights widened to the real vocabulary,
+    converted with the real tokenizer files, then --chat and --interactive run in ChatGLM3's format."""
+    import subprocess
+    hf = tmp_path / "THUDM" / "chatglm3-tiny" / "hf"
+    shutil.copytree(refs / "chatglm3", hf, ignore=shutil.ignore_patterns("*.pt", "NOTES.md"))
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(shared_tokenizers / "chatglm3-6b" / f, hf / f)
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(cfg | dict(padded_vocab_size=65024)))
+    sd = torch.load(hf / "pytorch_model.bin", weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for k in ("transformer.embedding.word_embeddings.weight", "transformer.output_layer.weight"):
+        sd[k] = torch.randn(65024, sd[k].shape[1], generator=g) * 0.5
+    torch.save(sd, hf / "pytorch_model.bin")
+    convert_hf_checkpoint(hf.parent, model_name="chatglm3-tiny", chat_format="chatglm3")
+    run = dict(capture_output=True, text=True, timeout=300, cwd=ROOT)
+    base = [sys.executable, "generate.py", "--checkpoint_path", str(hf.parent / "model.pth"), "--max_new_tokens", "4",
+            "--temperature", "0"]
+    chat = subprocess.run(base + ["--chat", "--prompt", "你好"], **run)
+    assert chat.returncode == 0, chat.stderr
+    talk = subprocess.run(base + ["--interactive"], input="你好\n再见\n\n", **run)
+    assert talk.returncode == 0 and talk.stdout.count("> ") >= 2, talk.stderr
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(hf.parent)
+    assert tok.apply_chat([{"role": "user", "content": "你好"}]) == [64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]
+    assert tok.encode("你好", bos=True) == [64790, 64792, 36474, 54591]   # a plain prompt gets the [gMASK] sop prefix
