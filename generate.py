@@ -276,10 +276,7 @@ def interactive(model, tokenizer, args):
         ids = tokenizer.apply_chat(messages, add_generation_prompt=True)
         (reply,), *_ = run_batch(model, tokenizer, [ids], args, stream=True)
         print()
-        text = tokenizer.decode([t for t in reply if t not in tokenizer.stop_ids])
-        if tokenizer.chat_format == "chatglm3":   # its replies open with a metadata line, kept apart by its chat()
-            text = text.split("\n", 1)[-1]
-        messages.append({"role": "assistant", "content": text})
+        messages.append({"role": "assistant", "content": tokenizer.reply_content(reply)})
 
 
 def main(argv=None):

@@ -116,6 +116,11 @@ class Tokenizer:
                 ids += self.encode(part, allowed_special=() if fmt.raw_text else None)
         return ids
 
+    def reply_content(self, ids) -> str:
+        """A generated reply as the chat history keeps it: stop tokens out, then the format's own parsing."""
+        text = self.decode([i for i in ids if i not in self.stop_ids])
+        return CHAT_FORMATS[self.chat_format].reply(text) if self.chat_format else text
+
 
 def special_regex(names):
     # longest first, so that a special token that is a prefix of another does not win
@@ -204,6 +209,7 @@ class ChatFormat(NamedTuple):
     render: Callable        # -> one text with special tokens, or a list of parts encoded apart (see apply_chat)
     stop: tuple             # special tokens that end a reply, besides eos
     raw_text: bool = False  # text parts keep special-token surface forms as text (Qwen's make_context)
+    reply: Callable = str   # decoded reply -> the content the history keeps (ChatGLM3 drops its metadata line)
 
 
 class Special(str):
@@ -359,7 +365,8 @@ CHAT_FORMATS = {
                           ("<|im_end|>", "<|endoftext|>")),
     "chatglm": ChatFormat(render_chatglm, ("<eop>",)),
     "chatglm2": ChatFormat(render_chatglm2, ()),                                   # eos </s>
-    "chatglm3": ChatFormat(render_chatglm3, ("<|user|>", "<|observation|>")),     # and eos </s>
+    "chatglm3": ChatFormat(render_chatglm3, ("<|user|>", "<|observation|>"),      # and eos </s>
+                           reply=lambda text: text.split("\n", 1)[-1]),   # its chat() keeps the metadata line apart
     "baichuan": ChatFormat(render_baichuan, ()),                                   # eos </s>
     "moss": ChatFormat(render_moss, ("<eom>",)),
 }

@@ -13,21 +13,17 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from conftest import SHARED  # noqa: E402
 from convert_hf_checkpoint import convert_hf_checkpoint  # noqa: E402
 from generate import load_model  # noqa: E402
 
-REFS = SHARED / "refs"
 FAMILIES = ["baichuan-7b", "baichuan-13b", "baichuan2-7b", "baichuan2-13b", "chatglm", "chatglm2", "chatglm3",
             "codegen", "gpt_neox", "mistral", "mixtral", "moss", "qwen1", "qwen2"]
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def refs():
-    if not (REFS / "README.md").is_file():
-        pytest.skip(f"{REFS} is absent: the family parity tests need the shared reference checkpoints")
-    return REFS
+def refs(shared_refs):
+    return shared_refs
 
 
 def convert(refs, family, tmp_path, **overrides) -> torch.nn.Module:
@@ -176,3 +172,5 @@ def test_generate_chats_in_the_family_format(refs, shared_tokenizers, tmp_path):
     tok = load_tokenizer(hf.parent)
     assert tok.apply_chat([{"role": "user", "content": "你好"}]) == [64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]
     assert tok.encode("你好", bos=True) == [64790, 64792, 36474, 54591]   # a plain prompt gets the [gMASK] sop prefix
+    # a reply opens with ChatGLM3's metadata line ("\n" for plain answers): the history keeps the content only
+    assert tok.reply_content(tok.encode("\nHello world") + [2]) == "Hello world"
