@@ -53,3 +53,12 @@ def shared_tokenizers() -> Path:
     if not (d / "vectors.json").is_file():
         pytest.skip(f"{d} is absent: the published-vector tests need the shared tokenizer files")
     return d
+
+
+@pytest.fixture(scope="session")
+def shared_refs() -> Path:
+    """Tiny random checkpoints per family in the real Hugging Face layout, with their reference logits (shared/refs)."""
+    d = SHARED / "refs"
+    if not (d / "README.md").is_file():
+        pytest.skip(f"{d} is absent: the family parity tests need the shared reference checkpoints")
+    return d

@@ -16,11 +16,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from conftest import SHARED  # noqa: E402
 from convert_hf_checkpoint import convert_hf_checkpoint  # noqa: E402
 from generate import load_model  # noqa: E402
 
-REFS = SHARED / "refs"
 TOL = 1e-4
 
 
@@ -208,10 +206,8 @@ PUBLISHED = {   # refs folder -> the reference for its code, with that variant's
 
 @pytest.mark.parametrize("folder,inputs,logits", [(f, "inputs.pt", "logits.pt") for f in PUBLISHED] + [
     ("qwen1", "inputs_long.pt", "logits_long.pt")], ids=[*PUBLISHED, "qwen1_long"])   # long: NTK alpha 3 and logn
-def test_reference_matches_published_code(folder, inputs, logits):
-    if not (REFS / "README.md").is_file():
-        pytest.skip(f"{REFS} is absent: proving the references needs the shared reference checkpoints")
-    d, (reference, kw) = REFS / folder, PUBLISHED[folder]
+def test_reference_matches_published_code(folder, inputs, logits, shared_refs):
+    d, (reference, kw) = shared_refs / folder, PUBLISHED[folder]
     cfg = json.loads((d / "config.json").read_text())
     sd = torch.load(d / "pytorch_model.bin", weights_only=True)
     ids = torch.load(d / inputs, weights_only=True)["input_ids"]
