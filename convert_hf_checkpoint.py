@@ -228,11 +228,10 @@ LLAMA_CONFIG = dict(
     mlp_bias="mlp_bias", rope_base=lambda c: hf_rope(c)[0], rope_scaling=lambda c: hf_rope(c)[1],
     mlp=activation("hidden_act", silu="swiglu"),
 )
-MISTRAL_CONFIG = {k: v for k, v in LLAMA_CONFIG.items() if not k.endswith("bias")} | dict(
-    sliding_window="sliding_window")
+LLAMA_NO_BIAS = {k: v for k, v in LLAMA_CONFIG.items() if not k.endswith("bias")}
+MISTRAL_CONFIG = LLAMA_NO_BIAS | dict(sliding_window="sliding_window")
 MIXTRAL_CONFIG = MISTRAL_CONFIG | dict(n_experts="num_local_experts", n_experts_per_tok="num_experts_per_tok")
-QWEN2_CONFIG = {k: v for k, v in LLAMA_CONFIG.items() if not k.endswith("bias")} | dict(   # window unused
-    qkv_bias=lambda c: True)
+QWEN2_CONFIG = LLAMA_NO_BIAS | dict(qkv_bias=lambda c: True)   # its sliding window is unused (use_sliding_window)
 QWEN_CONFIG = dict(   # Qwen-1: both the 2023-08 (n_embd, ...) and the later (hidden_size, ...) field names
     vocab_size="vocab_size", n_layer=first("num_hidden_layers", "n_layer"), n_head=first("num_attention_heads", "n_head"),
     dim=first("hidden_size", "n_embd"), head_dim="kv_channels",
@@ -364,9 +363,9 @@ def args_from_hf(cfg: dict) -> dict:
             raise ValueError(f"HF config.json lacks or mangles what {ours} needs ({e!r})") from None
         if value is not None:
             kw[ours] = value
-    missing = [k for k in REQUIRED_CONFIG if k not in kw]
+    missing = [layout.config[k] if isinstance(layout.config[k], str) else k for k in REQUIRED_CONFIG if k not in kw]
     if missing:
-        raise ValueError(f"HF config.json lacks {[layout.config[k] for k in missing if isinstance(layout.config[k], str)] or missing}")
+        raise ValueError(f"HF config.json lacks {missing}")
     return kw
 
 
