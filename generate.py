@@ -66,6 +66,10 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16) -> Trans
         state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {checkpoint_path}: {str(e).splitlines()[0]}") from None
+    record = state_dict.pop("quantization", None)   # quantize.py's output: rebuild its modules first
+    if record is not None:
+        from quantize import swap_modules
+        swap_modules(model, state_dict, record)
     tied_head = config.tie_embeddings and "output.weight" not in state_dict
     missing, unexpected = model.load_state_dict(state_dict, assign=True, strict=False)
     missing = [k for k in missing if not (tied_head and k == "output.weight")]
@@ -75,6 +79,9 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16) -> Trans
     model.after_load()  # off the meta device before the move
     model = model.to(device=device, dtype=precision)
     model.after_load()  # re-tie after the move, rope table back to fp32
+    if record is not None:
+        from quantize import pack_for_device
+        pack_for_device(model)  # int4: the portable layout on disk -> this device's packed layout
     return model.eval()
 
 
@@ -86,7 +93,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
         if id(p) in seen or "cache" in name:
             continue
         seen.add(id(p))
-        if name == "tok_embeddings.weight" and not model.config.tie_embeddings:
+        if name == "tok_embeddings.weight" and model.output.weight is not p:
             continue
         total += p.numel() * p.element_size()
     return total

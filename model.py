@@ -151,8 +151,8 @@ class Transformer(nn.Module):
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context {self.config.block_size}")
         if self.max_batch_size >= max_batch_size and self.max_seq_length >= max_seq_length:
             return
-        dtype = dtype or self.output.weight.dtype
-        device = self.output.weight.device
+        dtype = dtype or self.tok_embeddings.weight.dtype   # the head may be quantized; the embedding never is
+        device = self.tok_embeddings.weight.device
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_local_heads,
                                                self.config.head_dim, dtype).to(device)
@@ -161,8 +161,9 @@ class Transformer(nn.Module):
 
     def after_load(self):
         """After load_state_dict(assign=True) and any .to(dtype): re-tie the head to the embedding and
-        rebuild the fp32 rope table on the weights' device (both are lost by assign/meta/casts)."""
-        if self.config.tie_embeddings:
+        rebuild the fp32 rope table on the weights' device (both are lost by assign/meta/casts). A quantized
+        head is not an nn.Linear, and keeps its own weights."""
+        if self.config.tie_embeddings and type(self.output) is nn.Linear:
             self.output.weight = self.tok_embeddings.weight
         device = self.tok_embeddings.weight.device
         self.rope_cache = rope_table(self.config, self.config.block_size).to(device)
@@ -332,14 +333,20 @@ class MOEFeedForward(nn.Module):
         probs = F.softmax(self.gate(x).float(), dim=-1)
         weights, experts = torch.topk(probs, self.k, dim=-1)                 # [N, k]
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        w = self.expert_weights
         if x.shape[0] <= 4:   # decode: gather the chosen experts only
-            h = F.silu(torch.einsum("nd,nkid->nki", x, self.w1[experts])) * torch.einsum("nd,nkid->nki", x, self.w3[experts])
-            y = torch.einsum("nki,nkdi,nk->nd", h, self.w2[experts], weights)
+            h = F.silu(torch.einsum("nd,nkid->nki", x, w("w1", experts))) * torch.einsum("nd,nkid->nki", x, w("w3", experts))
+            y = torch.einsum("nki,nkdi,nk->nd", h, w("w2", experts), weights)
         else:                 # prefill: every expert over all tokens, weighted by its (often zero) routing weight
             dense = torch.zeros_like(probs, dtype=x.dtype).scatter(1, experts, weights)   # [N, E]
-            h = F.silu(torch.einsum("nd,eid->nei", x, self.w1)) * torch.einsum("nd,eid->nei", x, self.w3)
-            y = torch.einsum("nei,edi,ne->nd", h, self.w2, dense)
+            h = F.silu(torch.einsum("nd,eid->nei", x, w("w1"))) * torch.einsum("nd,eid->nei", x, w("w3"))
+            y = torch.einsum("nei,edi,ne->nd", h, w("w2"), dense)
         return y.view(shape)
+
+    def expert_weights(self, name: str, experts: Optional[Tensor] = None) -> Tensor:
+        """[E, ...] stacked weights, or those of the chosen experts (quantize.py's int8 experts dequantize here)."""
+        w = getattr(self, name)
+        return w if experts is None else w[experts]
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,454 @@
+# Weight-only quantization: int8 (per output channel), int4 (grouped) and int4-GPTQ.
+# Offline, quantize() writes model_<mode>.pth beside the float checkpoint. Its file records the mode and
+# group size; at load time swap_modules() rebuilds the quantized linears from the state dict's own dtypes,
+# and pack_for_device() turns the portable int4 layout into the packed layout of the device it runs on.
+#   python quantize.py --checkpoint_path checkpoints/ORG/NAME/model.pth --mode int8|int4|int4-gptq [--groupsize 32]
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from model import ModelArgs, MOEFeedForward, Transformer
+
+MODES = ("int8", "int4", "int4-gptq")
+GROUP_SIZES = (32, 64, 128, 256)   # what the int4 kernels (CPU and CUDA tinygemm) accept
+RECORD = "quantization"            # the state-dict entry {"mode": ..., "groupsize": ...}
+
+
+def output_name(mode: str, groupsize: int) -> str:
+    return "model_int8.pth" if mode == "int8" else f"model_{mode}.g{groupsize}.pth"
+
+
+# ---- int8: symmetric, one scale per output channel ---------------------------------------------------
+
+def quantize_int8(w: Tensor):
+    """w [..., N, K] -> (int8 codes [..., N, K], fp32 scales [..., N]); w ~= codes * scales."""
+    w = w.float()
+    scales = w.abs().amax(-1).clamp(min=1e-10) / 127
+    return torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def dequantize_int8(codes: Tensor, scales: Tensor) -> Tensor:
+    return codes.float() * scales.float()[..., None]
+
+
+class WeightOnlyInt8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu":   # torch's weight-only int8 GEMM; Inductor lowers it to an AMX/AVX-512 template
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
+            y = y.view(*x.shape[:-1], -1)
+        else:                        # dequantize inside the matmul: Inductor fuses the cast into the GEMV
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return y if self.bias is None else y + self.bias
+
+
+class Int8MOEFeedForward(MOEFeedForward):
+    """Mixtral's experts as int8 codes with per-row scales; a decode step dequantizes only the chosen experts."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__(config)
+        for name in ("w1", "w3", "w2"):
+            shape = getattr(self, name).shape
+            delattr(self, name)
+            self.register_buffer(name, torch.empty(shape, dtype=torch.int8))
+            self.register_buffer(f"{name}_scales", torch.empty(shape[:2]))
+
+    def expert_weights(self, name: str, experts=None) -> Tensor:
+        codes, scales = getattr(self, name), getattr(self, f"{name}_scales")
+        if experts is not None:
+            codes, scales = codes[experts], scales[experts]
+        return codes.to(scales.dtype) * scales.unsqueeze(-1)
+
+
+# ---- int4: asymmetric, grouped (tinygemm's convention: w = (q - 8) * scale + zero) -------------------
+
+def quantize_int4(w: Tensor, groupsize: int):
+    """w [N, K], K % groupsize == 0 -> (codes [N, K] in 0..15 as uint8, scales_and_zeros [K/g, N, 2] fp32)."""
+    N, K = w.shape
+    g = w.float().reshape(N, K // groupsize, groupsize)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scales = ((hi - lo) / 15).clamp(min=1e-6)
+    codes = torch.round((g - lo) / scales).clamp(0, 15).to(torch.uint8).reshape(N, K)
+    return codes, torch.cat([scales, lo + 8 * scales], -1).transpose(0, 1).contiguous()
+
+
+def dequantize_int4(codes: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor:
+    scales, zeros = (t.float().t().repeat_interleave(groupsize, 1) for t in scales_and_zeros.unbind(-1))
+    return (codes.float() - 8) * scales + zeros
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """[N, K] codes 0..15 -> [N, K/2] uint8, even column in the high nibble: the portable layout on disk
+    (and the input of CUDA's tinygemm packing)."""
+    return (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    return torch.stack([packed >> 4, packed & 15], -1).reshape(packed.shape[0], -1)
+
+
+def pad_columns(w: Tensor, multiple: int) -> Tensor:
+    pad = -w.shape[-1] % multiple
+    return F.pad(w, (0, pad)) if pad else w
+
+
+class WeightOnlyInt4Linear(nn.Module):
+    """On disk: `weight` [N, K/2] nibbles, `scales_and_zeros` [K/g, N, 2]. pack() converts them, once, into the
+    layout of the device's int4 GEMM; forward refuses weights packed for another device."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, groupsize: int):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.padded_in = in_features + (-in_features % groupsize)
+        self.register_buffer("weight", torch.empty(out_features, self.padded_in // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(self.padded_in // groupsize, out_features, 2))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.packed_for = None
+
+    def pack(self):
+        """Portable layout -> the device's packed layout, padding N and K with zero groups where its kernel
+        needs (those rows and columns contribute exactly 0)."""
+        device = self.weight.device
+        codes = unpack_nibbles(self.weight)
+        sz = self.scales_and_zeros
+        k_multiple = 128 if device.type == "cuda" else self.groupsize   # tinygemm: K % (innerKTiles * 16)
+        codes = pad_columns(codes, k_multiple)
+        codes = F.pad(codes, (0, 0, 0, -codes.shape[0] % 16))           # N % 16 (CPU), N % 8 (CUDA)
+        sz = F.pad(sz, (0, 0, 0, codes.shape[0] - sz.shape[1], 0, codes.shape[1] // self.groupsize - sz.shape[0]))
+        if device.type == "cuda":
+            self.weight = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(codes).contiguous(), 8)
+            self.scales_and_zeros = sz.to(torch.bfloat16).contiguous()   # tinygemm takes bf16 only
+        else:
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 8)
+            self.scales_and_zeros = sz.contiguous()
+        self.packed_for, self.packed_in = device.type, codes.shape[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.packed_for != x.device.type:
+            raise RuntimeError(f"int4 weights packed for {self.packed_for}, run on {x.device.type}: "
+                               "load the checkpoint on the device it runs on")
+        shape = x.shape
+        x = F.pad(x.reshape(-1, shape[-1]), (0, self.packed_in - shape[-1]))
+        if x.device.type == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.weight, self.groupsize,
+                                                   self.scales_and_zeros).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.groupsize, self.scales_and_zeros)
+        y = y[:, : self.out_features].reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+# ---- which modules, and swapping them ------------------------------------------------------------
+
+def quantizable(model: Transformer):
+    """(name, module) of every linear we quantize and every MoE feed-forward. A MoE router stays in float:
+    it is tiny and its choices are sensitive. The embedding stays in float: a step reads one row of it."""
+    for name, m in model.named_modules():
+        if isinstance(m, MOEFeedForward):
+            yield name, m
+        elif isinstance(m, nn.Linear) and not name.endswith("feed_forward.gate"):
+            yield name, m
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def swap_modules(model: Transformer, state_dict: dict, record: dict):
+    """Replace, in a model built on the meta device, each module whose weights the state dict holds quantized."""
+    for name, m in list(quantizable(model)):
+        if isinstance(m, MOEFeedForward):
+            if state_dict.get(f"{name}.w1", torch.empty(0)).dtype == torch.int8:
+                with torch.device("meta"):
+                    set_module(model, name, Int8MOEFeedForward(model.config))
+            continue
+        dtype = state_dict.get(f"{name}.weight", torch.empty(0)).dtype
+        if dtype == torch.int8:
+            new = WeightOnlyInt8Linear(m.in_features, m.out_features, m.bias is not None)
+        elif dtype == torch.uint8:
+            new = WeightOnlyInt4Linear(m.in_features, m.out_features, m.bias is not None, record["groupsize"])
+        else:
+            continue
+        set_module(model, name, new.to("meta"))
+
+
+def pack_for_device(model: nn.Module):
+    for m in model.modules():
+        if isinstance(m, WeightOnlyInt4Linear):
+            m.pack()
+
+
+# ---- offline: float state dict -> quantized state dict ------------------------------------------------
+
+def int4_entries(name: str, w: Tensor, groupsize: int, gptq_result=None) -> dict:
+    codes, sz = gptq_result if gptq_result is not None else quantize_int4(pad_columns(w, groupsize), groupsize)
+    return {f"{name}.weight": pack_nibbles(codes), f"{name}.scales_and_zeros": sz}
+
+
+def quantize_state_dict(model: Transformer, state_dict: dict, mode: str, groupsize: int, gptq=None, log=print):
+    """Returns a new state dict: quantized linears (from `gptq` results where given), everything else as is."""
+    out = {k: v for k, v in state_dict.items()}
+    padded, int8_moe = [], []
+    for name, m in quantizable(model):
+        if isinstance(m, MOEFeedForward):
+            for w in ("w1", "w3", "w2"):
+                out[f"{name}.{w}"], out[f"{name}.{w}_scales"] = quantize_int8(state_dict[f"{name}.{w}"])
+            int8_moe.append(name)
+            continue
+        key = f"{name}.weight"
+        w = state_dict[key] if key in state_dict else state_dict["tok_embeddings.weight"]   # a tied head
+        if mode == "int8":
+            out[key], out[f"{name}.scales"] = quantize_int8(w)
+        else:
+            out.update(int4_entries(name, w, groupsize, (gptq or {}).get(name)))
+            if w.shape[1] % groupsize:
+                padded.append(f"{name} ({w.shape[1]})")
+    if padded:
+        log(f"padded in_features to a multiple of {groupsize} with zero columns: {len(padded)} layers, "
+            f"e.g. {', '.join(padded[:3])}")
+    if int8_moe and mode != "int8":
+        log(f"MoE experts in int8 (int4 expert kernels are not wired): {len(int8_moe)} layers")
+    if model.config.tie_embeddings:
+        log("the head is tied to the embedding: the head is quantized, the embedding stays in float")
+    else:
+        log("the embedding stays in float (a decode step reads one row of it)")
+    out[RECORD] = {"mode": mode, "groupsize": groupsize}
+    return out
+
+
+# ---- GPTQ ---------------------------------------------------------------------------------------
+
+def gptq_quantize(w: Tensor, H: Tensor, groupsize: int, percdamp: float = 0.01, blocksize: int = 128):
+    """GPTQ (Frantar et al. 2022) for one linear: quantize columns left to right, spreading each column's
+    rounding error over the columns not yet quantized through the inverse Hessian of the layer's inputs.
+    w [N, K] (K % groupsize == 0), H [K, K] = X^T X. Returns (codes [N, K] uint8, scales_and_zeros [K/g, N, 2])."""
+    W, H = w.float().clone(), H.float().clone()
+    N, K = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(K, device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    blocksize = max(blocksize // groupsize, 1) * groupsize    # a group never straddles two blocks
+    codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
+    sz = torch.zeros(K // groupsize, N, 2, device=W.device)
+    for b0 in range(0, K, blocksize):
+        b1 = min(b0 + blocksize, K)
+        W1, Hinv1 = W[:, b0:b1].clone(), Hinv[b0:b1, b0:b1]
+        err1 = torch.zeros_like(W1)
+        for i in range(b1 - b0):
+            if (b0 + i) % groupsize == 0:   # the group's range from its columns as they are now
+                _, group_sz = quantize_int4(W1[:, i:i + groupsize], groupsize)
+                sz[(b0 + i) // groupsize] = group_sz[0]
+                scale, zero = group_sz[0, :, 0], group_sz[0, :, 1]
+            col = W1[:, i]
+            q = torch.round((col - zero) / scale + 8).clamp(0, 15)
+            codes[:, b0 + i] = q.to(torch.uint8)
+            err = (col - ((q - 8) * scale + zero)) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        W[:, b1:] -= err1 @ Hinv[b0:b1, b1:]
+    return codes, sz
+
+
+@torch.no_grad()
+def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: str, batch_size: int = 8,
+               log=print) -> dict:
+    """Layer by layer: capture each block's inputs, accumulate X^T X for its linears, GPTQ them, then run the
+    block again with the quantized weights to give the next block its inputs. Only the block being quantized
+    sits on `device`. Returns {linear name: (codes, scales_and_zeros)}."""
+    from tqdm import tqdm
+
+    class Captured(Exception):
+        pass
+
+    for m in (model.tok_embeddings, model.norm):
+        m.to(device)
+    model.after_load()
+    inputs = []   # (hidden state, the block's other arguments) per calibration batch
+
+    def capture(module, args):
+        inputs.append((args[0], args[1:]))
+        raise Captured
+
+    hook = model.layers[0].register_forward_pre_hook(capture)
+    for batch in calibration.split(batch_size):
+        try:
+            model(batch.to(device))
+        except Captured:
+            pass
+    hook.remove()
+
+    results = {}
+    blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)] + [("", None)]
+    for prefix, block in tqdm(blocks, desc="GPTQ", unit="layer", file=sys.stderr):
+        if block is None:   # the head, after the final norm
+            block = nn.Sequential(model.norm, model.output)
+            names = {"1": "output"}
+        else:
+            names = {n: f"{prefix}.{n}" for n, m in quantizable(block) if isinstance(m, nn.Linear)}
+        block.to(device)
+        linears = {n: block.get_submodule(n) for n in names}
+        hessians = {n: torch.zeros(pad_width(m.in_features, groupsize), pad_width(m.in_features, groupsize),
+                                   device=device) for n, m in linears.items()}
+
+        def accumulate(n):
+            def hook(module, args, out):
+                x = pad_columns(args[0].reshape(-1, args[0].shape[-1]).float(), groupsize)
+                hessians[n].addmm_(x.t(), x)
+            return hook
+
+        hooks = [m.register_forward_hook(accumulate(n)) for n, m in linears.items()]
+        for x, rest in inputs:
+            block(x, *rest)
+        for h in hooks:
+            h.remove()
+        for n, m in linears.items():
+            codes, sz = gptq_quantize(pad_columns(m.weight, groupsize), hessians[n], groupsize)
+            results[names[n]] = (codes.cpu(), sz.cpu())
+            w = dequantize_int4(codes, sz, groupsize)[:, : m.in_features]
+            m.weight = nn.Parameter(w.to(m.weight.dtype), requires_grad=False)   # later blocks see quantized outputs
+        if prefix:
+            inputs = [(block(x, *rest), rest) for x, rest in inputs]
+            block.to("cpu")
+    return results
+
+
+def pad_width(n: int, multiple: int) -> int:
+    return n + (-n % multiple)
+
+
+def calibration_ids(tokenizer, texts: list, n_samples: int, seq_length: int) -> Tensor:
+    """The texts, tokenized and joined, cut into up to n_samples windows of seq_length tokens."""
+    ids = []
+    for t in texts:
+        ids += tokenizer.encode(t, bos=True)
+    n = min(n_samples, len(ids) // seq_length)
+    if n == 0:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq_length}; "
+                         "pass more text or a smaller --calibration_seq_length")
+    return torch.tensor(ids[: n * seq_length]).view(n, seq_length)
+
+
+def lm_eval_texts(tasks: list) -> list:
+    """Calibration text from lm-eval tasks' documents (needs lm-eval and the hub)."""
+    try:
+        from lm_eval.tasks import TaskManager, get_task_dict
+    except ImportError:
+        raise ValueError("calibration from lm-eval tasks needs lm-eval (pip install lm-eval); "
+                         "offline, pass --calibration_file TEXT") from None
+    try:
+        task_dict = get_task_dict(tasks, TaskManager())
+    except Exception as e:
+        raise ValueError(f"cannot load lm-eval tasks {tasks} ({str(e).splitlines()[0][:200]}); "
+                         "offline, pass --calibration_file TEXT") from None
+    texts = []
+    for task in task_dict.values():
+        docs = task.training_docs() if task.has_training_docs() else task.test_docs()
+        texts += [task.doc_to_target(doc) if isinstance(task.doc_to_target(doc), str) else task.doc_to_text(doc)
+                  for doc in docs]
+    return texts
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def load_float(checkpoint_path: Path):
+    config_path = checkpoint_path.parent / "config.json"
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+    try:
+        config = ModelArgs.from_dict(json.loads(config_path.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"bad or missing {config_path} ({e})") from None
+    try:
+        state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {checkpoint_path}: {str(e).splitlines()[0]}") from None
+    if RECORD in state_dict:
+        raise ValueError(f"{checkpoint_path} is already quantized ({state_dict[RECORD]['mode']}); "
+                         "quantize the float model.pth")
+    return config, state_dict
+
+
+def quantize(checkpoint_path, mode: str, groupsize: int = 32, calibration_file=None, calibration_tasks=("wikitext",),
+             n_samples: int = 128, seq_length: int = 512, device: str = "cpu", log=print) -> Path:
+    checkpoint_path = Path(checkpoint_path)
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode != "int8" and groupsize not in GROUP_SIZES:
+        raise ValueError(f"groupsize {groupsize} is not one the int4 kernels take: {', '.join(map(str, GROUP_SIZES))}")
+    config, state_dict = load_float(checkpoint_path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    missing = [k for k in missing if k != "output.weight" or not config.tie_embeddings]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.after_load()
+    gptq = None
+    if mode == "int4-gptq":
+        if calibration_file is not None:
+            try:
+                texts = [Path(calibration_file).read_text()]
+            except OSError as e:
+                raise FileNotFoundError(f"cannot read --calibration_file: {e}") from None
+        else:
+            texts = lm_eval_texts(list(calibration_tasks))
+        from tokenizer import load_tokenizer
+        ids = calibration_ids(load_tokenizer(checkpoint_path.parent), texts, n_samples, seq_length)
+        log(f"GPTQ calibration: {ids.shape[0]} windows of {ids.shape[1]} tokens")
+        if config.tie_embeddings:   # the head gets its own copy, to be quantized apart from the embedding
+            model.output.weight = nn.Parameter(model.tok_embeddings.weight.detach().clone(), requires_grad=False)
+        gptq = gptq_model(model.float(), ids, groupsize, device, log=log)
+    out = quantize_state_dict(model, state_dict, mode, groupsize, gptq, log=log)
+    path = checkpoint_path.parent / output_name(mode, groupsize)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(out, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Weight-only quantization of a zoofast checkpoint.")
+    p.add_argument("--checkpoint_path", type=Path, required=True, help="the float model.pth")
+    p.add_argument("--mode", required=True, help="int8 | int4 | int4-gptq")
+    p.add_argument("--groupsize", type=int, default=32, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("--calibration_file", type=Path, help="GPTQ: a local text file (offline)")
+    p.add_argument("--calibration_tasks", default="wikitext", help="GPTQ without a file: lm-eval tasks, comma-separated")
+    p.add_argument("--calibration_samples", type=int, default=128)
+    p.add_argument("--calibration_seq_length", type=int, default=512)
+    p.add_argument("--device", default="cpu", help="where GPTQ runs: cpu or cuda")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        if args.calibration_samples <= 0 or args.calibration_seq_length <= 0:
+            raise ValueError("--calibration_samples and --calibration_seq_length must be positive")
+        log = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
+        path = quantize(args.checkpoint_path, args.mode, args.groupsize, args.calibration_file,
+                        args.calibration_tasks.split(","), args.calibration_samples, args.calibration_seq_length,
+                        args.device, log=log)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    size = path.stat().st_size / 1e6
+    print(f"wrote {path} ({size:.0f} MB) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
