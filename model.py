@@ -294,9 +294,24 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # [B, H, T, D]
         if input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           enable_gqa=self.n_local_heads != self.n_head)
+        if T == 1:
+            y = attend_one(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
+
+
+def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one query per row (a decode step) as two small matmuls, the softmax in fp32. On CPU the
+    flash kernel's fixed cost per call is most of a small model's decode step (115 us a layer here).
+    q [B, H, 1, D]; k, v [B, H_kv, S, D]; mask [B, 1 or H, 1, S], bool or an additive bias."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    q = q.view(B, Hkv, H // Hkv, D)                                          # query heads grouped by KV head
+    scores = (q @ k.transpose(-1, -2)).float() * D ** -0.5                  # [B, H_kv, G, S]
+    mask = mask.reshape(B, -1, H // Hkv if mask.shape[1] > 1 else 1, mask.shape[-1])
+    scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask
+    return (scores.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
 
 
 class FeedForward(nn.Module):

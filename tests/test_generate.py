@@ -23,7 +23,9 @@ def tiny_model(seed=0, **kw) -> Transformer:
 
 
 @pytest.mark.parametrize("kw", [dict(n_local_heads=4), dict(n_local_heads=2), dict(n_local_heads=1, tie_embeddings=True),
-                                dict(rotary_dim=8, rope_interleaved=True)], ids=["mha", "gqa", "mqa-tied", "partial-gptj"])
+                                dict(rotary_dim=8, rope_interleaved=True), dict(position="alibi", n_local_heads=4),
+                                dict(sliding_window=5)],
+                         ids=["mha", "gqa", "mqa-tied", "partial-gptj", "alibi", "window"])
 @torch.no_grad()
 def test_cached_decode_equals_full_forward(kw):
     model = tiny_model(**kw)
