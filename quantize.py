@@ -315,7 +315,7 @@ def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: 
 
         hooks = [m.register_forward_hook(accumulate(n)) for n, m in linears.items()]
         for x, rest in inputs:
-            block(x, *rest)
+            block(x, *rest) if prefix else block(x)
         for h in hooks:
             h.remove()
         for n, m in linears.items():
