@@ -48,12 +48,19 @@ class WeightOnlyInt8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu":   # torch's weight-only int8 GEMM; Inductor lowers it to an AMX/AVX-512 template
+        if x.device.type == "cpu" and few_rows(x):   # torch's weight-only int8 GEMV; Inductor lowers it to an AMX/AVX-512 template
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
             y = y.view(*x.shape[:-1], -1)
         else:                        # dequantize inside the matmul: Inductor fuses the cast into the GEMV
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
+
+
+def few_rows(x: Tensor) -> bool:
+    """Where torch's CPU weight-only kernels beat dequantize-then-GEMM: decode-sized inputs in bf16/fp16. Their fp32
+    versions are scalar loops (int4: 600 ms for a 1024-row prefill of one 1536x576 linear, against 9 ms)."""
+    rows = x.numel() // x.shape[-1]
+    return rows <= 64 and x.dtype != torch.float32 or rows == 1
 
 
 class Int8MOEFeedForward(MOEFeedForward):
@@ -108,7 +115,8 @@ def pad_columns(w: Tensor, multiple: int) -> Tensor:
 
 class WeightOnlyInt4Linear(nn.Module):
     """On disk: `weight` [N, K/2] nibbles, `scales_and_zeros` [K/g, N, 2]. pack() converts them, once, into the
-    layout of the device's int4 GEMM; forward refuses weights packed for another device."""
+    layout of the device's int4 GEMM (fp32 on CPU keeps them: there it dequantizes into a float GEMM, exactly);
+    forward refuses weights packed for another device."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, groupsize: int):
         super().__init__()
@@ -117,12 +125,15 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, self.padded_in // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(self.padded_in // groupsize, out_features, 2))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.packed_for = None
+        self.packed_for, self.packed_in = None, None
 
     def pack(self):
         """Portable layout -> the device's packed layout, padding N and K with zero groups where its kernel
         needs (those rows and columns contribute exactly 0)."""
         device = self.weight.device
+        if device.type == "cpu" and self.scales_and_zeros.dtype == torch.float32:   # fp32 kernel: scalar loops
+            self.packed_for, self.packed_in = "cpu", None
+            return
         codes = unpack_nibbles(self.weight)
         sz = self.scales_and_zeros
         k_multiple = 128 if device.type == "cuda" else self.groupsize   # tinygemm: K % (innerKTiles * 16)
@@ -141,6 +152,9 @@ class WeightOnlyInt4Linear(nn.Module):
         if self.packed_for != x.device.type:
             raise RuntimeError(f"int4 weights packed for {self.packed_for}, run on {x.device.type}: "
                                "load the checkpoint on the device it runs on")
+        if self.packed_in is None:
+            w = dequantize_int4(unpack_nibbles(self.weight), self.scales_and_zeros, self.groupsize)
+            return F.linear(x, w[:, : self.in_features].to(x.dtype), self.bias)
         shape = x.shape
         x = F.pad(x.reshape(-1, shape[-1]), (0, self.packed_in - shape[-1]))
         if x.device.type == "cuda":
@@ -219,7 +233,7 @@ def quantize_state_dict(model: Transformer, state_dict: dict, mode: str, groupsi
             if w.shape[1] % groupsize:
                 padded.append(f"{name} ({w.shape[1]})")
     if padded:
-        log(f"padded in_features to a multiple of {groupsize} with zero columns: {len(padded)} layers, "
+        log(f"padded in_features to a multiple of {groupsize} with zero columns: {len(padded)} linears, "
             f"e.g. {', '.join(padded[:3])}")
     if int8_moe and mode != "int8":
         log(f"MoE experts in int8 (int4 expert kernels are not wired): {len(int8_moe)} layers")

@@ -120,6 +120,17 @@ def test_quantized_model_computes_its_dequantized_weights(family, mode, groupsiz
     step = quantized(ids[:, :1], torch.tensor([[3], [5]]))   # the decode path (one query)
     torch.testing.assert_close(step, reference(ids[:, :1], torch.tensor([[3], [5]])), atol=2e-4, rtol=1e-4)
 
+    # bf16 runs torch's weight-only CPU kernels on the packed layouts (fp32 dequantizes into a float GEMM). Not for
+    # MoE: bf16 noise flips its top-2 routing, and its experts (int8 gathers) use no kernel
+    if family == "mixtral-moe":
+        return
+    kernels = gen.load_model(path, "cpu", torch.bfloat16)
+    assert all(m.packed_in is not None for m in kernels.modules() if isinstance(m, Q.WeightOnlyInt4Linear))
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(kernels(ids), reference(ids)) < 0.03
+    kernels.setup_caches(2, 16)
+    assert rel(kernels(ids[:, :1], torch.tensor([[3], [5]])), step) < 0.03
+
 
 def test_int4_packed_for_another_device_is_refused():
     layer = Q.WeightOnlyInt4Linear(64, 32, bias=False, groupsize=32)

@@ -1,0 +1,113 @@
+# Quantized modes on the default model: perplexity on the shipped held-out text, and compiled decode speed
+# next to our bf16 and to llama.cpp on the same GGUF (when llama-cpp-python is installed: pip install
+# llama-cpp-python). Speed variants run in interleaved rounds; medians are reported. Writes a markdown table.
+#   python scripts/benchmark_quantize.py [--rounds 3] [--tokens 128] [--out benchmarks/quantize.md]
+# Quantize first: quantize.py --mode int8; --mode int4 --groupsize 32|128; --mode int4-gptq --groupsize 32|128
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import PROMPT, Ours, read_bandwidth  # noqa: E402
+from perplexity import HELD_OUT, gen, perplexity  # noqa: E402
+
+FILES = {"float": "model.pth", "int8": "model_int8.pth", "int4 g32": "model_int4.g32.pth",
+         "int4 g128": "model_int4.g128.pth", "int4-gptq g32": "model_int4-gptq.g32.pth",
+         "int4-gptq g128": "model_int4-gptq.g128.pth"}
+SPEED = ("float", "int8", "int4 g32", "int4 g128")   # GPTQ files decode exactly like int4 files of their group size
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python, 2 threads, greedy; the GGUF requantized to `ftype` when asked."""
+
+    def __init__(self, gguf: Path, ftype=None, threads=2):
+        import ctypes
+
+        import llama_cpp
+        if ftype is not None:
+            out = gguf.with_name(f"{gguf.stem}.ftype{ftype}.gguf")
+            if not out.exists():
+                params = llama_cpp.llama_model_quantize_default_params()
+                params.ftype, params.allow_requantize, params.nthread = ftype, True, threads
+                if llama_cpp.llama_model_quantize(str(gguf).encode(), str(out).encode(), ctypes.byref(params)):
+                    raise RuntimeError(f"llama.cpp could not quantize {gguf} to ftype {ftype}")
+            gguf = out
+        self.llm = llama_cpp.Llama(str(gguf), n_threads=threads, n_ctx=1024, verbose=False)
+        self.bytes = gguf.stat().st_size
+
+    def decode_seconds(self, text, n):
+        ids = self.llm.tokenize(text.encode())
+        t0 = None
+        for i, _ in enumerate(self.llm.generate(ids, temp=0, reset=True)):
+            if i == 0:
+                t0 = time.perf_counter()   # after the prompt's evaluation and the first token
+            if i == n:
+                return time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint_path", default=str(gen.DEFAULT_CHECKPOINT), help="the float model.pth")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--ppl_tokens", type=int, default=None, help="score only the first N held-out tokens")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    folder = gen.find_checkpoint(args.checkpoint_path).parent
+    missing = [f for f in FILES.values() if not (folder / f).is_file()]
+    if missing:
+        raise SystemExit(f"error: {folder} lacks {', '.join(missing)}; make them with quantize.py")
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(folder)
+    held_out = tok.encode(HELD_OUT.read_text(), bos=True)[: args.ppl_tokens]
+
+    acc = ["| weights | file MB | perplexity fp32 | perplexity bf16 |", "|---|---:|---:|---:|"]
+    for name, f in FILES.items():
+        ppl = [perplexity(gen.load_model(folder / f, "cpu", dtype), held_out, 1024)
+               for dtype in (torch.float32, torch.bfloat16)]
+        acc.append(f"| {name} | {(folder / f).stat().st_size / 1e6:.0f} | {ppl[0]:.3f} | {ppl[1]:.3f} |")
+        print(acc[-1], file=sys.stderr)
+
+    prompt_ids = tok.encode(PROMPT)
+    variants = {f"zoofast compiled {'bf16' if k == 'float' else k}": Ours(folder / FILES[k], torch.bfloat16, True)
+                for k in SPEED}
+    try:
+        gguf = next((folder / "gguf").glob("*.gguf"))
+        variants.update({"llama.cpp Q8_0": LlamaCpp(gguf, 7), "llama.cpp Q4_1": LlamaCpp(gguf),
+                         "llama.cpp BF16": LlamaCpp(gguf, 32)})
+    except (ImportError, StopIteration) as e:
+        print(f"no llama.cpp comparison: {e}", file=sys.stderr)
+    for v in variants.values():   # warm up (and compile) outside the timed rounds
+        v.decode_seconds(PROMPT if isinstance(v, LlamaCpp) else prompt_ids, args.tokens)
+    tps, bandwidth = {k: [] for k in variants}, []
+    for r in range(args.rounds):
+        bandwidth.append(read_bandwidth())
+        for k, v in variants.items():
+            tps[k].append(args.tokens / v.decode_seconds(PROMPT if isinstance(v, LlamaCpp) else prompt_ids, args.tokens))
+            print(f"round {r + 1}: {k}: {tps[k][-1]:.1f} tok/s", file=sys.stderr)
+
+    base = statistics.median(tps["zoofast compiled bf16"])
+    speed = ["| variant | decode tok/s | x our bf16 | weight GB/s |", "|---|---:|---:|---:|"]
+    for k, v in variants.items():
+        t = statistics.median(tps[k])
+        gbs = f"{v.bytes * t / 1e9:.1f}" if not isinstance(v, LlamaCpp) else f"({v.bytes * t / 1e9:.1f})"
+        speed.append(f"| {k} | {t:.1f} | {t / base:.2f} | {gbs} |")
+    table = "\n".join([
+        f"Perplexity: {HELD_OUT.name} (shipped, held out from GPTQ's calibration text), {len(held_out)} tokens, "
+        "windows of 1024.", ""] + acc + ["",
+        f"Decode: {args.tokens} greedy tokens after a {len(prompt_ids)}-token prompt, batch 1, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds; read bandwidth "
+        f"{statistics.median(bandwidth):.1f} GB/s. llama.cpp's GB/s (in brackets) counts its whole GGUF file.", ""]
+        + speed)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
