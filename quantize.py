@@ -292,7 +292,7 @@ def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: 
         pass
 
     for m in (model.tok_embeddings, model.norm):
-        m.to(device)
+        m.to(device=device, dtype=torch.float32)
     model.after_load()
     inputs = []   # (hidden state, the block's other arguments) per calibration batch
 
@@ -316,7 +316,7 @@ def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: 
             names = {"1": "output"}
         else:
             names = {n: f"{prefix}.{n}" for n, m in quantizable(block) if isinstance(m, nn.Linear)}
-        block.to(device)
+        block.to(device=device, dtype=torch.float32)   # one block at a time in fp32; the rest stays mmapped
         linears = {n: block.get_submodule(n) for n in names}
         hessians = {n: torch.zeros(pad_width(m.in_features, groupsize), pad_width(m.in_features, groupsize),
                                    device=device) for n, m in linears.items()}
@@ -339,7 +339,7 @@ def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: 
             m.weight = nn.Parameter(w.to(m.weight.dtype), requires_grad=False)   # later blocks see quantized outputs
         if prefix:
             inputs = [(block(x, *rest), rest) for x, rest in inputs]
-            block.to("cpu")
+        block.to("meta")   # its codes are in `results`: drop the float copy
     return results
 
 
@@ -427,8 +427,8 @@ def quantize(checkpoint_path, mode: str, groupsize: int = 32, calibration_file=N
         ids = calibration_ids(load_tokenizer(checkpoint_path.parent), texts, n_samples, seq_length)
         log(f"GPTQ calibration: {ids.shape[0]} windows of {ids.shape[1]} tokens")
         if config.tie_embeddings:   # the head gets its own copy, to be quantized apart from the embedding
-            model.output.weight = nn.Parameter(model.tok_embeddings.weight.detach().clone(), requires_grad=False)
-        gptq = gptq_model(model.float(), ids, groupsize, device, log=log)
+            model.output.weight = nn.Parameter(model.tok_embeddings.weight.detach(), requires_grad=False)
+        gptq = gptq_model(model, ids, groupsize, device, log=log)
     out = quantize_state_dict(model, state_dict, mode, groupsize, gptq, log=log)
     path = checkpoint_path.parent / output_name(mode, groupsize)
     tmp = path.with_name(path.name + ".tmp")

@@ -7,6 +7,7 @@ import argparse
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -32,7 +33,11 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 class Ours:
     def __init__(self, checkpoint, dtype, compiled):
         self.model = gen.load_model(checkpoint, "cpu", dtype)
-        self.step = gen.compile_step(gen.decode_one_token, "cpu") if compiled else gen.decode_one_token
+        # each variant compiles its own copy of the step: variants sharing one code object would share one
+        # Dynamo cache, and every call would first evaluate the guards of the variants compiled before it
+        step = gen.decode_one_token
+        step = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__)
+        self.step = gen.compile_step(step, "cpu") if compiled else gen.decode_one_token
         self.bytes = gen.weight_bytes_per_token(self.model)
 
     def decode_seconds(self, prompt_ids, n):
@@ -115,20 +120,11 @@ def main():
     for dtype in ("float32", "bfloat16"):
         variants[f"transformers generate() {dtype}"] = Transformers(variants[f"zoofast eager {dtype}"], dtype)
 
-    for v in variants.values():  # warm up (and compile) outside the timed rounds
-        v.decode_seconds(prompt_ids, args.tokens)
-    tps = {k: [] for k in variants}
-    bandwidth = []
-    for r in range(args.rounds):
-        bandwidth.append(read_bandwidth())
-        for k, v in variants.items():
-            tps[k].append(args.tokens / v.decode_seconds(prompt_ids, args.tokens))
-            print(f"round {r + 1}: {k}: {tps[k][-1]:.1f} tok/s", file=sys.stderr)
-
+    tps, bandwidth = timed_rounds(variants, prompt_ids, args.tokens, args.rounds)
     bw = statistics.median(bandwidth)
     rows = ["| variant | decode tok/s | weight GB/s | % of roofline |", "|---|---:|---:|---:|"]
     for k, v in variants.items():
-        t = statistics.median(tps[k])
+        t = tps[k]
         nbytes = v.bytes
         rows.append(f"| {k} | {t:.1f} | {nbytes * t / 1e9:.1f} | {100 * nbytes * t / 1e9 / bw:.0f}% |")
     lines = [f"Default model, {args.tokens} greedy decode tokens after a {len(prompt_ids)}-token prompt, batch 1, "
@@ -137,11 +133,28 @@ def main():
              f"Roofline = bandwidth / weight bytes per token: fp32 "
              f"{bw * 1e9 / variants['zoofast eager float32'].bytes:.0f} tok/s, bf16 "
              f"{bw * 1e9 / variants['zoofast eager bfloat16'].bytes:.0f} tok/s.", ""] + rows
-    table = "\n".join(lines)
+    write_table("\n".join(lines), args.out)
+
+
+def timed_rounds(variants: dict, prompt_ids: list, tokens: int, rounds: int):
+    """Median decode tok/s of each variant over interleaved rounds (after a warm-up that also compiles), and
+    the read bandwidth measured at the start of each round."""
+    for v in variants.values():
+        v.decode_seconds(prompt_ids, tokens)
+    tps, bandwidth = {k: [] for k in variants}, []
+    for r in range(rounds):
+        bandwidth.append(read_bandwidth())
+        for k, v in variants.items():
+            tps[k].append(tokens / v.decode_seconds(prompt_ids, tokens))
+            print(f"round {r + 1}: {k}: {tps[k][-1]:.1f} tok/s", file=sys.stderr)
+    return {k: statistics.median(t) for k, t in tps.items()}, bandwidth
+
+
+def write_table(table: str, out=None):
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import PROMPT, Ours, read_bandwidth  # noqa: E402
+from benchmark import PROMPT, Ours, timed_rounds, write_table  # noqa: E402
 from perplexity import HELD_OUT, gen, perplexity  # noqa: E402
 
 FILES = {"float": "model.pth", "int8": "model_int8.pth", "int4 g32": "model_int4.g32.pth",
@@ -39,10 +39,10 @@ class LlamaCpp:
         self.llm = llama_cpp.Llama(str(gguf), n_threads=threads, n_ctx=1024, verbose=False)
         self.bytes = gguf.stat().st_size
 
-    def decode_seconds(self, text, n):
-        ids = self.llm.tokenize(text.encode())
+    def decode_seconds(self, prompt_ids, n):
+        """As Ours.decode_seconds: the GGUF's vocabulary is ours, so the same prompt ids."""
         t0 = None
-        for i, _ in enumerate(self.llm.generate(ids, temp=0, reset=True)):
+        for i, _ in enumerate(self.llm.generate(prompt_ids, temp=0, reset=True)):
             if i == 0:
                 t0 = time.perf_counter()   # after the prompt's evaluation and the first token
             if i == n:
@@ -76,24 +76,16 @@ def main():
     variants = {f"zoofast compiled {'bf16' if k == 'float' else k}": Ours(folder / FILES[k], torch.bfloat16, True)
                 for k in SPEED}
     try:
-        gguf = next((folder / "gguf").glob("*.gguf"))
+        gguf = next(g for g in (folder / "gguf").glob("*.gguf") if ".ftype" not in g.name)   # not one we made
         variants.update({"llama.cpp Q8_0": LlamaCpp(gguf, 7), "llama.cpp Q4_1": LlamaCpp(gguf),
                          "llama.cpp BF16": LlamaCpp(gguf, 32)})
     except (ImportError, StopIteration) as e:
         print(f"no llama.cpp comparison: {e}", file=sys.stderr)
-    for v in variants.values():   # warm up (and compile) outside the timed rounds
-        v.decode_seconds(PROMPT if isinstance(v, LlamaCpp) else prompt_ids, args.tokens)
-    tps, bandwidth = {k: [] for k in variants}, []
-    for r in range(args.rounds):
-        bandwidth.append(read_bandwidth())
-        for k, v in variants.items():
-            tps[k].append(args.tokens / v.decode_seconds(PROMPT if isinstance(v, LlamaCpp) else prompt_ids, args.tokens))
-            print(f"round {r + 1}: {k}: {tps[k][-1]:.1f} tok/s", file=sys.stderr)
-
-    base = statistics.median(tps["zoofast compiled bf16"])
+    tps, bandwidth = timed_rounds(variants, prompt_ids, args.tokens, args.rounds)
+    base = tps["zoofast compiled bf16"]
     speed = ["| variant | decode tok/s | x our bf16 | weight GB/s |", "|---|---:|---:|---:|"]
     for k, v in variants.items():
-        t = statistics.median(tps[k])
+        t = tps[k]
         gbs = f"{v.bytes * t / 1e9:.1f}" if not isinstance(v, LlamaCpp) else f"({v.bytes * t / 1e9:.1f})"
         speed.append(f"| {k} | {t:.1f} | {t / base:.2f} | {gbs} |")
     table = "\n".join([
@@ -103,10 +95,7 @@ def main():
         f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds; read bandwidth "
         f"{statistics.median(bandwidth):.1f} GB/s. llama.cpp's GB/s (in brackets) counts its whole GGUF file.", ""]
         + speed)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    write_table(table, args.out)
 
 
 if __name__ == "__main__":

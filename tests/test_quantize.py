@@ -160,13 +160,14 @@ def test_gptq_beats_round_to_nearest_on_a_tiny_model(tmp_path):
     calibration = torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(0))
     target = model(calibration)
 
-    rtn = copy.deepcopy(model)
-    rtn.output.weight = torch.nn.Parameter(rtn.tok_embeddings.weight.clone())   # untie, as quantize() does
+    model.output.weight = torch.nn.Parameter(model.tok_embeddings.weight.clone())   # untie, as quantize() does
+    rtn, gptq = copy.deepcopy(model), copy.deepcopy(model)
     for name, m in Q.quantizable(rtn):
         m.weight.copy_(Q.dequantize_int4(*Q.quantize_int4(m.weight, 32), 32))
-    gptq = copy.deepcopy(model)
-    gptq.output.weight = torch.nn.Parameter(gptq.tok_embeddings.weight.clone())
-    Q.gptq_model(gptq, calibration, 32, "cpu", log=lambda *a: None)   # leaves the dequantized weights in place
+    results = Q.gptq_model(copy.deepcopy(model), calibration, 32, "cpu", log=lambda *a: None)
+    assert sorted(results) == sorted(name for name, _ in Q.quantizable(gptq))
+    for name, (codes, sz) in results.items():
+        gptq.get_submodule(name).weight.copy_(Q.dequantize_int4(codes, sz, 32))
 
     loss = lambda m: ((m(calibration) - target) ** 2).mean().item()  # noqa: E731
     assert loss(gptq) < 0.8 * loss(rtn), (loss(gptq), loss(rtn))
