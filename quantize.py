@@ -321,15 +321,16 @@ def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: 
         hessians = {n: torch.zeros(pad_width(m.in_features, groupsize), pad_width(m.in_features, groupsize),
                                    device=device) for n, m in linears.items()}
 
-        def accumulate(n):
-            def hook(module, args, out):
-                x = pad_columns(args[0].reshape(-1, args[0].shape[-1]).float(), groupsize)
-                hessians[n].addmm_(x.t(), x)
-            return hook
+        def accumulate(n, x):
+            x = pad_columns(x.reshape(-1, x.shape[-1]).float(), groupsize)
+            hessians[n].addmm_(x.t(), x)
 
-        hooks = [m.register_forward_hook(accumulate(n)) for n, m in linears.items()]
+        hooks = [m.register_forward_pre_hook(lambda m, args, n=n: accumulate(n, args[0])) for n, m in linears.items()]
         for x, rest in inputs:
-            block(x, *rest) if prefix else block(x)
+            if prefix:
+                block(x, *rest)
+            else:   # the head needs only its inputs, not [tokens, vocab] logits
+                accumulate("1", model.norm(x))
         for h in hooks:
             h.remove()
         for n, m in linears.items():
