@@ -372,11 +372,17 @@ def lm_eval_texts(tasks: list) -> list:
     except Exception as e:
         raise ValueError(f"cannot load lm-eval tasks {tasks} ({str(e).splitlines()[0][:200]}); "
                          "offline, pass --calibration_file TEXT") from None
+    def leaves(d):   # a group of tasks is a dict of tasks
+        for v in d.values():
+            yield from leaves(v) if isinstance(v, dict) else [v]
+
     texts = []
-    for task in task_dict.values():
-        docs = task.training_docs() if task.has_training_docs() else task.test_docs()
-        texts += [task.doc_to_target(doc) if isinstance(task.doc_to_target(doc), str) else task.doc_to_text(doc)
-                  for doc in docs]
+    for task in leaves(task_dict):   # training documents where there are any: never the scored split alone
+        docs = task.training_docs() if task.has_training_docs() else \
+            task.validation_docs() if task.has_validation_docs() else task.test_docs()
+        for doc in docs:
+            target = task.doc_to_target(doc)   # wikitext: the page (its text is empty); QA: the answer
+            texts.append(f"{task.doc_to_text(doc)}{target if isinstance(target, str) else ''}")
     return texts
 
 
