@@ -43,7 +43,7 @@ class Tokenizer:
     """Common interface. encode(text, bos=True) gives what the model's own tokenizer gives by default: prefix_ids,
     the text, suffix_ids. prefix_ids is [bos] for most models, [] where prompts start without one (SmolLM2, Qwen),
     [gMASK, sop] for ChatGLM2/3; suffix_ids is [] except for GLM-style models that end the prompt with its mask.
-    bos_id is prefix_ids[0] or None. stop_ids: eos plus the chat format's stop tokens. parse_specials: whether
+    bos_id is prefix_ids[0] or None (vocab_bos_id: the vocabulary's BOS even where prompts go without). stop_ids: eos plus the chat format's stop tokens. parse_specials: whether
     special-token surface forms in text become their ids by default (ChatGLM's tokenizer parses none: its "sop"
     and "eop" are plain words)."""
 
@@ -141,6 +141,7 @@ class SentencePieceTokenizer(Tokenizer):
                          chat_format, meta.get("prefix_ids"), meta.get("suffix_ids", ()),
                          meta.get("parse_specials", True))
         self.vocab_size = max([n] + [i + 1 for i in self.special_ids])
+        self.vocab_bos_id = next((i for i in (meta.get("bos_id"), self.sp.bos_id()) if i is not None and i >= 0), None)
 
     def _encode_ordinary(self, text):
         return self.sp.encode(text)  # adds SentencePiece's dummy-prefix space to each piece of text
@@ -168,6 +169,7 @@ class TiktokenTokenizer(Tokenizer):
                          chat_format, meta.get("prefix_ids"), meta.get("suffix_ids", ()),
                          meta.get("parse_specials", True))
         self.vocab_size, self.drops_bytes = n, bool(missing)
+        self.vocab_bos_id = meta.get("bos_id")
 
     def _encode_ordinary(self, text):
         if self.normalizer:
