@@ -361,23 +361,19 @@ def calibration_ids(tokenizer, texts: list, n_samples: int, seq_length: int) -> 
 
 
 def lm_eval_texts(tasks: list) -> list:
-    """Calibration text from lm-eval tasks' documents (needs lm-eval and the hub)."""
+    """Calibration text from lm-eval tasks' documents (hub tasks need the hub; tasks/ holds local ones)."""
     try:
-        from lm_eval.tasks import TaskManager, get_task_dict
+        from lm_eval.tasks import TaskManager
     except ImportError:
         raise ValueError("calibration from lm-eval tasks needs lm-eval (pip install lm-eval); "
                          "offline, pass --calibration_file TEXT") from None
     try:
-        task_dict = get_task_dict(tasks, TaskManager())
+        found = TaskManager(include_path=str(Path(__file__).resolve().parent / "tasks")).load(tasks)["tasks"]
     except Exception as e:
-        raise ValueError(f"cannot load lm-eval tasks {tasks} ({str(e).splitlines()[0][:200]}); "
+        raise ValueError(f"cannot load lm-eval tasks {tasks} ({' '.join(str(e).split())[:200]}); "
                          "offline, pass --calibration_file TEXT") from None
-    def leaves(d):   # a group of tasks is a dict of tasks
-        for v in d.values():
-            yield from leaves(v) if isinstance(v, dict) else [v]
-
     texts = []
-    for task in leaves(task_dict):   # training documents where there are any: never the scored split alone
+    for task in found.values():   # training documents where there are any: never the scored split if avoidable
         docs = task.training_docs() if task.has_training_docs() else \
             task.validation_docs() if task.has_validation_docs() else task.test_docs()
         for doc in docs:
