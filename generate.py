@@ -162,22 +162,104 @@ def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(
     return torch.cat(new_tokens, dim=1)
 
 
+# ---- speculative decoding ----------------------------------------------------------------------
+
+def draft_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, temperature: float = 0.0,
+                    top_k=None, top_p=None):
+    """A draft step: its token [1, 1] and the probabilities it was drawn from [1, V] (the logits when greedy)."""
+    logits = model(x, input_pos)[:, -1].float()
+    if temperature <= 0:
+        return torch.argmax(logits, -1, keepdim=True).to(torch.int), logits
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return multinomial_sample_one_no_sync(probs), probs
+
+
+def verify(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """The target scores the current token and the K draft tokens in one forward: logits [1, K + 1, V]."""
+    return model(tokens, input_pos)
+
+
+def speculative_accept(draft_tokens, draft_probs, target_probs, greedy: bool) -> torch.Tensor:
+    """draft_tokens [K] drawn from draft_probs [K, V]; target_probs [K + 1, V] (logits when greedy). Returns the
+    accepted prefix of the draft plus one token of the target's (the correction, or a bonus after K accepted):
+    greedy, exactly the target's own greedy tokens; sampling, exactly the target's distribution (rejection
+    sampling: keep d_i with probability min(1, q/p), else draw from max(q - p, 0) renormalised)."""
+    K = draft_tokens.shape[0]
+    if greedy:
+        target = target_probs.argmax(-1).to(draft_tokens.dtype)
+        n = int((draft_tokens == target[:K]).int().cumprod(0).sum())
+        return torch.cat([draft_tokens[:n], target[n: n + 1]])
+    rows = torch.arange(K, device=draft_tokens.device)
+    p, q = draft_probs[rows, draft_tokens], target_probs[rows, draft_tokens]
+    accepted = torch.rand(K, device=q.device) < (q / p).clamp(max=1)
+    n = int(accepted.int().cumprod(0).sum())
+    last = target_probs[K] if n == K else (target_probs[n] - draft_probs[n]).clamp(min=0)
+    extra = multinomial_sample_one_no_sync((last / last.sum()).unsqueeze(0)).view(1).to(draft_tokens.dtype)
+    return torch.cat([draft_tokens[:n], extra])
+
+
+def speculative_decode(model, draft_model, cur_token, pos: int, num_new_tokens: int, k: int, stop_ids=(),
+                       callback=None, stats=None, **sampling) -> torch.Tensor:
+    """Batch 1. The draft proposes k tokens one at a time, the target checks them in one forward. A rejected
+    draft token needs no cache rollback: both caches are read by position, and the next step overwrites the
+    stale slots before any query can see them. Returns [1, n] new tokens (n <= num_new_tokens)."""
+    device, greedy = cur_token.device, sampling.get("temperature", 0.0) <= 0
+    out, steps = [], 0
+    positions = lambda a, b: torch.arange(a, b, device=device).view(1, -1)  # noqa: E731
+    while len(out) < num_new_tokens:
+        tokens, probs, x = [], [], cur_token.view(1, 1)
+        for i in range(k):
+            x, pr = draft_step_fn(draft_model, x, positions(pos + i, pos + i + 1), **sampling)
+            tokens.append(x.view(1))
+            probs.append(pr)
+        draft = torch.cat(tokens)
+        logits = verify_fn(model, torch.cat([cur_token.view(1, 1), draft.view(1, k)], 1), positions(pos, pos + k + 1))[0].float()
+        target = logits if greedy else logits_to_probs(logits, sampling.get("temperature", 1.0),
+                                                       sampling.get("top_k"), sampling.get("top_p"))
+        new = speculative_accept(draft, None if greedy else torch.cat(probs), target, greedy).cpu()
+        if len(new) == k + 1:   # all k accepted: the draft has not yet seen its own last token
+            draft_step_fn(draft_model, draft[-1].view(1, 1), positions(pos + k, pos + k + 1), **sampling)
+        steps += 1
+        for t in new.tolist()[: num_new_tokens - len(out)]:
+            out.append(t)
+            if callback is not None:
+                callback(torch.tensor([t]), torch.zeros(1, dtype=torch.bool))
+            if t in stop_ids:
+                num_new_tokens = len(out)
+                break
+        pos += len(new)
+        cur_token = new[-1:].to(device=device, dtype=torch.int)
+    if stats is not None:
+        stats["steps"] = stats.get("steps", 0) + steps
+        stats["drafted"] = stats.get("drafted", 0) + steps * k
+        stats["accepted"] = stats.get("accepted", 0) + len(out) - steps   # each step adds one token of the target's
+    return torch.tensor([out], dtype=torch.int)
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=(), callback=None,
-             **sampling) -> list:
+             draft_model: Optional[Transformer] = None, speculate_k: int = 5, stats=None, **sampling) -> list:
     """prompts: B lists of token ids (may differ in length). Returns B lists of new token ids,
-    each cut after its first stop id. callback(tokens [B], done [B]) sees every decoded step."""
+    each cut after its first stop id. callback(tokens [B], done [B]) sees every decoded step.
+    With a draft_model (batch 1): speculative decoding, k draft tokens a step; stats collects its counts."""
     device = model.output.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     B, T = len(prompts), int(lengths.max())
-    max_seq_length = T + max_new_tokens
+    slack = speculate_k + 1 if draft_model is not None else 0   # a verify step writes k + 1 positions ahead
+    max_seq_length = T + max_new_tokens + slack
+    if draft_model is not None and B > 1:
+        raise ValueError(f"speculative decoding takes one prompt at a time, got a batch of {B}")
     if max_seq_length > model.config.block_size:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's context "
                          f"of {model.config.block_size}")
     # the cache's length is part of the compiled graph: round it up (powers of two) so that other prompt
     # lengths, later chat turns and later calls reuse one compiled decode step instead of recompiling
-    model.setup_caches(max_batch_size=B, max_seq_length=min(model.config.block_size,
-                                                            max(256, 1 << (max_seq_length - 1).bit_length())))
+    cache_length = min(model.config.block_size, max(256, 1 << (max_seq_length - 1).bit_length()))
+    model.setup_caches(max_batch_size=B, max_seq_length=cache_length)
+    if draft_model is not None:
+        if max_seq_length > draft_model.config.block_size:
+            raise ValueError(f"the draft's context of {draft_model.config.block_size} is too short for this request")
+        draft_model.setup_caches(max_batch_size=1, max_seq_length=min(draft_model.config.block_size, cache_length))
     x = torch.zeros(B, T, dtype=torch.int, device=device)  # right-padded: pads sit beyond each row's end
     for i, p in enumerate(prompts):
         x[i, : len(p)] = torch.tensor(p, dtype=torch.int)
@@ -186,9 +268,16 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=()
     if callback is not None:
         callback(first.view(-1).cpu(), torch.zeros(B, dtype=torch.bool))
     out = [first.cpu()]
+    if draft_model is not None:
+        draft_model(x, input_pos)   # the draft's cache holds the prompt too
     if max_new_tokens > 1 and not (stop_ids and torch.isin(first.view(-1).cpu(), torch.tensor(list(stop_ids))).all()):
-        input_pos = lengths.view(B, 1).clone()
-        out.append(decode_n_tokens(model, first, input_pos, max_new_tokens - 1, stop_ids, callback, **sampling).cpu())
+        if draft_model is not None:
+            out.append(speculative_decode(model, draft_model, first, T, max_new_tokens - 1, speculate_k, stop_ids,
+                                          callback, stats, **sampling))
+        else:
+            input_pos = lengths.view(B, 1).clone()
+            out.append(decode_n_tokens(model, first, input_pos, max_new_tokens - 1, stop_ids, callback,
+                                       **sampling).cpu())
     rows = torch.cat(out, dim=1).tolist()
     result = []
     for row in rows:
@@ -198,6 +287,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=()
 
 
 prefill_fn = prefill  # replaced by a compiled prefill under --compile_prefill
+draft_step_fn, verify_fn = draft_one_token, verify   # compiled under --compile with a draft
 
 
 def compile_step(fn: Callable, device: str, **kw) -> Callable:
@@ -214,9 +304,11 @@ def compile_step(fn: Callable, device: str, **kw) -> Callable:
     return torch.compile(fn, fullgraph=True, **kw)
 
 
-def compile_decode(device: str, compile_prefill: bool = False):
-    global decode_one_token, prefill_fn
+def compile_decode(device: str, compile_prefill: bool = False, speculative: bool = False):
+    global decode_one_token, prefill_fn, draft_step_fn, verify_fn
     decode_one_token = compile_step(decode_one_token, device)
+    if speculative:
+        draft_step_fn, verify_fn = compile_step(draft_one_token, device), compile_step(verify, device)
     if compile_prefill:
         prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
 
@@ -247,7 +339,7 @@ def peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def run_batch(model, tokenizer, prompts, args, stream: bool) -> tuple:
+def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=None) -> tuple:
     """Generate for a list of token-id prompts; stream row 0 to stdout when asked. Returns (outputs, seconds)."""
     from tokenizer import StreamDecoder
     decoder = StreamDecoder(tokenizer) if stream else None
@@ -260,6 +352,7 @@ def run_batch(model, tokenizer, prompts, args, stream: bool) -> tuple:
 
     t0 = time.perf_counter()
     outputs = generate(model, prompts, args.max_new_tokens, stop_ids=tokenizer.stop_ids, callback=on_token,
+                       draft_model=draft, speculate_k=args.speculate_k, stats=stats,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     if decoder is not None:
         print(decoder.flush(), end="", flush=True)
@@ -305,6 +398,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS))
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace of the last sample here")
+    p.add_argument("--draft_checkpoint_path", default=None, help="speculative decoding: the draft model (batch 1)")
+    p.add_argument("--speculate_k", type=int, default=5, help="draft tokens proposed per speculative step")
     args = p.parse_args(argv)
     try:
         run(args)
@@ -324,6 +419,8 @@ def run(args):
         raise ValueError("--temperature must be >= 0 and --top_k positive")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.speculate_k <= 0:
+        raise ValueError(f"--speculate_k must be positive, got {args.speculate_k}")
     device = pick_device(args.device)
     checkpoint = find_checkpoint(args.checkpoint_path)
     torch.manual_seed(args.seed)
@@ -338,6 +435,9 @@ def run(args):
         prompts = [tokenizer.apply_chat([{"role": "user", "content": t}]) for t in texts]
     else:
         prompts = [tokenizer.encode(t, bos=True) for t in texts]
+    if args.draft_checkpoint_path and (batch > 1 or args.interactive):
+        raise ValueError("speculative decoding (--draft_checkpoint_path) takes one prompt at a time, not a batch "
+                         "or --interactive")
     longest = max(map(len, prompts))
     if longest + args.max_new_tokens > config.block_size:
         raise ValueError(f"prompt of {longest} tokens + --max_new_tokens {args.max_new_tokens} exceeds the "
@@ -346,8 +446,15 @@ def run(args):
     t0 = time.perf_counter()
     model = load_model(checkpoint, device, PRECISIONS[args.precision])
     print(f"loaded {config.name or checkpoint} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    draft = None
+    if args.draft_checkpoint_path:
+        draft_path = find_checkpoint(args.draft_checkpoint_path)
+        draft = load_model(draft_path, device, PRECISIONS[args.precision])
+        if draft.config.vocab_size != config.vocab_size:
+            raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size}) is not the target's ({config.vocab_size})")
+        print(f"draft: {draft_path}, {args.speculate_k} tokens a step", file=sys.stderr)
     if args.compile:
-        compile_decode(device, args.compile_prefill)
+        compile_decode(device, args.compile_prefill, speculative=draft is not None)
     if args.interactive:
         return interactive(model, tokenizer, args)
 
@@ -361,7 +468,9 @@ def run(args):
             prof.__enter__()
         if stream and not warmup and not args.chat:
             print(texts[0], end="", flush=True)  # a completion continues its prompt
-        outputs, secs, prefill_secs, decode_secs = run_batch(model, tokenizer, prompts, args, stream=stream and not warmup)
+        stats = {}
+        outputs, secs, prefill_secs, decode_secs = run_batch(model, tokenizer, prompts, args, stream=stream and not warmup,
+                                                             draft=draft, stats=stats)
         if prof:
             prof.__exit__(None, None, None)
             prof.export_chrome_trace(str(args.profile))
@@ -380,6 +489,9 @@ def run(args):
         tps = steps * batch / decode_secs if steps else float("nan")
         print(f"sample {i + 1 - int(args.compile)}: {n} tokens in {secs:.2f} s (prefill {1000 * prefill_secs:.0f} ms); "
               f"decode {tps:.1f} tokens/s, {bytes_per_token * tps / batch / 1e9:.1f} GB/s", file=sys.stderr)
+        if stats.get("steps"):
+            print(f"speculative: {100 * stats['accepted'] / stats['drafted']:.0f}% of draft tokens accepted, "
+                  f"{stats['accepted'] / stats['steps']:.2f} accepted + 1 a step ({stats['steps']} steps)", file=sys.stderr)
     print(f"peak memory: {peak_memory_gb(device):.2f} GB", file=sys.stderr)
 
 

@@ -162,3 +162,67 @@ def test_cli_batch_of_different_prompts(default_checkpoint):
             "--max_new_tokens", "12", "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("-" * 40) == 2 and "Once upon a time" in r.stdout and "def add(a, b):" in r.stdout
+
+
+# ---- speculative decoding -----------------------------------------------------------------------
+
+def perturbed(model, scale: float, seed: int = 7):
+    """A draft that agrees with the target often but not always: the same weights plus noise."""
+    import copy
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return draft
+
+
+@pytest.mark.parametrize("k", [1, 4, 7])
+@pytest.mark.parametrize("scale", [0.0, 0.05, 0.3], ids=["same", "close", "far"])
+def test_speculative_greedy_equals_plain_greedy(k, scale):
+    target = tiny_model(0)
+    draft = perturbed(target, scale) if scale else tiny_model(0)
+    prompts = [[5, 17, 42, 7, 99]]
+    stats = {}
+    spec = gen.generate(target, prompts, 40, temperature=0, draft_model=draft, speculate_k=k, stats=stats)
+    assert spec == gen.generate(target, prompts, 40, temperature=0)
+    assert stats["steps"] >= 40 // (k + 1)
+    if scale == 0.0:
+        assert stats["accepted"] == 40 - 1 - stats["steps"]   # every draft token accepted
+    elif scale == 0.3:
+        assert stats["accepted"] < stats["drafted"]
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """speculative_accept's first token is distributed as the target's first-position probabilities, whatever
+    the draft's, for drafts better and worse than the target (chi-square-style bound on 20000 draws)."""
+    torch.manual_seed(0)
+    V, K, n = 6, 3, 20000
+    q = torch.softmax(torch.randn(K + 1, V) * 1.5, -1)
+    for p in (torch.softmax(torch.randn(K, V) * 1.5, -1), q[:K].clone(), torch.full((K, V), 1 / V)):
+        counts = torch.zeros(V)
+        for _ in range(n):
+            draft = torch.multinomial(p, 1).view(K)
+            counts[gen.speculative_accept(draft, p, q, greedy=False)[0]] += 1
+        freq = counts / n
+        assert (freq - q[0]).abs().max() < 4 * (q[0] * (1 - q[0]) / n).sqrt().max() + 1e-3, (freq, q[0])
+
+
+def test_speculative_refuses_a_batch():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        gen.generate(model, [[1, 2], [3, 4]], 5, temperature=0, draft_model=tiny_model(1))
+
+
+@torch.no_grad()
+def test_default_model_speculative_with_int4_draft_equals_greedy(default_checkpoint):
+    import quantize as Q
+    from tokenizer import load_tokenizer
+    target = gen.load_model(default_checkpoint / "model.pth", "cpu", torch.float32)
+    draft = gen.load_model(Q.quantize(default_checkpoint / "model.pth", "int4", 32, log=lambda *a: None),
+                           "cpu", torch.bfloat16)   # bf16: torch's packed int4 kernel
+    prompt = [load_tokenizer(default_checkpoint).encode("The history of the printing press begins")]
+    stats = {}
+    assert gen.generate(target, prompt, 32, temperature=0, draft_model=draft, speculate_k=4, stats=stats) == \
+        gen.generate(target, prompt, 32, temperature=0)
+    assert stats["accepted"] > stats["drafted"] / 3   # a real draft of the same model agrees most of the time
