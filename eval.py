@@ -37,7 +37,7 @@ def make_lm(model, tokenizer, batch_size: int = 4, max_length: int = 2048):
 
         @property
         def prefix_token_id(self):   # what an empty context is conditioned on: the vocabulary's BOS, as lm-eval's HF backend
-            bos = getattr(self.tokenizer, "vocab_bos_id", None)
+            bos = self.tokenizer.vocab_bos_id
             return bos if bos is not None else self.tokenizer.eos_id
 
         def tok_encode(self, string, add_special_tokens=None, **kwargs):

@@ -121,7 +121,7 @@ class WeightOnlyInt4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, groupsize: int):
         super().__init__()
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
-        self.padded_in = in_features + (-in_features % groupsize)
+        self.padded_in = pad_width(in_features, groupsize)
         self.register_buffer("weight", torch.empty(out_features, self.padded_in // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(self.padded_in // groupsize, out_features, 2))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
@@ -281,8 +281,7 @@ def gptq_quantize(w: Tensor, H: Tensor, groupsize: int, percdamp: float = 0.01, 
 
 
 @torch.no_grad()
-def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: str, batch_size: int = 8,
-               log=print) -> dict:
+def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: str, batch_size: int = 8) -> dict:
     """Layer by layer: capture each block's inputs, accumulate X^T X for its linears, GPTQ them, then run the
     block again with the quantized weights to give the next block its inputs. Only the block being quantized
     sits on `device`. Returns {linear name: (codes, scales_and_zeros)}."""
@@ -431,7 +430,7 @@ def quantize(checkpoint_path, mode: str, groupsize: int = 32, calibration_file=N
         log(f"GPTQ calibration: {ids.shape[0]} windows of {ids.shape[1]} tokens")
         if config.tie_embeddings:   # the head gets its own copy, to be quantized apart from the embedding
             model.output.weight = nn.Parameter(model.tok_embeddings.weight.detach(), requires_grad=False)
-        gptq = gptq_model(model, ids, groupsize, device, log=log)
+        gptq = gptq_model(model, ids, groupsize, device)
     out = quantize_state_dict(model, state_dict, mode, groupsize, gptq, log=log)
     path = checkpoint_path.parent / output_name(mode, groupsize)
     tmp = path.with_name(path.name + ".tmp")

@@ -43,9 +43,9 @@ class Tokenizer:
     """Common interface. encode(text, bos=True) gives what the model's own tokenizer gives by default: prefix_ids,
     the text, suffix_ids. prefix_ids is [bos] for most models, [] where prompts start without one (SmolLM2, Qwen),
     [gMASK, sop] for ChatGLM2/3; suffix_ids is [] except for GLM-style models that end the prompt with its mask.
-    bos_id is prefix_ids[0] or None (vocab_bos_id: the vocabulary's BOS even where prompts go without). stop_ids: eos plus the chat format's stop tokens. parse_specials: whether
-    special-token surface forms in text become their ids by default (ChatGLM's tokenizer parses none: its "sop"
-    and "eop" are plain words)."""
+    bos_id is prefix_ids[0] or None; vocab_bos_id is the vocabulary's BOS even where prompts go without one.
+    stop_ids: eos plus the chat format's stop tokens. parse_specials: whether special-token surface forms in
+    text become their ids by default (ChatGLM's tokenizer parses none: its "sop" and "eop" are plain words)."""
 
     def __init__(self, special_tokens: dict, bos_id, eos_id, chat_format: str = "", prefix_ids=None, suffix_ids=(),
                  parse_specials: bool = True):
@@ -54,6 +54,7 @@ class Tokenizer:
         self.prefix_ids = list(prefix_ids) if prefix_ids is not None else [] if bos_id is None else [bos_id]
         self.suffix_ids = list(suffix_ids)
         self.bos_id, self.eos_id = (self.prefix_ids or [None])[0], eos_id
+        self.vocab_bos_id = self.bos_id   # the subclasses know their vocabulary's own
         self.parse_specials = parse_specials
         if chat_format and chat_format not in CHAT_FORMATS:
             raise ValueError(f"unknown chat format {chat_format!r}; known: {', '.join(sorted(CHAT_FORMATS))}")
