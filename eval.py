@@ -144,6 +144,12 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    finally:
+        if "LOCAL_RANK" in os.environ:
+            from tp import finish_dist
+            finish_dist()
+    if results is None:   # under torchrun every rank scores every request; lm-eval reports on rank 0 alone
+        return
     from lm_eval.utils import make_table
     print(make_table(results))
     if args.output_path:
@@ -170,8 +176,9 @@ def run(args) -> dict:
         raise ValueError("eval.py needs lm-eval: pip install lm-eval") from None
     device = gen.pick_device(args.device)
     checkpoint = gen.find_checkpoint(args.checkpoint_path)
+    rank, device = gen.start_tp(device)
     t0 = time.perf_counter()
-    model = gen.load_model(checkpoint, device, gen.PRECISIONS[args.precision])
+    model = gen.load_model(checkpoint, device, gen.PRECISIONS[args.precision], use_tp=rank is not None)
     print(f"loaded {model.config.name or checkpoint} ({checkpoint.name}) in {time.perf_counter() - t0:.2f} s",
           file=sys.stderr)
     if args.compile:

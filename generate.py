@@ -50,8 +50,9 @@ def prepare_default() -> Path:
     return DEFAULT_CHECKPOINT
 
 
-def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16) -> Transformer:
-    """checkpoint_path: a model*.pth inside a checkpoint folder that holds our config.json."""
+def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=False) -> Transformer:
+    """checkpoint_path: a model*.pth inside a checkpoint folder that holds our config.json. use_tp (under
+    torchrun): keep only this rank's shard, sliced off the mmapped checkpoint before anything is copied."""
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}; run scripts/prepare.sh ORG/NAME")
@@ -77,6 +78,9 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16) -> Trans
         raise ValueError(f"checkpoint {checkpoint_path} does not fit its config.json: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.after_load()  # off the meta device before the move
+    if use_tp:
+        from tp import apply_tp
+        apply_tp(model)
     model = model.to(device=device, dtype=precision)
     model.after_load()  # re-tie after the move, rope table back to fp32
     if record is not None:
@@ -318,6 +322,20 @@ def compile_decode(device: str, compile_prefill: bool = False, speculative: bool
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def start_tp(device: str):
+    """Under torchrun: join the process group; return this rank (None outside torchrun) and its device
+    (a GPU a rank). Only rank 0 prints."""
+    if "LOCAL_RANK" not in os.environ:
+        return None, device
+    from tp import maybe_init_dist
+    rank = maybe_init_dist(device)
+    if rank is not None and device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if rank:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return rank, device
+
+
 def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -362,12 +380,20 @@ def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=N
     return outputs, t1 - t0, times["first"] - t0, t1 - times["first"]
 
 
+def read_line(prompt: str) -> str:
+    """input(), read by rank 0 and shared with the others under torchrun."""
+    if "LOCAL_RANK" not in os.environ:
+        return input(prompt)
+    from tp import read_on_rank0
+    return read_on_rank0(lambda: input(prompt))
+
+
 def interactive(model, tokenizer, args):
     messages = []
     print("chat: type a message, an empty line or Ctrl-D to end", file=sys.stderr)
     while True:
         try:
-            text = input("> ")
+            text = read_line("> ")
         except EOFError:
             break
         if not text.strip():
@@ -407,6 +433,10 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    finally:
+        if "LOCAL_RANK" in os.environ:
+            from tp import finish_dist
+            finish_dist()
 
 
 def run(args):
@@ -423,7 +453,8 @@ def run(args):
         raise ValueError(f"--speculate_k must be positive, got {args.speculate_k}")
     device = pick_device(args.device)
     checkpoint = find_checkpoint(args.checkpoint_path)
-    torch.manual_seed(args.seed)
+    rank, device = start_tp(device)
+    torch.manual_seed(args.seed)   # every rank draws the same samples from the same (all-reduced) logits
 
     from tokenizer import load_tokenizer
     tokenizer = load_tokenizer(checkpoint.parent)
@@ -444,12 +475,12 @@ def run(args):
                          f"context of {config.block_size}; shorten the prompt or lower --max_new_tokens")
 
     t0 = time.perf_counter()
-    model = load_model(checkpoint, device, PRECISIONS[args.precision])
+    model = load_model(checkpoint, device, PRECISIONS[args.precision], use_tp=rank is not None)
     print(f"loaded {config.name or checkpoint} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     draft = None
     if args.draft_checkpoint_path:
         draft_path = find_checkpoint(args.draft_checkpoint_path)
-        draft = load_model(draft_path, device, PRECISIONS[args.precision])
+        draft = load_model(draft_path, device, PRECISIONS[args.precision], use_tp=rank is not None)
         if draft.config.vocab_size != config.vocab_size:
             raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size}) is not the target's ({config.vocab_size})")
         print(f"draft: {draft_path}, {args.speculate_k} tokens a step", file=sys.stderr)

@@ -140,6 +140,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = -1
         self.max_seq_length = -1
+        self.heads = slice(None)   # this model's attention heads (tp.py keeps a rank's share)
         self.register_buffer("rope_cache", rope_table(config, config.block_size), persistent=False)
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.register_buffer("ntk_alpha", torch.ones(1), persistent=False)   # per-row state set by a prefill
@@ -154,7 +155,7 @@ class Transformer(nn.Module):
         dtype = dtype or self.tok_embeddings.weight.dtype   # the head may be quantized; the embedding never is
         device = self.tok_embeddings.weight.device
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_local_heads,
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, layer.attention.n_local_heads,
                                                self.config.head_dim, dtype).to(device)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         self.after_load()
@@ -167,7 +168,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         device = self.tok_embeddings.weight.device
         self.rope_cache = rope_table(self.config, self.config.block_size).to(device)
-        self.alibi_slopes = alibi_slopes(self.config.n_head).to(device)
+        self.alibi_slopes = alibi_slopes(self.config.n_head)[self.heads].to(device)
         rows = max(self.max_batch_size, 1)
         self.ntk_alpha = torch.ones(rows, device=device)
         self.glm_ctx = torch.zeros(rows, 1, dtype=torch.long, device=device)

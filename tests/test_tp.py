@@ -1,0 +1,114 @@
+# tp.py: real torchrun (gloo on CPU) against one process. Logits, batched greedy decoding through the KV cache
+# and eval.py's log-likelihoods must agree for every layout the families bring (GQA, MQA with replicated KV
+# heads, parallel residual with biases, ALiBi, GLM-2 rotary, MoE) and for int8 / int4 checkpoints; each rank
+# holds only its share of the layer weights.
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import quantize as Q
+import tp
+from model import ModelArgs
+from test_quantize import tiny_checkpoint
+from tp_worker import measure
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUTS = {
+    "llama-gqa": dict(),
+    "mqa": dict(n_head=4, n_local_heads=1),                                  # 1 KV head, copied to both ranks
+    "neox-parallel-residual": dict(n_local_heads=4, norm="layernorm", parallel_residual=True, mlp="gelu",
+                                   qkv_bias=True, out_bias=True, mlp_bias=True, output_bias=True),
+    "moss-shared-norm": dict(n_local_heads=4, norm="layernorm", parallel_residual=True, shared_norm=True,
+                             mlp="gelu_tanh", mlp_bias=True, rotary_dim=8, rope_interleaved=True),
+    "baichuan13-alibi": dict(n_local_heads=4, position="alibi"),
+    "chatglm2": dict(rotary_dim=8, rope_interleaved=True, qkv_bias=True),
+    "mixtral-moe": dict(n_experts=4, n_experts_per_tok=2, tie_embeddings=True),
+}
+QUANTIZED = {"llama-gqa": ["int8", "int4"], "neox-parallel-residual": ["int4"], "mixtral-moe": ["int8"]}
+
+
+def torchrun(n: int, *args, timeout=900):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    paths = {}
+    for name, kw in LAYOUTS.items():
+        paths[name] = tiny_checkpoint(root / name, **kw)
+        for mode in QUANTIZED.get(name, []):
+            paths[f"{name}-{mode}"] = Q.quantize(paths[name], mode, 32, log=lambda *a: None)
+    return paths
+
+
+def test_two_ranks_equal_one_process(tiny_checkpoints):
+    out = tiny_checkpoints["llama-gqa"].parent.parent / "tp.pt"
+    r = torchrun(2, "tests/tp_worker.py", out, *tiny_checkpoints.values())
+    assert r.returncode == 0, r.stderr[-3000:]
+    sharded = torch.load(out, weights_only=False)
+    for name, path in tiny_checkpoints.items():
+        one, two = measure(path), sharded[str(path)]
+        torch.testing.assert_close(two["logits"], one["logits"], atol=2e-4, rtol=1e-4, msg=name)
+        assert two["greedy"] == one["greedy"], name
+        for (ll2, greedy2), (ll1, greedy1) in zip(two["loglik"], one["loglik"]):
+            assert abs(ll2 - ll1) < 1e-4 and greedy2 == greedy1, name
+        assert max(two["layer_bytes"]) < 0.7 * one["layer_bytes"], name   # each rank holds its share (norms stay whole)
+
+
+def test_head_assignment_replicates_kv_heads_only_when_fewer_than_ranks():
+    gqa = ModelArgs(n_head=8, n_local_heads=4, dim=64)
+    assert [tp.head_ranges(gqa, r, 2) for r in range(2)] == [((0, 4), (0, 2)), ((4, 4), (2, 2))]
+    mqa = ModelArgs(n_head=8, n_local_heads=2, dim=64)
+    assert [tp.head_ranges(mqa, r, 4) for r in range(4)] == [((0, 2), (0, 1)), ((2, 2), (0, 1)),
+                                                            ((4, 2), (1, 1)), ((6, 2), (1, 1))]
+
+
+@pytest.mark.parametrize("kw, world, message", [
+    (dict(n_head=9, n_local_heads=3, dim=576, intermediate_size=1536), 2, "9 attention heads cannot be split over 2"),
+    (dict(n_head=12, n_local_heads=3, dim=96, intermediate_size=128), 2, "3 KV heads can be neither split nor"),
+    (dict(n_head=4, dim=64, intermediate_size=90), 4, "MLP width 90 cannot be split over 4"),
+])
+def test_shapes_a_world_cannot_split_are_refused(kw, world, message):
+    with pytest.raises(ValueError, match=message):
+        tp.check_divisible(ModelArgs(**kw), world)
+
+
+def generate_cli(*args):
+    return ["generate.py", "--temperature", "0", "--max_new_tokens", "24", "--precision", "fp32",
+            "--prompt", "The capital of France is", *args]
+
+
+def test_default_model_three_ranks_equal_one_process(default_checkpoint):
+    """SmolLM2-135M has 9 heads and 3 KV heads: 3 ranks split it; 2 get one line."""
+    ckpt = default_checkpoint / "model.pth"
+    one = subprocess.run([sys.executable, *generate_cli("--checkpoint_path", ckpt)], capture_output=True, text=True,
+                         cwd=REPO, timeout=600)
+    three = torchrun(3, *generate_cli("--checkpoint_path", ckpt))
+    assert one.returncode == 0 and three.returncode == 0, three.stderr[-3000:]
+    assert three.stdout == one.stdout and len(one.stdout) > 40
+    assert "decode" in three.stderr and three.stderr.count("peak memory") == 1   # rank 0 alone speaks
+    two = torchrun(2, *generate_cli("--checkpoint_path", ckpt))
+    assert two.returncode != 0
+    assert [line for line in two.stderr.splitlines() if line.startswith("error:")] == [
+        "error: 9 attention heads cannot be split over 2 ranks; use a --nproc_per_node that divides 9"]
+
+
+def test_default_model_eval_under_three_ranks_equals_one_process(default_checkpoint, tmp_path):
+    """eval.py under torchrun: every rank scores every request; rank 0 writes the same results."""
+    args = ["eval.py", "--checkpoint_path", default_checkpoint / "model.pth", "--tasks", "zoo_mc", "zoo_ppl",
+            "--limit", "6", "--precision", "fp32", "--max_seq_length", "512"]
+    one = subprocess.run([sys.executable, *map(str, args), "--output_path", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    three = torchrun(3, *args, "--output_path", tmp_path / "three.json")
+    assert one.returncode == 0 and three.returncode == 0, three.stderr[-3000:]
+    a, b = (json.loads((tmp_path / f).read_text())["results"] for f in ("one.json", "three.json"))
+    assert a["zoo_mc"]["acc,none"] == b["zoo_mc"]["acc,none"]
+    assert a["zoo_ppl"]["word_perplexity,none"] == pytest.approx(b["zoo_ppl"]["word_perplexity,none"], rel=1e-5)
