@@ -120,12 +120,15 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
-        # input_pos [B, T]; k, v [B, H, T, D]
-        rows = torch.arange(k.shape[0], device=k.device).unsqueeze(-1)
-        self.k_cache[rows, :, input_pos] = k.transpose(1, 2)
-        self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
-        return self.k_cache[: k.shape[0]], self.v_cache[: k.shape[0]]
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Optional[Tensor] = None):
+        # input_pos [B, T]; k, v [B, H, T, D]; rows [B]: the cache rows of the batch's rows (default 0..B-1)
+        B = k.shape[0]
+        r = torch.arange(B, device=k.device) if rows is None else rows
+        self.k_cache[r.unsqueeze(-1), :, input_pos] = k.transpose(1, 2)
+        self.v_cache[r.unsqueeze(-1), :, input_pos] = v.transpose(1, 2)
+        if rows is None:
+            return self.k_cache[:B], self.v_cache[:B]
+        return self.k_cache[rows], self.v_cache[rows]
 
 
 class Transformer(nn.Module):
@@ -174,9 +177,10 @@ class Transformer(nn.Module):
         self.glm_ctx = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.glm_mask_pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
 
-    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None, rows: Optional[Tensor] = None) -> Tensor:
         """idx [B, T]. input_pos [B, T] (or [T]) writes into and reads from the KV cache;
-        None runs a plain causal forward over positions 0..T-1 without touching any cache."""
+        None runs a plain causal forward over positions 0..T-1 without touching any cache.
+        rows [B]: the cache rows the batch uses (default 0..B-1; a server prefills a request into its slot)."""
         B, T = idx.shape
         cached = input_pos is not None
         if cached:
@@ -193,12 +197,12 @@ class Transformer(nn.Module):
             bias = self.alibi_slopes.view(1, -1, 1, 1) * keys.float()
             mask = torch.where(mask, bias, -float("inf")).to(x.dtype)   # [B, H, T, S]
         if self.config.position == "rope_2d":
-            ctx, mask_pos = self.glm_prompt(idx, cached)                       # [B, 1] each
+            ctx, mask_pos = self.glm_prompt(idx, cached, rows)                       # [B, 1] each
             mask = mask | (keys < ctx.view(-1, 1, 1, 1))      # prefix-LM: the whole prompt sees itself
             block = torch.where(pos < ctx, 0, pos - ctx + 1)
             rope = torch.stack([self.rope_cache[torch.where(pos < ctx, pos, mask_pos)], self.rope_cache[block]], 2)
         elif self.config.rope_dynamic_ntk:
-            rope = self.dynamic_ntk_rope(pos, cached)
+            rope = self.dynamic_ntk_rope(pos, cached, rows)
         else:
             rope = self.rope_cache[pos]
         q_scale = None
@@ -206,34 +210,36 @@ class Transformer(nn.Module):
             n = float(self.config.train_seq_length)
             q_scale = torch.where(pos + 1 > n, torch.log(pos + 1.0) / math.log(n), 1.0)[..., None, None]
         for layer in self.layers:
-            x = layer(x, rope, mask, pos if cached else None, q_scale)
+            x = layer(x, rope, mask, pos if cached else None, q_scale, rows)
         return self.output(self.norm(x))
 
-    def glm_prompt(self, idx: Tensor, cached: bool):
+    def glm_prompt(self, idx: Tensor, cached: bool, rows: Optional[Tensor] = None):
         """GLM's prompt ends `[gMASK] <sop>`: the prompt (before <sop>) is the context, generated tokens keep
         the [gMASK] position and count block positions 1, 2, ... A decode step reuses its row's prompt values."""
         B, T = idx.shape
+        state = slice(0, B) if rows is None else rows
         if cached and T == 1:
-            return self.glm_ctx[:B], self.glm_mask_pos[:B]
+            return self.glm_ctx[state], self.glm_mask_pos[state]
         steps = torch.arange(T, device=idx.device)
         first = lambda hit: torch.where(hit, steps, T).amin(-1, keepdim=True)  # noqa: E731  (T if absent)
         ctx, mask_pos = first(idx == self.config.sop_token_id), first(idx == self.config.mask_token_id)
         if cached:
-            self.glm_ctx[:B], self.glm_mask_pos[:B] = ctx, mask_pos
+            self.glm_ctx[state], self.glm_mask_pos[state] = ctx, mask_pos
         return ctx, mask_pos
 
-    def dynamic_ntk_rope(self, pos: Tensor, cached: bool) -> Tensor:
+    def dynamic_ntk_rope(self, pos: Tensor, cached: bool, rows: Optional[Tensor] = None) -> Tensor:
         """Qwen's dynamic NTK: a prompt of L > train_seq_length tokens raises the rope base by
         alpha^(d / (d - 2)), alpha = 2^ceil(log2(L / train_seq_length) + 1) - 1; decode steps keep the
         alpha their prompt chose (a per-row buffer), as the reference does."""
         B, T = pos.shape
+        state = slice(0, B) if rows is None else rows
         if cached and T == 1:
-            alpha = self.ntk_alpha[:B]
+            alpha = self.ntk_alpha[state]
         else:
             length = (pos[:, -1] + 1).float()
             alpha = (2 ** torch.ceil(torch.log2(length / self.config.train_seq_length) + 1) - 1).clamp(min=1)
             if cached:
-                self.ntk_alpha[:B] = alpha
+                self.ntk_alpha[state] = alpha
         alpha = alpha.view(-1, 1, 1)
         d = self.config.rotary_dim
         base = self.config.rope_base * alpha ** (d / (d - 2))                          # [B, 1, 1]
@@ -252,9 +258,10 @@ class TransformerBlock(nn.Module):
         self.parallel = config.parallel_residual
         self.deepnorm_alpha = config.deepnorm_alpha
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor], q_scale=None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor], q_scale=None,
+                rows=None) -> Tensor:
         h = self.attention_norm(x)
-        a = self.attention(h, rope, mask, input_pos, q_scale)
+        a = self.attention(h, rope, mask, input_pos, q_scale, rows)
         if self.deepnorm_alpha is not None:
             x = h * self.deepnorm_alpha + a
             h = self.ffn_norm(x)
@@ -276,7 +283,8 @@ class Attention(nn.Module):
         self.rope_2d = config.position == "rope_2d"
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor], q_scale=None) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor], q_scale=None,
+                rows=None) -> Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -294,7 +302,7 @@ class Attention(nn.Module):
             q = (q * q_scale).type_as(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # [B, H, T, D]
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, rows)
         if T == 1:
             y = attend_one(q, k, v, mask)
         else:

@@ -50,6 +50,33 @@ def test_rows_at_different_positions_share_one_cache():
     torch.testing.assert_close(out[:, -1], torch.stack([ref_a, ref_b]), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(position="rope_2d", n_local_heads=4, mask_token_id=250, sop_token_id=251),
+                                dict(rope_dynamic_ntk=True, logn_attn=True, train_seq_length=8, n_local_heads=4)],
+                         ids=["gqa", "glm-2d", "qwen-ntk"])
+@torch.no_grad()
+def test_a_prompt_prefilled_into_any_cache_row_decodes_as_alone(kw):
+    """The server's slots: rows= puts a prompt (and its per-row GLM / NTK state) into the row it names, then
+    every row decodes together at its own position."""
+    model = tiny_model(**kw)
+    prompts = [[3, 9, 27, 81 % 300, 250, 251], [7, 14, 250, 251], [11, 22, 33, 44, 55, 66, 77, 250, 251]]
+    steps = 6
+    alone = [gen.generate(model, [p], steps, temperature=0)[0] for p in prompts]
+    model.setup_caches(max_batch_size=4, max_seq_length=32)
+    for row, p in zip([3, 0, 2], prompts):   # out of order, row 1 left free
+        model(torch.tensor([p]), torch.arange(len(p)).view(1, -1), rows=torch.tensor([row]))
+    cur = torch.zeros(4, 1, dtype=torch.long)
+    pos = torch.zeros(4, 1, dtype=torch.long)
+    for row, p, a in zip([3, 0, 2], prompts, alone):
+        cur[row], pos[row] = a[0], len(p)
+    out = [cur.clone()]
+    for _ in range(steps - 1):
+        cur = model(cur, pos)[:, -1].argmax(-1, keepdim=True)
+        pos += 1
+        out.append(cur)
+    out = torch.cat(out, 1)
+    assert [out[3].tolist(), out[0].tolist(), out[2].tolist()] == alone
+
+
 def test_batched_equals_one_at_a_time():
     model = tiny_model(seed=3)
     prompts = [[5, 6, 7], list(range(20, 37)), [100] * 9]
