@@ -56,13 +56,14 @@ class Request:
 
 
 class Engine:
-    """One checkpoint, max_batch_size slots, a scheduler thread. The Python API:
-    response(prompt), stream_response(prompt) and chat(messages[, stream=True]), each with sampling keywords
-    (max_tokens, temperature, top_p, top_k, stop, seed); submit() for a Request of token ids."""
+    """One checkpoint, max_batch_size slots, a scheduler. The Python API: response(prompt), stream_response(prompt)
+    and chat(messages[, stream=True]), each with sampling keywords (max_tokens, temperature, top_p, top_k, stop,
+    seed); submit() for a Request of token ids. background=True runs the scheduler on a thread of its own, for
+    callers on several threads."""
 
     def __init__(self, checkpoint_path=gen.DEFAULT_CHECKPOINT, device: str = "auto", precision: str = "bf16",
                  max_batch_size: int = 8, max_seq_length: int = 2048, max_waiting: Optional[int] = None,
-                 compile: bool = False):
+                 compile: bool = False, background: bool = False):
         if max_batch_size <= 0 or max_seq_length <= 1:
             raise ValueError("max_batch_size must be positive and max_seq_length above 1")
         if precision not in gen.PRECISIONS:
@@ -91,10 +92,16 @@ class Engine:
         self.steps = 0       # decode steps run (each reads the weights once)
         self.weight_bytes = gen.weight_bytes_per_token(self.model)
         if compile:   # one graph per batch bucket, compiled now rather than on the first users' time
-            for n in self.buckets():
-                self.step_fn(self.model, self.cur[:n], self.pos[:n])
-        self.thread = threading.Thread(target=self.loop, name="scheduler", daemon=True)
-        self.thread.start()
+            with torch.no_grad():
+                for n in self.buckets():
+                    self.step_fn(self.model, self.cur[:n], self.pos[:n])
+        # who runs the scheduler: a thread of its own (background), the caller's thread via run() (server.py: the
+        # main thread, where torch's OpenMP kernels run twice as fast as on other threads here), or, if neither,
+        # each stream() call pumps it while it waits (one-thread use of the Python API)
+        self.thread = threading.Thread(target=self.run, name="scheduler", daemon=True) if background else None
+        self.driven = background
+        if self.thread:
+            self.thread.start()
 
     # ---- the Python API ----------------------------------------------------------------------------
 
@@ -126,6 +133,10 @@ class Engine:
         """Pieces of the request's reply as they are decoded; cancels it if the consumer stops early."""
         try:
             while True:
+                if not self.driven and request.events.empty():
+                    if not self.tick(block=False):
+                        raise APIError(503, "the engine is closed", kind="server_error")
+                    continue
                 kind, value = request.events.get()
                 if kind == "done":
                     return
@@ -155,7 +166,8 @@ class Engine:
         with self.lock:
             self.closed = True
         self.waiting.put(None)
-        self.thread.join(timeout=30)
+        if self.thread:
+            self.thread.join(timeout=30)
 
     # ---- the scheduler -----------------------------------------------------------------------------
 
@@ -167,12 +179,21 @@ class Engine:
             n *= 2
         return sizes + [self.max_batch_size]
 
-    def loop(self):
+    def tick(self, block: bool) -> bool:
+        """Admit what waits (block: wait for a request if none is busy), then one decode step. False once closed."""
+        if not self.admit(block=block and all(s is None for s in self.slots)):
+            return False
+        if any(s is not None for s in self.slots):
+            self.step()
+        return True
+
+    def run(self):
+        """Run the scheduler on this thread until close()."""
+        self.driven = True
         reason = "cancelled"
         try:
-            while self.admit(block=all(s is None for s in self.slots)):
-                if any(s is not None for s in self.slots):
-                    self.step()
+            while self.tick(block=True):
+                pass
         except Exception as e:   # the model failed: every request gets an error, the server stops taking work
             print(f"error: scheduler stopped: {e}", file=sys.stderr)
             reason = "error"
@@ -534,13 +555,14 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     print(f"serving {engine.name} on http://{args.host}:{server.server_address[1]} ({args.max_batch_size} slots, "
           f"ready in {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     try:
-        server.serve_forever()
+        engine.run()   # the model on the main thread; HTTP requests on their own threads
     except KeyboardInterrupt:
         pass
     finally:
+        server.shutdown()
         server.server_close()
-        engine.close()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def start_server(args) -> tuple:
             raise SystemExit(f"error: the server did not start: {proc.wait()}")
         if line.startswith("serving "):
             print(line.strip(), file=sys.stderr)
+            threading.Thread(target=proc.stderr.read, daemon=True).start()   # drain its request log
             return proc, int(line.split("http://127.0.0.1:")[1].split()[0])
 
 

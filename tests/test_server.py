@@ -27,7 +27,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "M
 @pytest.fixture(scope="module")
 def engine(default_checkpoint):
     e = server.Engine(default_checkpoint / "model.pth", "cpu", "fp32", max_batch_size=8, max_seq_length=512,
-                      max_waiting=2)
+                      max_waiting=2, background=True)
     yield e
     e.close()
 
@@ -55,8 +55,10 @@ def wait_idle(engine, timeout=60):
     return False
 
 
-def test_python_api(engine, default_checkpoint):
-    """response / stream_response / chat equal generate.py's greedy continuation of the same ids."""
+def test_python_api(default_checkpoint):
+    """response / stream_response / chat equal generate.py's greedy continuation of the same ids. No scheduler
+    thread: the caller's stream pumps the scheduler."""
+    engine = server.Engine(default_checkpoint / "model.pth", "cpu", "fp32", max_batch_size=2, max_seq_length=256)
     tok = engine.tokenizer
     model = gen.load_model(default_checkpoint / "model.pth", "cpu", torch.float32)
     ids = tok.encode(PROMPTS[0], bos=True)
@@ -68,6 +70,10 @@ def test_python_api(engine, default_checkpoint):
     assert engine.chat(messages, max_tokens=40, temperature=0) == tok.reply_content(reply)
     pieces = list(engine.chat(messages, stream=True, max_tokens=40, temperature=0))
     assert len(pieces) > 3 and "".join(pieces) == tok.reply_content(reply)
+    a, b = engine.stream_response(PROMPTS[1], max_tokens=12, temperature=0), engine.stream_response(PROMPTS[2], max_tokens=12, temperature=0)
+    joined = ["".join(a), "".join(b)]   # b decoded beside a while a was pumped
+    assert joined == [engine.response(p, max_tokens=12, temperature=0) for p in PROMPTS[1:3]] and engine.peak_busy == 2
+    engine.close()
 
 
 def test_models_and_health(client, url, engine):
