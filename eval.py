@@ -138,16 +138,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="bf16", choices=sorted(gen.PRECISIONS))
     args = p.parse_args(argv)
-    try:
+    with gen.command_line():
         results = run(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    finally:
-        if "LOCAL_RANK" in os.environ:
-            from tp import finish_dist
-            finish_dist()
     if results is None:   # under torchrun every rank scores every request; lm-eval reports on rank 0 alone
         return
     from lm_eval.utils import make_table

@@ -1,5 +1,6 @@
 # Load a checkpoint, prefill the prompt, then decode one token at a time under torch.compile.
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -322,6 +323,22 @@ def compile_decode(device: str, compile_prefill: bool = False, speculative: bool
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+@contextlib.contextmanager
+def command_line():
+    """The CLI boundary: our errors end as one `error:` line, Ctrl-C as exit 130; under torchrun the process
+    group is left either way."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    finally:
+        if "LOCAL_RANK" in os.environ:
+            from tp import finish_dist
+            finish_dist()
+
+
 def start_tp(device: str):
     """Under torchrun: join the process group; return this rank (None outside torchrun) and its device
     (a GPU a rank). Only rank 0 prints."""
@@ -427,16 +444,8 @@ def main(argv=None):
     p.add_argument("--draft_checkpoint_path", default=None, help="speculative decoding: the draft model (batch 1)")
     p.add_argument("--speculate_k", type=int, default=5, help="draft tokens proposed per speculative step")
     args = p.parse_args(argv)
-    try:
+    with command_line():
         run(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    finally:
-        if "LOCAL_RANK" in os.environ:
-            from tp import finish_dist
-            finish_dist()
 
 
 def run(args):

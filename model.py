@@ -123,9 +123,9 @@ class KVCache(nn.Module):
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Optional[Tensor] = None):
         # input_pos [B, T]; k, v [B, H, T, D]; rows [B]: the cache rows of the batch's rows (default 0..B-1)
         B = k.shape[0]
-        r = torch.arange(B, device=k.device) if rows is None else rows
-        self.k_cache[r.unsqueeze(-1), :, input_pos] = k.transpose(1, 2)
-        self.v_cache[r.unsqueeze(-1), :, input_pos] = v.transpose(1, 2)
+        r = (torch.arange(B, device=k.device) if rows is None else rows).unsqueeze(-1)
+        self.k_cache[r, :, input_pos] = k.transpose(1, 2)
+        self.v_cache[r, :, input_pos] = v.transpose(1, 2)
         if rows is None:
             return self.k_cache[:B], self.v_cache[:B]
         return self.k_cache[rows], self.v_cache[rows]

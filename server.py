@@ -90,10 +90,11 @@ class Engine:
         self.peak_busy = 0   # the most requests that have decoded together
         self.in_flight = 0   # submitted and not yet finished
         self.steps = 0       # decode steps run (each reads the weights once)
-        self.weight_bytes = gen.weight_bytes_per_token(self.model)
+        self.weight_bytes = gen.weight_bytes_per_token(self.model)   # what one decode step reads
+        self.buckets = bucket_sizes(max_batch_size)
         if compile:   # one graph per batch bucket, compiled now rather than on the first users' time
             with torch.no_grad():
-                for n in self.buckets():
+                for n in self.buckets:
                     self.step_fn(self.model, self.cur[:n], self.pos[:n])
         # who runs the scheduler: a thread of its own (background), the caller's thread via run() (server.py: the
         # main thread, where torch's OpenMP kernels run twice as fast as on other threads here), or, if neither,
@@ -171,14 +172,6 @@ class Engine:
 
     # ---- the scheduler -----------------------------------------------------------------------------
 
-    def buckets(self) -> list:
-        """Decode batch sizes: powers of two up to max_batch_size, so a step computes about as many rows as are busy."""
-        sizes, n = [], 1
-        while n < self.max_batch_size:
-            sizes.append(n)
-            n *= 2
-        return sizes + [self.max_batch_size]
-
     def tick(self, block: bool) -> bool:
         """Admit what waits (block: wait for a request if none is busy), then one decode step. False once closed."""
         if not self.admit(block=block and all(s is None for s in self.slots)):
@@ -234,7 +227,7 @@ class Engine:
     def step(self):
         """One decode step for the first n slots (n: the bucket that covers every busy slot)."""
         busy = max(i for i, s in enumerate(self.slots) if s is not None) + 1
-        n = next(b for b in self.buckets() if b >= busy)
+        n = next(b for b in self.buckets if b >= busy)
         logits = self.step_fn(self.model, self.cur[:n], self.pos[:n])
         self.steps += 1
         self.pos[:n] += self.busy[:n]   # a free slot in the bucket decodes a dummy row at position 0, never read
@@ -287,6 +280,15 @@ class Engine:
             self.in_flight -= 1
         self.send(r, len(r.text))
         r.events.put(("done", reason))
+
+
+def bucket_sizes(max_batch_size: int) -> list:
+    """Decode batch sizes: powers of two up to max_batch_size, so a step computes about as many rows as are busy."""
+    sizes, n = [], 1
+    while n < max_batch_size:
+        sizes.append(n)
+        n *= 2
+    return sizes + [max_batch_size]
 
 
 def decode_logits(model, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -387,7 +389,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/health":
             e = self.engine
             return self.send_json(200, {"status": "ok", "busy": sum(s is not None for s in e.slots),
-                                        "waiting": e.waiting.qsize(), "decode_steps": e.steps})
+                                        "waiting": e.waiting.qsize(), "decode_steps": e.steps,
+                                        "weight_bytes_per_step": e.weight_bytes})
         if path == "/v1/models":
             return self.send_json(200, {"object": "list", "data": [
                 {"id": self.engine.name, "object": "model", "created": 0, "owned_by": "zoofast"}]})

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 PROMPTS = ["Once upon a time", "The history of the printing press begins", "1, 2, 3, 4, 5,",
            "The three primary colors are", "def quicksort(items):", "Dear Sir or Madam,", "In 1969, astronauts",
            "The recipe for bread:"]
@@ -74,10 +73,9 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    import generate as gen
-    weight_gb = gen.weight_bytes_per_token(gen.load_model(args.checkpoint_path, "cpu", gen.PRECISIONS[args.precision])) / 1e9
     proc, port = start_server(args)
     try:
+        weight_gb = call(port, "GET", "/health")["weight_bytes_per_step"] / 1e9
         measure(port, max(args.concurrency), 8, 1)   # warm-up: every bucket size once
         runs = {c: [] for c in args.concurrency}
         for r in range(args.rounds):

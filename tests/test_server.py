@@ -81,6 +81,7 @@ def test_models_and_health(client, url, engine):
     with urllib.request.urlopen(url + "/health") as r:
         health = json.loads(r.read())
     assert health["status"] == "ok" and health["busy"] == health["waiting"] == 0 and health["decode_steps"] >= 0
+    assert health["weight_bytes_per_step"] == engine.weight_bytes > 0
 
 
 def test_chat_plain_and_streamed(client, engine):
