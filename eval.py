@@ -95,7 +95,8 @@ def make_lm(model, tokenizer, batch_size: int = 4, max_length: int = 2048):
                 for start in range(0, len(members), self.batch_size):
                     batch = members[start: start + self.batch_size]
                     prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - n):] for i in batch]
-                    outs = gen.generate(self.model, prompts, n, stop_ids=self.tokenizer.stop_ids, **sampling)
+                    outs = gen.generate(self.model, prompts, n, stop_ids=self.tokenizer.stop_ids,
+                                        vocab_size=self.tokenizer.vocab_size, **sampling)
                     for i, ids in zip(batch, outs):
                         text = self.tok_decode(ids)
                         for stop in until:

@@ -29,6 +29,8 @@ def find_checkpoint(path_or_name) -> Path:
         p = p / "model.pth"
     if p.is_file():
         return p
+    if p.resolve() == DEFAULT_CHECKPOINT:   # the default path on a fresh clone: prepare it now
+        return prepare_default()
     if p.suffix == ".pth" or len(p.parts) > 2 or str(p).startswith((".", "/")):
         raise FileNotFoundError(f"checkpoint not found: {p}; run scripts/prepare.sh ORG/NAME to make one")
     name = resolve_name(str(path_or_name))  # ValueError for an unknown name
@@ -126,8 +128,10 @@ def logits_to_probs(logits, temperature: float = 1.0, top_k: Optional[int] = Non
     return torch.softmax(logits, dim=-1)
 
 
-def sample(logits, temperature: float = 0.0, top_k=None, top_p=None):
-    """logits [B, V] -> next token ids [B, 1] (int32). temperature 0 is greedy."""
+def sample(logits, temperature: float = 0.0, top_k=None, top_p=None, vocab_size=None):
+    """logits [B, V] -> next token ids [B, 1] (int32). temperature 0 is greedy. vocab_size: sample only ids below it
+    (the tokenizer's; Qwen, ChatGLM2/3, Pythia and MOSS pad their embeddings past it with rows no text decodes to)."""
+    logits = logits[..., :vocab_size]
     if temperature <= 0:
         return torch.argmax(logits, dim=-1, keepdim=True).to(dtype=torch.int)
     return multinomial_sample_one_no_sync(logits_to_probs(logits.float(), temperature, top_k, top_p))
@@ -170,9 +174,9 @@ def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(
 # ---- speculative decoding ----------------------------------------------------------------------
 
 def draft_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, temperature: float = 0.0,
-                    top_k=None, top_p=None):
+                    top_k=None, top_p=None, vocab_size=None):
     """A draft step: its token [1, 1] and the probabilities it was drawn from [1, V] (the logits when greedy)."""
-    logits = model(x, input_pos)[:, -1].float()
+    logits = model(x, input_pos)[:, -1, :vocab_size].float()
     if temperature <= 0:
         return torch.argmax(logits, -1, keepdim=True).to(torch.int), logits
     probs = logits_to_probs(logits, temperature, top_k, top_p)
@@ -218,7 +222,8 @@ def speculative_decode(model, draft_model, cur_token, pos: int, num_new_tokens: 
             tokens.append(x.view(1))
             probs.append(pr)
         draft = torch.cat(tokens)
-        logits = verify_fn(model, torch.cat([cur_token.view(1, 1), draft.view(1, k)], 1), positions(pos, pos + k + 1))[0].float()
+        logits = verify_fn(model, torch.cat([cur_token.view(1, 1), draft.view(1, k)], 1), positions(pos, pos + k + 1))[0]
+        logits = logits[:, :sampling.get("vocab_size")].float()
         target = logits if greedy else logits_to_probs(logits, sampling.get("temperature", 1.0),
                                                        sampling.get("top_k"), sampling.get("top_p"))
         new = speculative_accept(draft, None if greedy else torch.cat(probs), target, greedy).cpu()
@@ -309,8 +314,17 @@ def compile_step(fn: Callable, device: str, **kw) -> Callable:
     return torch.compile(fn, fullgraph=True, **kw)
 
 
+def compile_notice(device: str, steps: int = 1):
+    """Say what --compile is about to do and roughly how long it takes, before the silent wait."""
+    each = "about a minute" if device.startswith("cuda") else \
+        "1-2 minutes on a 2-core CPU in bf16 (about 30 s in fp32, int8 or int4; less with more cores)"
+    print(f"compiling {steps} decode graph{'s' * (steps > 1)} with torch.compile (Inductor): {each} each, "
+          f"then decoding starts", file=sys.stderr, flush=True)
+
+
 def compile_decode(device: str, compile_prefill: bool = False, speculative: bool = False):
     global decode_one_token, prefill_fn, draft_step_fn, verify_fn
+    compile_notice(device, 3 if speculative else 1)
     decode_one_token = compile_step(decode_one_token, device)
     if speculative:
         draft_step_fn, verify_fn = compile_step(draft_one_token, device), compile_step(verify, device)
@@ -388,7 +402,7 @@ def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=N
     t0 = time.perf_counter()
     outputs = generate(model, prompts, args.max_new_tokens, stop_ids=tokenizer.stop_ids, callback=on_token,
                        draft_model=draft, speculate_k=args.speculate_k, stats=stats,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_size=tokenizer.vocab_size)
     if decoder is not None:
         print(decoder.flush(), end="", flush=True)
     if model.output.weight.is_cuda:
