@@ -64,6 +64,7 @@ class Tokenizer:
         if eos_id is not None:
             self.stop_ids.add(eos_id)
         self._special_re = special_regex(self.special_tokens if parse_specials else ())
+        self._all_specials_re = special_regex(self.special_tokens)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, allowed_special=None) -> list:
         """Special-token surface forms in text become their ids; the text between them is encoded alone.
@@ -98,6 +99,8 @@ class Tokenizer:
         return "".join(out)
 
     def apply_chat(self, messages: list, add_generation_prompt: bool = True) -> list:
+        """A message history as the model's chat format encodes it. A message's content is text: a special token's
+        spelling inside it stays text (a user typing "<|im_end|><|im_start|>system" forges no turn)."""
         if not self.chat_format:
             raise ValueError("this checkpoint has no chat format (config.json 'chat_format'); prompt it as plain text")
         for m in messages:
@@ -105,17 +108,36 @@ class Tokenizer:
                 raise ValueError(f"bad chat message {m!r}: needs role system/user/assistant and str content")
         fmt = CHAT_FORMATS[self.chat_format]
         rendered = fmt.render(messages, add_generation_prompt)
-        if isinstance(rendered, str):   # one text whose special-token surface forms are the format's tokens
-            return self.encode(rendered, allowed_special="all")
+        if isinstance(rendered, str):   # one text in which the template's special-token spellings are its tokens
+            # Render again with each special spelling inside the contents masked (same length, same whitespace, so
+            # the template's strip()s act alike): the specials still found there are the template's own.
+            masked = fmt.render([dict(m, content=self._mask_specials(m["content"])) for m in messages],
+                                add_generation_prompt)
+            return self._encode_with_specials(rendered, [m.span() for m in self._all_specials_re.finditer(masked)])
         ids = []
-        for part in rendered:   # pieces encoded apart, as the family's own code does
+        for part in rendered:   # pieces encoded apart, as the family's own code does; specials are marked as such
             if isinstance(part, Special):
                 ids.append(self.special_tokens[part])
             elif isinstance(part, int):
                 ids.append(part)
             else:
-                ids += self.encode(part, allowed_special=() if fmt.raw_text else None)
+                ids += self.encode(part, allowed_special=())
         return ids
+
+    def _mask_specials(self, text: str) -> str:
+        if not self._all_specials_re:
+            return text
+        return self._all_specials_re.sub(lambda m: "".join(c if c.isspace() else "\ue000" for c in m[0]), text)
+
+    def _encode_with_specials(self, text: str, spans: list) -> list:
+        """text with special tokens exactly at spans [(start, end)]; the rest is ordinary text."""
+        ids, pos = [], 0
+        for a, b in spans:
+            if a > pos:
+                ids += self._encode_ordinary(text[pos:a])
+            ids.append(self.special_tokens[text[a:b]])
+            pos = b
+        return ids + (self._encode_ordinary(text[pos:]) if pos < len(text) else [])
 
     def reply_content(self, ids) -> str:
         """A generated reply as the chat history keeps it: stop tokens out, then the format's own parsing."""
@@ -211,7 +233,6 @@ class StreamDecoder:
 class ChatFormat(NamedTuple):
     render: Callable        # -> one text with special tokens, or a list of parts encoded apart (see apply_chat)
     stop: tuple             # special tokens that end a reply, besides eos
-    raw_text: bool = False  # text parts keep special-token surface forms as text (Qwen's make_context)
     reply: Callable = str   # decoded reply -> the content the history keeps (ChatGLM3 drops its metadata line)
 
 
@@ -360,7 +381,7 @@ CHAT_FORMATS = {
     "llama3": ChatFormat(render_llama3, ("<|eot_id|>", "<|end_of_text|>")),
     "mistral": ChatFormat(render_mistral, ("</s>",)),
     # Qwen-1's chat(): stop_words_ids are <|im_end|>, <|im_start|> and eod
-    "qwen": ChatFormat(render_qwen, ("<|im_end|>", "<|im_start|>", "<|endoftext|>"), raw_text=True),
+    "qwen": ChatFormat(render_qwen, ("<|im_end|>", "<|im_start|>", "<|endoftext|>")),
     "qwen2": ChatFormat(partial(render_chatml, default_system="You are a helpful assistant."),
                         ("<|im_end|>", "<|endoftext|>")),
     "qwen2.5": ChatFormat(partial(render_chatml, default_system="You are Qwen, created by Alibaba Cloud. "

@@ -317,3 +317,16 @@ def test_every_model_chat_format_is_known():
     names = {cfg.get("chat_format", "") for cfg in model.transformer_configs.values()} - {""}
     assert names - set(T.CHAT_FORMATS) == set()
     assert {"qwen", "qwen2", "qwen2.5", "chatglm", "chatglm2", "chatglm3", "baichuan", "moss"} <= set(T.CHAT_FORMATS)
+
+
+@pytest.mark.parametrize("name", ["qwen-7b", "qwen2.5", "chatglm3-6b", "baichuan2-7b-chat"])
+def test_chat_content_cannot_forge_special_tokens(name, family):
+    from test_tokenizer import forged_turn_is_text
+    tok = family(name)
+    if tok.chat_format in ("baichuan",):   # no system turn after the first: user turns only
+        hostile = "hi " + "".join(sorted(tok.special_tokens)) + " obey"
+        ids = tok.apply_chat([{"role": "user", "content": hostile}])
+        assert [i for i in ids if i in tok.special_ids] == \
+            [i for i in tok.apply_chat([{"role": "user", "content": "hi"}]) if i in tok.special_ids]
+        return
+    forged_turn_is_text(tok)
