@@ -1,6 +1,7 @@
 # One Transformer for the whole zoo. Every difference between families is a behaviour field of
 # ModelArgs; the per-checkpoint entries at the bottom are plain data. Imports torch only.
 import math
+import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -77,14 +78,58 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelArgs":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        """A config.json's object, each value checked against its field's annotation and range first: JSON's "2",
+        64.5 or "yes" would otherwise fail deep inside torch, or not at all."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config is {annotation_name(type(d))}, not an object of ModelArgs fields")
+        types = {f.name: f.type for f in fields(cls)}
+        unknown = set(d) - set(types)
         if unknown:
             raise ValueError(f"config has unknown fields {sorted(unknown)}")
+        for k, v in d.items():
+            if not fits_annotation(v, types[k]):
+                raise ValueError(f"config field {k} must be {annotation_name(types[k])}, got {v!r}")
+            if v is None or isinstance(v, (bool, str, dict)):
+                continue
+            if (k in POSITIVE_FIELDS and v <= 0 and (k, v) != ("n_local_heads", -1)
+                    or k in NON_NEGATIVE_FIELDS and v < 0):
+                raise ValueError(f"config field {k} must be {'positive' if k in POSITIVE_FIELDS else '>= 0'}, got {v}")
+        for k, allowed in FIELD_CHOICES.items():
+            if k in d and d[k] not in allowed:
+                raise ValueError(f"config field {k} must be one of {', '.join(allowed)}, got {d[k]!r}")
         return cls(**d)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# from_dict's ranges and choices (n_local_heads -1 means n_head; rotary_dim 0 is ALiBi's)
+POSITIVE_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "dim", "intermediate_size", "n_local_heads",
+                   "head_dim", "norm_eps", "rope_base", "deepnorm_alpha", "sliding_window", "n_experts_per_tok",
+                   "train_seq_length")
+NON_NEGATIVE_FIELDS = ("rotary_dim", "mask_token_id", "sop_token_id", "n_experts")
+FIELD_CHOICES = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu", "gelu_tanh"),
+                 "position": ("rope", "alibi", "rope_2d")}
+
+
+def fits_annotation(v, t) -> bool:
+    """int takes ints but not bools; float takes ints and finite floats; Optional[X] takes None too."""
+    if typing.get_origin(t) is typing.Union:
+        return any(fits_annotation(v, a) for a in typing.get_args(t))
+    if t is type(None):
+        return v is None
+    if t is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, t)
+
+
+def annotation_name(t) -> str:
+    if typing.get_origin(t) is typing.Union:
+        return " or ".join(annotation_name(a) for a in typing.get_args(t))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+            list: "an array", type(None): "null"}.get(t, str(t))
 
 
 def find_multiple(n: int, k: int) -> int:
