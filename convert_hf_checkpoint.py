@@ -1,12 +1,10 @@
 # Hugging Face checkpoint folder -> our checkpoint folder: model.pth (a state dict in our names, in the
-# checkpoint's dtype) and config.json (the resolved ModelArgs), then the tokenizer. Per model_type: the
+# checkpoint's dtype), config.json (the resolved ModelArgs) and the tokenizer, all or none. Per model_type: the
 # config mapping (data, plus a lambda where a value is derived) and a weight table (HF key template -> our
 # key, with a small function where a fused tensor must be split, reordered or stacked). The HF config.json
 # is the source of truth for shapes.
-import argparse
 import json
 import math
-import os
 import re
 import sys
 import tempfile
@@ -17,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cli import ArgumentParser, command_line, first_line, new_dir, writable_dir, write_atomic
 from model import ModelArgs, Transformer, resolve_name, transformer_configs
 
 
@@ -381,10 +380,14 @@ def find_entry(model_name: str) -> Optional[str]:
 
 def resolve_args(cfg: dict, model_name: str, chat_format: Optional[str]) -> ModelArgs:
     kw = args_from_hf(cfg)
+    try:   # the same field checks as loading a config.json: a "2" or a 0 fails here, not inside torch
+        ours = ModelArgs.from_dict(kw)
+    except ValueError as e:
+        raise ValueError(f"HF config.json gives a bad value: {e}") from None
     entry = find_entry(model_name)
     if entry is None:
         return ModelArgs(**kw, name=model_name, chat_format=chat_format or "")
-    ours, theirs = ModelArgs(**kw), ModelArgs(**transformer_configs[entry])
+    theirs = ModelArgs(**transformer_configs[entry])
     bad = [f"{f} {getattr(ours, f)} != {getattr(theirs, f)}" for f in SHAPE_FIELDS
            if getattr(ours, f) != getattr(theirs, f)]
     if bad:
@@ -444,10 +447,6 @@ def read_tensors(path: Path):
         except Exception as e:
             raise ValueError(f"cannot read {name} from {path}: {first_line(e)}") from None
         yield name, t
-
-
-def first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # ---- conversion ---------------------------------------------------------------------------------
@@ -517,34 +516,15 @@ def check_fits(state_dict: dict, args: ModelArgs, source: str = "the HF config.j
                          f"unexpected {unexpected[:3]}, wrong shapes {shapes[:3]}")
 
 
-UMASK = os.umask(0); os.umask(UMASK)
-
-
-def write_atomic(outputs: dict):
-    """{path: write(file)}: write every output to a temp file beside it, then rename them all."""
-    tmps = {}
-    try:
-        for path, write in outputs.items():
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-            tmps[path] = tmp
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-            os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; outputs get the usual permissions
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def convert_hf_checkpoint(checkpoint_dir, hf_dir=None, model_name: Optional[str] = None,
                           chat_format: Optional[str] = None) -> ModelArgs:
-    """Write checkpoint_dir/model.pth and config.json from the HF folder (default checkpoint_dir/hf), then
-    the tokenizer. Raises FileNotFoundError/ValueError with a one-line message; writes nothing then."""
+    """Write checkpoint_dir/model.pth, config.json and the tokenizer from the HF folder (default checkpoint_dir/hf).
+    Raises FileNotFoundError/ValueError with a one-line message. All of it or none: the tokenizer is prepared in a
+    temporary folder and the files renamed into place together, so that a failure (Ctrl-C included) leaves the
+    folder as it was, never new weights beside an old tokenizer."""
     checkpoint_dir = Path(checkpoint_dir)
     hf_dir = Path(hf_dir) if hf_dir is not None else checkpoint_dir / "hf"
     if not hf_dir.is_dir():
@@ -553,6 +533,7 @@ def convert_hf_checkpoint(checkpoint_dir, hf_dir=None, model_name: Optional[str]
     if hf_dir.resolve() == checkpoint_dir.resolve():
         raise ValueError(f"the HF files must not sit in {checkpoint_dir} (our config.json goes there); "
                          f"move them to {checkpoint_dir / 'hf'}")
+    writable_dir(checkpoint_dir, create=True)   # before reading gigabytes
     model_name = model_name or "/".join(checkpoint_dir.resolve().parts[-2:])
     cfg = read_hf_config(hf_dir)
     args = resolve_args(cfg, model_name, chat_format)
@@ -565,35 +546,57 @@ def convert_hf_checkpoint(checkpoint_dir, hf_dir=None, model_name: Optional[str]
         state_dict.pop("output.weight", None)    # a tied head is the embedding: never stored twice
     check_fits(state_dict, args)
 
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic({checkpoint_dir / "model.pth": lambda f: torch.save(state_dict, f),
-                  checkpoint_dir / "config.json": lambda f: f.write(json.dumps(args.to_dict(), indent=2).encode())})
-    print(f"wrote {checkpoint_dir / 'model.pth'} ({len(state_dict)} tensors) and config.json ({args.name})",
-          file=sys.stderr)
-
-    if any((hf_dir / f).is_file() for f in TOKENIZER_FILES) or any(hf_dir.glob("*.tiktoken")):
-        try:
-            import tokenizer  # lazily: tiny test checkpoints have no tokenizer
-        except ImportError as e:
-            raise ValueError(f"cannot prepare the tokenizer ({e}); weights and config are written") from None
-        tokenizer.prepare_tokenizer(hf_dir, checkpoint_dir)
-    else:
+    has_tokenizer = any((hf_dir / f).is_file() for f in TOKENIZER_FILES) or any(hf_dir.glob("*.tiktoken"))
+    with new_dir(checkpoint_dir), tempfile.TemporaryDirectory(dir=checkpoint_dir, prefix=".tokenizer.",
+                                                              suffix=".tmp") as stage:
+        if has_tokenizer:
+            prepare_tokenizer(hf_dir, Path(stage))
+        write_checkpoint(checkpoint_dir, state_dict, args, Path(stage))
+    print(f"wrote {checkpoint_dir / 'model.pth'} ({len(state_dict)} tensors), config.json ({args.name})"
+          f"{' and the tokenizer' if has_tokenizer else ''}", file=sys.stderr)
+    if not has_tokenizer:
         print(f"note: no tokenizer files in {hf_dir}; only weights and config written", file=sys.stderr)
     return args
 
 
+def prepare_tokenizer(hf_dir: Path, out_dir: Path):
+    """tokenizer.prepare_tokenizer, its failures as one line (imported here: tiny test checkpoints have none)."""
+    try:
+        import tokenizer
+        tokenizer.prepare_tokenizer(hf_dir, out_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"cannot prepare the tokenizer from {hf_dir}: {first_line(e)}; nothing written") from None
+    except (ImportError, OSError, KeyError, TypeError, AttributeError, IndexError) as e:   # a mangled tokenizer file
+        raise ValueError(f"cannot prepare the tokenizer from {hf_dir} ({type(e).__name__}: {first_line(e)}); "
+                         "nothing written") from None
+
+
+def write_checkpoint(out_dir: Path, state_dict: dict, args: ModelArgs, tokenizer_dir: Path):
+    """model.pth, config.json and the tokenizer files prepared in tokenizer_dir, renamed into out_dir together;
+    then the tokenizer files of an earlier conversion that this one did not write go (a stale tokenizer.model
+    beside a new tokenizer.tiktoken would be from another run)."""
+    staged = {out_dir / f.name: f.read_bytes() for f in sorted(tokenizer_dir.iterdir())}
+    write_atomic({out_dir / "model.pth": lambda f: torch.save(state_dict, f),
+                  out_dir / "config.json": json.dumps(args.to_dict(), indent=2).encode(), **staged})
+    for f in out_dir.glob("tokenizer*"):
+        if f.is_file() and f not in staged:
+            f.unlink()
+    stale = sorted(f.name for f in out_dir.glob("model_*.pth"))
+    if stale:
+        print(f"note: {', '.join(stale)} in {out_dir} were made from the earlier weights; quantize again",
+              file=sys.stderr)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert a Hugging Face checkpoint folder into a zoofast checkpoint.")
+    p = ArgumentParser(description="Convert a Hugging Face checkpoint folder into a zoofast checkpoint.")
     p.add_argument("--checkpoint_dir", type=Path, required=True, help="checkpoints/ORG/NAME: where model.pth goes")
     p.add_argument("--hf_dir", type=Path, default=None, help="the hub files (default: CHECKPOINT_DIR/hf)")
     p.add_argument("--model_name", default=None,
                    help="entry name in model.py (default: the checkpoint_dir's last two parts)")
     p.add_argument("--chat_format", default=None, help="chat format when the model has no entry (default: none)")
     args = p.parse_args(argv)
-    try:
+    with command_line():
         convert_hf_checkpoint(args.checkpoint_dir, args.hf_dir, args.model_name, args.chat_format)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
 # One tokenizer interface over SentencePiece and tiktoken, and the chat formats.
 # Byte-level BPE tokenizers (a Hugging Face tokenizer.json, vocab.json + merges.txt, a GGUF "gpt2"
 # vocabulary) are converted once, at prepare time, into tiktoken's format, so that generation needs
-# neither transformers nor tokenizers. Imports sentencepiece, tiktoken and the standard library only.
+# neither transformers nor tokenizers. Imports sentencepiece, tiktoken, the standard library and cli (whose
+# write_atomic every file we write goes through).
 import base64
 import json
-import os
 import re
-import tempfile
 import unicodedata
 from functools import partial
 from itertools import zip_longest
@@ -15,6 +14,8 @@ from typing import Callable, NamedTuple, Optional
 
 import sentencepiece
 import tiktoken
+
+from cli import write_atomic
 
 # The tokenizer files in a checkpoint folder
 SP_FILE = "tokenizer.model"            # a SentencePiece model, copied as is
@@ -435,25 +436,11 @@ def bytes_to_unicode() -> dict:
     return dict(zip(bs, map(chr, cs)))
 
 
-def write_atomic(path: Path, data: bytes):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes it 0600; give it a plain file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_meta(out_dir: Path, **meta):
     """tokenizer_meta.json. type: "tiktoken" or "sentencepiece"; special_tokens: surface form -> id; bos_id, eos_id,
     add_bos; tiktoken only: pattern, normalizer. Optional: prefix_ids / suffix_ids (what encode(bos=True) puts
     around the text, replacing bos; ChatGLM2/3: [gMASK] sop), parse_specials (false: surface forms stay text)."""
-    write_atomic(out_dir / META_FILE, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode())
+    write_atomic({out_dir / META_FILE: (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode()})
 
 
 def write_bpe_as_tiktoken(out_dir, vocab: dict, merges: list, special_tokens: dict, pattern: str,
@@ -497,7 +484,7 @@ def write_bpe_as_tiktoken(out_dir, vocab: dict, merges: list, special_tokens: di
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = [base64.b64encode(t) + b" " + str(i).encode() for t, i in sorted(ranks.items(), key=lambda kv: kv[1])]
-    write_atomic(out_dir / TIKTOKEN_FILE, b"\n".join(lines) + b"\n")
+    write_atomic({out_dir / TIKTOKEN_FILE: b"\n".join(lines) + b"\n"})
     write_meta(out_dir, type="tiktoken", pattern=pattern, normalizer=normalizer, special_tokens=special_tokens,
                bos_id=bos_id, eos_id=eos_id, add_bos=add_bos)
     (out_dir / SP_FILE).unlink(missing_ok=True)   # load_tokenizer must not find a stale one of the other kind
@@ -613,7 +600,7 @@ def copy_tokenizer_model(path: Path, out_dir: Path, added: dict, add_bos: bool):
 
 def copy_tiktoken_ranks(path: Path, out_dir: Path, **meta):
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / TIKTOKEN_FILE, path.read_bytes())
+    write_atomic({out_dir / TIKTOKEN_FILE: path.read_bytes()})
     write_meta(out_dir, type="tiktoken", **meta)
     (out_dir / SP_FILE).unlink(missing_ok=True)   # load_tokenizer must not find a stale one of the other kind
 
@@ -624,7 +611,7 @@ def copy_sentencepiece(path: Path, out_dir: Path, **meta):
     except Exception as e:
         raise ValueError(f"{path} is neither SentencePiece nor tiktoken: {str(e).splitlines()[0]}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / SP_FILE, path.read_bytes())
+    write_atomic({out_dir / SP_FILE: path.read_bytes()})
     write_meta(out_dir, type="sentencepiece", **meta)
     (out_dir / TIKTOKEN_FILE).unlink(missing_ok=True)
 

@@ -1,9 +1,8 @@
 # A llama-architecture GGUF -> our checkpoint folder: model.pth (float32, every tensor dequantized),
 # config.json (ModelArgs from the GGUF metadata) and the tokenizer (from the GGUF's tokenizer metadata).
 #   python scripts/convert_gguf.py --gguf FILE --out_dir DIR [--model_name NAME]
-import argparse
-import json
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -11,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from convert_hf_checkpoint import SHAPE_FIELDS, check_fits, find_entry, first_line, write_atomic  # noqa: E402
+from cli import ArgumentParser, command_line, first_line, new_dir, writable_dir  # noqa: E402
+from convert_hf_checkpoint import SHAPE_FIELDS, check_fits, find_entry, write_checkpoint  # noqa: E402
 from model import ModelArgs, transformer_configs  # noqa: E402
 
 # GGUF name template -> our name, or (our name, part) for the parts of the fused [q; k; v]
@@ -128,31 +128,31 @@ def convert_state_dict(reader, args: ModelArgs) -> dict:
 
 
 def convert_gguf(gguf_path, out_dir, model_name=None) -> ModelArgs:
-    """Read and check everything first; then write the tokenizer, config.json and model.pth, each atomically."""
+    """Read and check everything first; then write the tokenizer, config.json and model.pth together (all or none:
+    the tokenizer is prepared in a temporary folder, and a failure, Ctrl-C included, leaves out_dir as it was)."""
     import tokenizer
+    out_dir = Path(out_dir)
+    writable_dir(out_dir, create=True)   # before dequantizing
     reader = read_gguf(Path(gguf_path))
     args = args_from_gguf(reader, model_name or Path(gguf_path).stem)
     state_dict = convert_state_dict(reader, args)
     check_fits(state_dict, args, "the GGUF metadata")
-    out_dir = Path(out_dir)
-    tokenizer.tokenizer_from_gguf(reader, out_dir)     # checks its input before it makes out_dir
-    write_atomic({out_dir / "config.json": lambda f: f.write(json.dumps(args.to_dict(), indent=2).encode()),
-                  out_dir / "model.pth": lambda f: torch.save(state_dict, f)})
+    with new_dir(out_dir), tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer.", suffix=".tmp") as stage:
+        tokenizer.tokenizer_from_gguf(reader, Path(stage))
+        write_checkpoint(out_dir, state_dict, args, Path(stage))
     print(f"wrote {out_dir / 'model.pth'} ({len(state_dict)} tensors, float32), config.json ({args.name}) "
           f"and the tokenizer", file=sys.stderr)
     return args
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert a llama-architecture GGUF into a zoofast checkpoint folder.")
+    p = ArgumentParser(description="Convert a llama-architecture GGUF into a zoofast checkpoint folder.")
     p.add_argument("--gguf", type=Path, required=True, help="the .gguf file")
     p.add_argument("--out_dir", type=Path, required=True, help="checkpoints/ORG/NAME")
     p.add_argument("--model_name", default=None, help="entry name in model.py, for its name and chat format (default: the file name)")
     args = p.parse_args(argv)
-    try:
+    with command_line():
         convert_gguf(args.gguf, args.out_dir, args.model_name)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
