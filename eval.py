@@ -2,9 +2,7 @@
 #   python eval.py --checkpoint_path checkpoints/ORG/NAME/model.pth --tasks zoo_mc zoo_ppl zoo_gen [--limit N]
 # The local tasks in tasks/ run offline; hub tasks (hellaswag, wikitext, mmlu, ...) need the hub, or a task
 # folder of your own with local data (--include_path DIR).
-import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,8 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import cli
 import generate as gen
-from tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent
 LOCAL_TASKS = REPO / "tasks"
@@ -107,12 +105,15 @@ def make_lm(model, tokenizer, batch_size: int = 4, max_length: int = 2048):
     return ZooLM()
 
 
-def run_eval(lm, tasks: list, limit=None, num_fewshot=None, include_path=None) -> dict:
-    import lm_eval
+def task_manager(include_path=None):
     from lm_eval.tasks import TaskManager
-    paths = [str(LOCAL_TASKS)] + ([str(include_path)] if include_path else [])
+    return TaskManager(include_path=[str(LOCAL_TASKS)] + ([str(include_path)] if include_path else []))
+
+
+def run_eval(lm, tasks: list, limit=None, num_fewshot=None, include_path=None, manager=None) -> dict:
+    import lm_eval
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
-                                   task_manager=TaskManager(include_path=paths), log_samples=False)
+                                   task_manager=manager or task_manager(include_path), log_samples=False)
 
 
 def one_line(e: Exception) -> str:
@@ -125,7 +126,7 @@ def one_line(e: Exception) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="lm-eval accuracy of a zoofast checkpoint.")
+    p = cli.ArgumentParser(description="lm-eval accuracy of a zoofast checkpoint.")
     p.add_argument("--checkpoint_path", default=str(gen.DEFAULT_CHECKPOINT),
                    help="model*.pth (float or quantized), its folder, or a prepared model's name")
     p.add_argument("--tasks", nargs="+", required=True, help="lm-eval task names (local ones: zoo_mc zoo_ppl zoo_gen)")
@@ -139,36 +140,42 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="bf16", choices=sorted(gen.PRECISIONS))
     args = p.parse_args(argv)
-    with gen.command_line():
+    with cli.command_line():
         results = run(args)
-    if results is None:   # under torchrun every rank scores every request; lm-eval reports on rank 0 alone
-        return
-    from lm_eval.utils import make_table
-    print(make_table(results))
-    if args.output_path:
-        tmp = args.output_path.with_name(args.output_path.name + ".tmp")
-        tmp.write_text(json.dumps({k: results[k] for k in ("results", "configs", "versions", "n-shot") if k in results},
-                                  indent=2, default=str))
-        os.replace(tmp, args.output_path)
-        print(f"results written to {args.output_path}", file=sys.stderr)
+        if results is None:   # under torchrun every rank scores every request; lm-eval reports on rank 0 alone
+            return
+        from lm_eval.utils import make_table
+        print(make_table(results))
+        if args.output_path:
+            kept = {k: results[k] for k in ("results", "configs", "versions", "n-shot") if k in results}
+            cli.write_atomic({args.output_path: json.dumps(kept, indent=2, default=str).encode()})
+            print(f"results written to {args.output_path}", file=sys.stderr)
 
 
 def run(args) -> dict:
+    """Checks everything a user can get wrong (flags, tasks, the output folder, the checkpoint) before loading the
+    model; then scores it."""
     tasks = [t for arg in args.tasks for t in arg.split(",") if t]
-    if args.batch_size <= 0 or args.max_seq_length <= 0:
-        raise ValueError("--batch_size and --max_seq_length must be positive")
-    if args.limit is not None and args.limit <= 0:
-        raise ValueError(f"--limit must be positive, got {args.limit}")
+    cli.positive(args, "batch_size", "max_seq_length", "limit")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
     if args.include_path is not None and not args.include_path.is_dir():
         raise FileNotFoundError(f"--include_path {args.include_path} is not a folder")
-    if args.output_path is not None and not args.output_path.resolve().parent.is_dir():
-        raise FileNotFoundError(f"the folder of --output_path {args.output_path} does not exist")
+    if args.output_path is not None:
+        cli.writable_file(args.output_path)   # found now, not after the whole run
     try:
         import lm_eval  # noqa: F401
     except ImportError:
         raise ValueError("eval.py needs lm-eval: pip install lm-eval") from None
     device = gen.pick_device(args.device)
     checkpoint = gen.find_checkpoint(args.checkpoint_path)
+    cli.read_checkpoint(checkpoint)   # a bad file is found now (mmapped: cheap), not after lm-eval indexes its tasks
+    tokenizer = cli.read_tokenizer(checkpoint.parent)
+    manager = task_manager(args.include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval tasks {unknown}; local ones: zoo_mc zoo_ppl zoo_gen, or pass "
+                         "--include_path FOLDER with your own yamls")
     rank, device = gen.start_tp(device)
     t0 = time.perf_counter()
     model = gen.load_model(checkpoint, device, gen.PRECISIONS[args.precision], use_tp=rank is not None)
@@ -176,11 +183,10 @@ def run(args) -> dict:
           file=sys.stderr)
     if args.compile:
         gen.compile_decode(device)
-    lm = make_lm(model, load_tokenizer(checkpoint.parent), args.batch_size,
-                 min(args.max_seq_length, model.config.block_size))
+    lm = make_lm(model, tokenizer, args.batch_size, min(args.max_seq_length, model.config.block_size))
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     try:
-        return run_eval(lm, tasks, limit, args.num_fewshot, args.include_path)
+        return run_eval(lm, tasks, limit, args.num_fewshot, manager=manager)
     except Exception as e:   # lm-eval and datasets raise many kinds; the user gets one line
         raise ValueError(one_line(e)) from None
 

