@@ -1,359 +1,230 @@
-# Serving: a Python API over one loaded checkpoint and an OpenAI-compatible HTTP server, with dynamic batching.
-#   python server.py [--checkpoint_path checkpoints/ORG/NAME/model.pth] [--port 8000] [--compile]
+# OpenAI-compatible HTTP serving over engine.Engine (dynamic batching), and a chat page at /.
+#   python server.py [--checkpoint_path checkpoints/ORG/NAME/model.pth] [--port 8000] [--compile] [--api_key KEY]
 #   curl localhost:8000/v1/chat/completions -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi"}]}'
 # or any OpenAI client with base_url="http://localhost:8000/v1", or a browser at http://localhost:8000/.
 #
-# One scheduler thread owns the model. The static KV cache has max_batch_size rows ("slots"); a request is
-# prefilled into a free slot between decode steps, then decodes together with every other active slot, each at
-# its own position. A slot is freed when its request ends or its client goes away.
+# The scheduler runs on the main thread, HTTP on a thread per connection. No request can take the server down:
+# every field is checked (type and range, a 400 naming it) before it reaches the scheduler; a POST needs a
+# Content-Length within --max_body_mb; the request line, headers and body must arrive within --request_timeout;
+# a socket read or write waits at most --timeout (so idle keep-alive connections close); at most
+# --max_connections are open; a client that hangs up cancels its request, streaming or not. SIGTERM or Ctrl-C:
+# stop accepting, let what is in flight finish (up to DRAIN_SECONDS), exit 0. A fatal scheduler error exits 1.
 import argparse
+import hmac
 import json
+import math
+import os
 import queue
+import select
+import signal
+import socket
 import sys
 import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Iterator, Optional
 
-import torch
-
 import generate as gen
-from tokenizer import StreamDecoder, load_tokenizer
+from engine import APIError, Engine, Request, first_line, server_error  # noqa: F401  (Request: the Python API's)
 
-REPO = Path(__file__).resolve().parent
-
-
-class APIError(Exception):
-    """A request the server refuses: an HTTP status and an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code = status, kind, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+DRAIN_SECONDS = 20
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+         list: "an array"}
 
 
-class Request:
-    """One generation: its prompt ids, sampling settings and stop conditions; the scheduler feeds `events`
-    with ("text", piece) and finally ("done", finish_reason)."""
+# ---- the request body, checked field by field --------------------------------------------------------
 
-    def __init__(self, ids: list, max_tokens: int, temperature: float = 1.0, top_p: Optional[float] = None,
-                 top_k: Optional[int] = None, stop=(), seed: Optional[int] = None):
-        self.ids, self.max_tokens, self.stop = ids, max_tokens, [s for s in stop if s]
-        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-        self.seed = seed
-        self.events: queue.Queue = queue.Queue()
-        self.cancelled = False
-        self.tokens: list = []
-        self.text, self.sent = "", 0      # decoded reply so far; how much of it has gone out
-        self.finish_reason: Optional[str] = None
-
-    def cancel(self):
-        self.cancelled = True
+def short(value) -> str:
+    text = repr(value) if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
-class Engine:
-    """One checkpoint, max_batch_size slots, a scheduler. The Python API: response(prompt), stream_response(prompt)
-    and chat(messages[, stream=True]), each with sampling keywords (max_tokens, temperature, top_p, top_k, stop,
-    seed); submit() for a Request of token ids. background=True runs the scheduler on a thread of its own, for
-    callers on several threads."""
-
-    def __init__(self, checkpoint_path=gen.DEFAULT_CHECKPOINT, device: str = "auto", precision: str = "bf16",
-                 max_batch_size: int = 8, max_seq_length: int = 2048, max_waiting: Optional[int] = None,
-                 compile: bool = False, background: bool = False):
-        if max_batch_size <= 0 or max_seq_length <= 1:
-            raise ValueError("max_batch_size must be positive and max_seq_length above 1")
-        if precision not in gen.PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(sorted(gen.PRECISIONS))}")
-        self.device = gen.pick_device(device)
-        checkpoint = gen.find_checkpoint(checkpoint_path)
-        self.tokenizer = load_tokenizer(checkpoint.parent)
-        self.model = gen.load_model(checkpoint, self.device, gen.PRECISIONS[precision])
-        config = self.model.config
-        self.name = config.name or checkpoint.parent.name
-        self.max_batch_size = max_batch_size
-        self.max_seq_length = min(max_seq_length, config.block_size)
-        self.max_waiting = max_batch_size if max_waiting is None else max_waiting
-        with torch.no_grad():
-            self.model.setup_caches(max_batch_size, self.max_seq_length)
-        self.slots: list = [None] * max_batch_size           # the Request decoding in each cache row
-        self.cur = torch.zeros(max_batch_size, 1, dtype=torch.int, device=self.device)     # each slot's last token
-        self.pos = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)    # and its position
-        self.busy = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)   # 1 where a request decodes
-        self.waiting: queue.Queue = queue.Queue()
-        self.lock = threading.Lock()
-        self.step_fn = gen.compile_step(decode_logits, self.device, dynamic=False) if compile else decode_logits
-        self.closed = False
-        self.peak_busy = 0   # the most requests that have decoded together
-        self.in_flight = 0   # submitted and not yet finished
-        self.steps = 0       # decode steps run (each reads the weights once)
-        self.weight_bytes = gen.weight_bytes_per_token(self.model)   # what one decode step reads
-        self.buckets = bucket_sizes(max_batch_size)
-        if compile:   # one graph per batch bucket, compiled now rather than on the first users' time
-            with torch.no_grad():
-                for n in self.buckets:
-                    self.step_fn(self.model, self.cur[:n], self.pos[:n])
-        # who runs the scheduler: a thread of its own (background), the caller's thread via run() (server.py: the
-        # main thread, where torch's OpenMP kernels run twice as fast as on other threads here), or, if neither,
-        # each stream() call pumps it while it waits (one-thread use of the Python API)
-        self.thread = threading.Thread(target=self.run, name="scheduler", daemon=True) if background else None
-        self.driven = background
-        if self.thread:
-            self.thread.start()
-
-    # ---- the Python API ----------------------------------------------------------------------------
-
-    def submit(self, ids: list, max_tokens: Optional[int] = None, **sampling) -> Request:
-        """Queue a generation of token ids; raises APIError (4xx) for what cannot run."""
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        room = self.max_seq_length - len(ids)
-        if room < 1:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; this server's context is {self.max_seq_length} "
-                                f"tokens (prompt and reply)", param="messages", code="context_length_exceeded")
-        if max_tokens is None:
-            max_tokens = room
-        if max_tokens > room:
-            raise APIError(400, f"{len(ids)} prompt tokens + max_tokens {max_tokens} exceed this server's context of "
-                                f"{self.max_seq_length} tokens", param="max_tokens", code="context_length_exceeded")
-        request = Request(ids, max_tokens, **sampling)
-        with self.lock:
-            if self.closed:
-                raise APIError(503, "the server is shutting down", kind="server_error")
-            if self.in_flight >= self.max_batch_size + self.max_waiting:
-                raise APIError(429, f"too many concurrent requests ({self.in_flight}); retry shortly",
-                               kind="rate_limit_error", code="too_many_requests")
-            self.in_flight += 1
-            self.waiting.put(request)
-        return request
-
-    def stream(self, request: Request) -> Iterator[str]:
-        """Pieces of the request's reply as they are decoded; cancels it if the consumer stops early."""
-        try:
-            while True:
-                if not self.driven and request.events.empty():
-                    if not self.tick(block=False):
-                        raise APIError(503, "the engine is closed", kind="server_error")
-                    continue
-                kind, value = request.events.get()
-                if kind == "done":
-                    return
-                yield value
-        finally:
-            if request.finish_reason is None:
-                request.cancel()
-
-    def stream_response(self, prompt: str, **params) -> Iterator[str]:
-        return self.stream(self.submit(self.tokenizer.encode(prompt, bos=True), **params))
-
-    def response(self, prompt: str, **params) -> str:
-        return "".join(self.stream_response(prompt, **params))
-
-    def chat(self, messages: list, stream: bool = False, **params):
-        """A reply to a message history ([{"role": ..., "content": ...}]) in the model's own chat format."""
-        pieces = self.stream(self.submit(self.chat_ids(messages), **params))
-        return pieces if stream else "".join(pieces)
-
-    def chat_ids(self, messages) -> list:
-        try:
-            return self.tokenizer.apply_chat(messages, add_generation_prompt=True)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-
-    def close(self):
-        with self.lock:
-            self.closed = True
-        self.waiting.put(None)
-        if self.thread:
-            self.thread.join(timeout=30)
-
-    # ---- the scheduler -----------------------------------------------------------------------------
-
-    def tick(self, block: bool) -> bool:
-        """Admit what waits (block: wait for a request if none is busy), then one decode step. False once closed."""
-        if not self.admit(block=block and all(s is None for s in self.slots)):
-            return False
-        if any(s is not None for s in self.slots):
-            self.step()
-        return True
-
-    def run(self):
-        """Run the scheduler on this thread until close()."""
-        self.driven = True
-        reason = "cancelled"
-        try:
-            while self.tick(block=True):
-                pass
-        except Exception as e:   # the model failed: every request gets an error, the server stops taking work
-            print(f"error: scheduler stopped: {e}", file=sys.stderr)
-            reason = "error"
-        with self.lock:
-            self.closed = True
-        for r in [s for s in self.slots if s is not None] + list(self.waiting.queue):
-            if r is not None:
-                self.finish(r, reason)
-
-    @torch.no_grad()
-    def admit(self, block: bool) -> bool:
-        """Prefill waiting requests into free slots, one at a time (a prompt's logits are [T, vocab]: a batch of
-        long prompts would hold several of those at once). False once the engine is closed."""
-        for row in [i for i, s in enumerate(self.slots) if s is None]:
-            try:
-                r = self.waiting.get(block=block)
-            except queue.Empty:
-                break
-            if r is None:
-                return False
-            block = False
-            if r.cancelled:
-                self.finish(r, "cancelled")
-                continue
-            T = len(r.ids)
-            logits = self.model(torch.tensor([r.ids], dtype=torch.int, device=self.device),
-                                torch.arange(T, device=self.device).view(1, T), rows=torch.tensor([row], device=self.device))
-            self.slots[row] = r
-            r.generator = torch.Generator(self.device)
-            r.generator.manual_seed(r.seed if r.seed is not None else torch.seed())
-            r.decoder = StreamDecoder(self.tokenizer)
-            self.pos[row], self.busy[row] = T, 1
-            self.emit(row, r, self.pick(r, logits[0, -1]))
-        self.peak_busy = max(self.peak_busy, sum(s is not None for s in self.slots))
-        return True
-
-    @torch.no_grad()
-    def step(self):
-        """One decode step for the first n slots (n: the bucket that covers every busy slot)."""
-        busy = max(i for i, s in enumerate(self.slots) if s is not None) + 1
-        n = next(b for b in self.buckets if b >= busy)
-        logits = self.step_fn(self.model, self.cur[:n], self.pos[:n])
-        self.steps += 1
-        self.pos[:n] += self.busy[:n]   # a free slot in the bucket decodes a dummy row at position 0, never read
-        greedy = logits.argmax(-1).tolist()
-        for row in range(busy):
-            r = self.slots[row]
-            if r is None:
-                continue
-            if r.cancelled:
-                self.finish(r, "cancelled")
-                continue
-            self.emit(row, r, greedy[row] if r.temperature <= 0 else self.pick(r, logits[row]))
-
-    def pick(self, r: Request, logits: torch.Tensor) -> int:
-        if r.temperature <= 0:
-            return int(logits.argmax())
-        probs = gen.logits_to_probs(logits.float().unsqueeze(0), r.temperature, r.top_k, r.top_p)
-        q = torch.empty_like(probs).exponential_(1, generator=r.generator)   # argmax(p / Exp(1)) samples from p
-        return int(torch.argmax(probs / q))
-
-    def emit(self, row: int, r: Request, token: int):
-        """Record a sampled token: send the text that is safe to send, end the request if it is done."""
-        self.cur[row] = token
-        r.tokens.append(token)
-        if token in self.tokenizer.stop_ids:
-            return self.finish(r, "stop")
-        r.text += r.decoder.push(token)
-        cut = min((i for i in (r.text.find(s) for s in r.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            r.text = r.text[:cut]
-            return self.finish(r, "stop")
-        if len(r.tokens) >= r.max_tokens:   # submit() keeps prompt + max_tokens within the cache
-            r.text += r.decoder.flush()
-            return self.finish(r, "length")
-        hold = max((k for s in r.stop for k in range(1, len(s)) if r.text.endswith(s[:k])), default=0)
-        self.send(r, len(r.text) - hold)   # a possible start of a stop string waits for the next token
-
-    def send(self, r: Request, upto: int):
-        if upto > r.sent:
-            r.events.put(("text", r.text[r.sent:upto]))
-            r.sent = upto
-
-    def finish(self, r: Request, reason: str):
-        if r in self.slots:
-            row = self.slots.index(r)
-            self.slots[row] = None
-            self.pos[row], self.busy[row] = 0, 0
-        r.finish_reason = reason
-        with self.lock:
-            self.in_flight -= 1
-        self.send(r, len(r.text))
-        r.events.put(("done", reason))
+def get(body: dict, name: str, kind, default=None, param: Optional[str] = None):
+    """body[name] if it is of `kind` (int: not a bool; float: any finite number), default when absent or null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if kind is float:
+        ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise APIError(400, f"{param or name} must be {KINDS[kind]}, got {short(value)}", param=param or name)
+    return value
 
 
-def bucket_sizes(max_batch_size: int) -> list:
-    """Decode batch sizes: powers of two up to max_batch_size, so a step computes about as many rows as are busy."""
-    sizes, n = [], 1
-    while n < max_batch_size:
-        sizes.append(n)
-        n *= 2
-    return sizes + [max_batch_size]
+def unsupported(name: str, why: str = "is not supported by this server yet"):
+    raise APIError(400, f"{name} {why}", param=name)
 
 
-def decode_logits(model, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """One decode step for a batch of slots: x, input_pos [n, 1] -> next-token logits [n, V]."""
-    return model(x, input_pos)[:, -1]
+def parse_json(data: bytes) -> dict:
+    """A JSON object; NaN, Infinity and numbers past a float's range are not JSON numbers we take."""
+    def constant(name):
+        raise ValueError(f"{name} is not a JSON number")
+
+    def finite(text):
+        if not math.isfinite(float(text)):
+            raise ValueError(f"the number {text[:20]} is out of range")
+        return float(text)
+
+    try:
+        body = json.loads(data, parse_constant=constant, parse_float=finite)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+    except ValueError as e:   # UnicodeDecodeError, and ints of more than 4300 digits, too
+        raise APIError(400, f"the request body is not valid JSON ({str(e)[:120]})") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def chat_messages(body: dict) -> list:
+    messages = get(body, "messages", list)
+    if not messages:
+        raise APIError(400, "messages must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        at = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise APIError(400, f"{at} must be an object with a role and a content, got {short(m)}", param=at)
+        if m.get("role") not in ROLES:
+            raise APIError(400, f"{at}.role must be one of {', '.join(ROLES)}, got {short(m.get('role'))}",
+                           param=f"{at}.role")
+        content = m.get("content")
+        if isinstance(content, list):   # content parts: text ones only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise APIError(400, f"{at}.content: only text parts are supported", param=f"{at}.content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"{at}.content must be a string or a list of text parts, got {short(content)}",
+                           param=f"{at}.content")
+        out.append({"role": ROLES[m["role"]], "content": content})
+    return out
+
+
+def completion_ids(body: dict, tokenizer) -> list:
+    """prompt: a string, or a list of token ids; one prompt a request."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, bos=True)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt   # their range is checked by Engine.submit
+    raise APIError(400, "prompt must be a string or a list of token ids (one prompt a request)", param="prompt")
+
+
+def sampling_params(body: dict, chat: bool) -> dict:
+    """The OpenAI fields we honour, type-checked (Engine.submit checks their ranges); fields we know but cannot
+    honour yet are a 400 unless they hold their default; unknown fields are ignored, as OpenAI does."""
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = get(body, name, int, None if chat else 16)
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"{name} must be at least 1, got {short(max_tokens)}", param=name)
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise APIError(400, f"stop must be a string or a list of strings, got {short(body.get('stop'))}", param="stop")
+    if get(body, "n", int, 1) != 1:
+        unsupported("n", "must be 1 (several choices a request are not supported yet)")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if get(body, penalty, float, 0) != 0:
+            unsupported(penalty, "other than 0 is not supported by this server yet")
+    if get(body, "logit_bias", dict, {}):
+        unsupported("logit_bias")
+    if chat and get(body, "logprobs", bool, False) or not chat and get(body, "logprobs", int) is not None:
+        unsupported("logprobs")
+    if get(body, "top_logprobs", int, 0):
+        unsupported("top_logprobs")
+    if not chat and (get(body, "echo", bool, False) or get(body, "suffix", str) or get(body, "best_of", int, 1) != 1):
+        unsupported("echo, suffix and best_of", "are not supported by this server")
+    fmt = get(body, "response_format", dict)
+    if fmt is not None and fmt.get("type") != "text":
+        unsupported("response_format", f"{short(fmt.get('type'))} is not supported yet (only \"text\")")
+    return dict(max_tokens=max_tokens, temperature=get(body, "temperature", float, 1.0),
+                top_p=get(body, "top_p", float), top_k=get(body, "top_k", int), stop=stop, seed=get(body, "seed", int))
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------------
 
-def sampling_params(body: dict, default_max_tokens: Optional[int]) -> dict:
-    """The OpenAI request fields we honour, checked; a bad value is a 400 naming its field."""
-    def number(name, default, lo, hi, kind=float):
-        value = body.get(name, default)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise APIError(400, f"{name} must be a number, got {value!r}", param=name)
-        if not lo <= value <= hi:
-            bounds = f"at least {lo}" if hi == float("inf") else f"in [{lo}, {hi}]"
-            raise APIError(400, f"{name} must be {bounds}, got {value}", param=name)
-        return kind(value)
-
-    max_tokens = number("max_completion_tokens" if "max_completion_tokens" in body else "max_tokens",
-                        default_max_tokens, 1, float("inf"), int)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise APIError(400, "stop must be a string or a list of up to 4 strings", param="stop")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n = 1 is supported", param="n")
-    top_k = number("top_k", None, 1, 1 << 30, int)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, f"seed must be an integer, got {seed!r}", param="seed")
-    return dict(max_tokens=max_tokens, temperature=number("temperature", 1.0, 0, 2), top_p=number("top_p", None, 0, 1),
-                top_k=top_k, stop=stop, seed=seed)
+class ClientGone(ConnectionError):
+    pass
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    engine: Engine = None   # set by serve()
+    engine: Engine = None            # set by serve(), as are the limits below
+    api_key: Optional[str] = None
+    max_body = 4 << 20
+    timeout = 10                     # seconds a socket read or write may wait: idle keep-alive connections close
+    request_timeout = 30             # the request line, headers and body must all arrive within this
 
     def handle(self):
         try:
             super().handle()
-        except (ConnectionResetError, BrokenPipeError):   # a client that left between requests
+        except OSError:   # a client that left, or was cut off
+            pass
+
+    def handle_one_request(self):
+        self.body_read = False
+        self.deadline = threading.Timer(self.request_timeout, self.cut_off)   # a slow-drip client is cut off
+        self.deadline.daemon = True
+        self.deadline.start()
+        try:
+            super().handle_one_request()
+        finally:
+            self.deadline.cancel()
+
+    def cut_off(self):
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)   # its pending read returns at once
+        except OSError:
             pass
 
     def log_message(self, fmt, *args):   # one line a request on stderr, without the default's timestamp clutter
-        print(f"{self.address_string()} {fmt % args}", file=sys.stderr)
+        print(f"{self.address_string()} {fmt % args}"[:300], file=sys.stderr)
 
     # -- plumbing
+    def has_unread_body(self) -> bool:
+        headers = getattr(self, "headers", None)
+        if headers is None:
+            return True
+        return not self.body_read and bool(headers.get("Transfer-Encoding") or
+                                           headers.get("Content-Length", "").strip() not in ("", "0"))
+
     def send_json(self, status: int, body: dict):
+        if self.has_unread_body():   # it would be read as the next request: close instead
+            self.close_connection = True
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line, too many or too long headers, an unknown method),
+        in OpenAI's shape."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":   # a garbled request line: still answer with a status line
+            self.request_version = "HTTP/1.1"
+        try:
+            self.send_json(code, APIError(code, message or self.responses.get(code, ("error",))[0]).body())
+        except OSError:
+            pass
 
     def send_page(self):
         data = CHAT_PAGE.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        if self.has_unread_body():
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 
@@ -369,61 +240,124 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
-    def read_json(self) -> dict:
+    def end_events(self):
+        self.send_event(b"[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def read_body(self) -> bytes:
+        """The body, by a Content-Length that is there once, plain digits, and within max_body."""
+        if self.headers.get("Transfer-Encoding"):
+            raise APIError(411, "chunked request bodies are not supported; send a Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            raise APIError(411, "a POST needs a Content-Length header")
+        text = lengths[0].strip()
+        if len(lengths) > 1 or not (text.isascii() and text.isdigit()) or len(text) > 15:
+            raise APIError(400, f"bad Content-Length {short(', '.join(lengths))}")
+        if int(text) > self.max_body:
+            raise APIError(413, f"the body has {text} bytes; this server takes at most {self.max_body}")
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length) or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        model = body.get("model")
-        if model is not None and model not in (self.engine.name, "default"):
-            raise APIError(404, f"the model {model!r} does not exist; this server has {self.engine.name!r}",
-                           param="model", code="model_not_found")
-        return body
+            data = self.rfile.read(int(text))
+        except OSError:
+            data = b""
+        self.body_read = True
+        self.deadline.cancel()
+        if len(data) < int(text):
+            self.close_connection = True
+            raise APIError(400, f"the body ended after {len(data)} of its {text} bytes")
+        return data
+
+    def check_auth(self):
+        if self.api_key and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
+                                                    f"Bearer {self.api_key}".encode()):
+            raise APIError(401, "a valid API key is needed: Authorization: Bearer KEY", code="invalid_api_key")
+
+    def client_gone(self) -> bool:
+        """True once the client has closed its end: readable, and a peek reads nothing (or the socket failed)."""
+        try:
+            poll = select.poll()
+            poll.register(self.connection, select.POLLIN)
+            return bool(poll.poll(0)) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+
+    def pieces(self, request: Request) -> Iterator[str]:
+        """The request's reply as the scheduler decodes it; a client that hangs up meanwhile cancels it
+        (ClientGone). A failed request raises its APIError."""
+        check = time.monotonic()
+        while True:
+            try:
+                kind, value = request.events.get(timeout=0.25)
+            except queue.Empty:
+                kind = None
+            if time.monotonic() >= check:
+                check = time.monotonic() + 0.25
+                if self.client_gone():
+                    request.cancel()
+                    raise ClientGone()
+            if kind == "done":
+                if request.error is not None:
+                    raise request.error
+                return
+            if kind == "text":
+                yield value
 
     # -- routes
     def do_GET(self):
+        self.deadline.cancel()
         path = self.path.split("?")[0]
-        if path == "/health":
+        try:
+            if path in ("/", "/index.html"):
+                return self.send_page()
             e = self.engine
-            return self.send_json(200, {"status": "ok", "busy": sum(s is not None for s in e.slots),
-                                        "waiting": e.waiting.qsize(), "decode_steps": e.steps,
-                                        "weight_bytes_per_step": e.weight_bytes})
-        if path == "/v1/models":
-            return self.send_json(200, {"object": "list", "data": [
-                {"id": self.engine.name, "object": "model", "created": 0, "owned_by": "zoofast"}]})
-        if path in ("/", "/index.html"):
-            return self.send_page()
-        self.send_json(404, APIError(404, f"no route GET {path}").body())
+            if path == "/health":   # no key needed: load balancers ask it
+                return self.send_json(503 if e.closed else 200, {
+                    "status": "shutting_down" if e.closed else "ok", "busy": sum(s is not None for s in e.slots),
+                    "waiting": e.waiting.qsize(), "decode_steps": e.steps, "weight_bytes_per_step": e.weight_bytes})
+            self.check_auth()
+            if path == "/v1/models":
+                return self.send_json(200, {"object": "list", "data": [
+                    {"id": e.name, "object": "model", "created": 0, "owned_by": "zoofast"}]})
+            raise APIError(404, f"no route GET {path[:100]}")
+        except APIError as err:
+            self.send_json(err.status, err.body())
 
     def do_POST(self):
         path = self.path.split("?")[0]
         try:
+            self.check_auth()
             if path not in ("/v1/chat/completions", "/v1/completions"):
-                raise APIError(404, f"no route POST {path}")
-            body = self.read_json()
+                raise APIError(404, f"no route POST {path[:100]}")
+            body = parse_json(self.read_body())
+            model = body.get("model")
+            if model is not None and model not in (self.engine.name, "default"):
+                raise APIError(404, f"the model {short(model)} does not exist; this server has {self.engine.name!r}",
+                               param="model", code="model_not_found")
             chat = path == "/v1/chat/completions"
-            if chat:
-                messages = body.get("messages")
-                if not isinstance(messages, list) or not messages:
-                    raise APIError(400, "messages must be a non-empty list", param="messages")
-                ids = self.engine.chat_ids([{"role": m.get("role"), "content": m.get("content")}
-                                            if isinstance(m, dict) else m for m in messages])
-            else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1:
-                    prompt = prompt[0]
-                if not isinstance(prompt, str):
-                    raise APIError(400, "prompt must be a string", param="prompt")
-                ids = self.engine.tokenizer.encode(prompt, bos=True)
-            request = self.engine.submit(ids, **sampling_params(body, None if chat else 16))
+            ids = self.engine.chat_ids(chat_messages(body)) if chat else completion_ids(body, self.engine.tokenizer)
+            params = sampling_params(body, chat)
+            stream = get(body, "stream", bool, False)
+            options = get(body, "stream_options", dict, {})
+            usage = get(options, "include_usage", bool, False, param="stream_options.include_usage")
+            request = self.engine.submit(ids, **params)
         except APIError as e:
             return self.send_json(e.status, e.body())
-        self.reply(request, chat, bool(body.get("stream")), body.get("stream_options") or {})
+        except Exception as e:   # a bug of ours: the client still gets an answer, and the server goes on
+            print(f"error: {first_line(e)} in POST {path[:100]}", file=sys.stderr, flush=True)
+            return self.send_json(500, server_error(e).body())
+        try:
+            self.server.responding += 1
+            self.reply(request, chat, stream, usage)
+        except Exception as e:   # the client went away (or a bug of ours): its request ends, the connection too
+            request.cancel()
+            self.close_connection = True
+            if not isinstance(e, OSError):
+                print(f"error: {first_line(e)} replying to POST {path[:100]}", file=sys.stderr, flush=True)
+        finally:
+            self.server.responding -= 1
 
-    def reply(self, request: Request, chat: bool, stream: bool, stream_options: dict):
+    def reply(self, request: Request, chat: bool, stream: bool, include_usage: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.engine.name}
@@ -440,27 +374,59 @@ class Handler(BaseHTTPRequestHandler):
             return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
 
         if not stream:
-            text = "".join(self.engine.stream(request))
-            if request.finish_reason == "error":
-                return self.send_json(500, APIError(500, "generation failed", kind="server_error").body())
+            try:
+                text = "".join(self.pieces(request))
+            except APIError as e:
+                return self.send_json(e.status, e.body())
             return self.send_json(200, dict(head, choices=[choice(text, request.finish_reason)], usage=usage()))
         chunk = dict(head, object="chat.completion.chunk" if chat else "text_completion")
+        self.start_events()
+        if chat:
+            self.send_event(dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                  "finish_reason": None}]))
         try:
-            self.start_events()
-            if chat:
-                self.send_event(dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                      "finish_reason": None}]))
-            for piece in self.engine.stream(request):
+            for piece in self.pieces(request):
                 self.send_event(dict(chunk, choices=[choice(piece, None, delta=True)]))
-            self.send_event(dict(chunk, choices=[choice("", request.finish_reason, delta=True)]))
-            if stream_options.get("include_usage"):
-                self.send_event(dict(chunk, choices=[], usage=usage()))
-            self.send_event(b"[DONE]")
-            self.wfile.write(b"0\r\n\r\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):   # the client went away: free its slot
-            request.cancel()
-            self.close_connection = True
+        except APIError as e:   # after the headers: the error is an event of its own, as OpenAI's streams do
+            self.send_event(e.body())
+            return self.end_events()
+        self.send_event(dict(chunk, choices=[choice("", request.finish_reason, delta=True)]))
+        if include_usage:
+            self.send_event(dict(chunk, choices=[], usage=usage()))
+        self.end_events()
+
+
+class Server(ThreadingHTTPServer):
+    """A thread per connection, at most max_connections of them; one more is told 503 and closed."""
+    daemon_threads = True
+    BUSY = APIError(503, "too many open connections; retry shortly", kind="server_error").body()
+
+    def __init__(self, address, handler, max_connections: int):
+        super().__init__(address, handler)
+        self.open = threading.BoundedSemaphore(max_connections)
+        self.responding = 0   # replies being written (a shutdown waits for them)
+
+    def process_request(self, request, client_address):
+        if not self.open.acquire(blocking=False):
+            data = json.dumps(self.BUSY).encode()
+            try:
+                request.settimeout(1)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+            except OSError:
+                pass
+            return self.shutdown_request(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.open.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.open.release()
 
 
 CHAT_PAGE = """<!doctype html>
@@ -483,7 +449,18 @@ form { display: flex; gap: .5em; } textarea { flex: 1; height: 3.5em; font: inhe
 const messages = [];
 const log = document.getElementById("log"), input = document.getElementById("input");
 const send = document.getElementById("send"), form = document.getElementById("form");
-fetch("/v1/models").then(r => r.json()).then(j => { document.getElementById("model").textContent = j.data[0].id; });
+let key = localStorage.getItem("zoofast_api_key") || "";
+async function call(path, init = {}) {   // asks for the API key when the server wants one
+  for (;;) {
+    const headers = Object.assign({}, init.headers || {}, key ? {"Authorization": "Bearer " + key} : {});
+    const res = await fetch(path, Object.assign({}, init, {headers}));
+    if (res.status !== 401) return res;
+    key = prompt("This server needs an API key:") || "";
+    if (!key) return res;
+    localStorage.setItem("zoofast_api_key", key);
+  }
+}
+call("/v1/models").then(r => r.json()).then(j => { document.getElementById("model").textContent = j.data[0].id; });
 function bubble(role, text) {
   const div = document.createElement("div");
   div.className = role; div.textContent = text; log.appendChild(div); return div;
@@ -499,7 +476,7 @@ form.addEventListener("submit", async e => {
   const out = bubble("assistant", "");
   out.dataset.done = "false";
   try {
-    const res = await fetch("/v1/chat/completions", {method: "POST", headers: {"Content-Type": "application/json"},
+    const res = await call("/v1/chat/completions", {method: "POST", headers: {"Content-Type": "application/json"},
       body: JSON.stringify({messages, stream: true, temperature: parseFloat(document.getElementById("temperature").value)})});
     if (!res.ok) throw new Error((await res.json()).error.message);
     const reader = res.body.getReader(), decoder = new TextDecoder();
@@ -512,7 +489,9 @@ form.addEventListener("submit", async e => {
       for (const ev of events) {
         const data = ev.replace(/^data: /, "");
         if (data === "[DONE]") continue;
-        const delta = JSON.parse(data).choices[0]?.delta?.content;
+        const event = JSON.parse(data);
+        if (event.error) throw new Error(event.error.message);
+        const delta = event.choices[0]?.delta?.content;
         if (delta) out.textContent += delta;
       }
     }
@@ -527,12 +506,13 @@ form.addEventListener("submit", async e => {
 """
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """An HTTP server over the engine (call serve_forever(), or run it in a thread)."""
-    handler = type("BoundHandler", (Handler,), {"engine": engine})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
+          max_connections: int = 64, max_body: int = 4 << 20, timeout: float = 10, request_timeout: float = 30) -> Server:
+    """An HTTP server over the engine (call serve_forever(), or run it in a thread). Someone must drive the engine:
+    engine.run() on this thread (server.py: the main thread), or Engine(background=True)."""
+    handler = type("BoundHandler", (Handler,), dict(engine=engine, api_key=api_key or None, max_body=max_body,
+                                                    timeout=timeout, request_timeout=request_timeout))
+    return Server((host, port), handler, max_connections)
 
 
 def main(argv=None):
@@ -546,26 +526,55 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (one graph per batch bucket)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="bf16", choices=sorted(gen.PRECISIONS))
+    p.add_argument("--api_key", default=os.environ.get("ZOOFAST_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $ZOOFAST_API_KEY; none: open)")
+    p.add_argument("--max_connections", type=int, default=64, help="open connections at most")
+    p.add_argument("--max_body_mb", type=float, default=4, help="largest request body taken")
+    p.add_argument("--timeout", type=float, default=10, help="seconds a socket read or write waits (idle keep-alive)")
+    p.add_argument("--request_timeout", type=float, default=30, help="seconds to send request line, headers and body")
     args = p.parse_args(argv)
-    if not 0 <= args.port < 65536:
-        raise SystemExit(f"error: --port must be in 0..65535, got {args.port}")
-    try:
+    with gen.command_line():
+        if not 0 <= args.port < 65536:
+            raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        for flag in ("max_connections", "max_body_mb", "timeout", "request_timeout"):
+            value = getattr(args, flag)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"--{flag} must be a positive number, got {value}")
         t0 = time.perf_counter()
         engine = Engine(args.checkpoint_path, args.device, args.precision, args.max_batch_size, args.max_seq_length,
                         args.max_waiting, args.compile)
-        server = serve(engine, args.host, args.port)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"serving {engine.name} on http://{args.host}:{server.server_address[1]} ({args.max_batch_size} slots, "
-          f"ready in {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+        httpd = serve(engine, args.host, args.port, args.api_key, args.max_connections, int(args.max_body_mb * 2**20),
+                      args.timeout, args.request_timeout)
+    print(f"serving {engine.name} on http://{args.host}:{httpd.server_address[1]} ({args.max_batch_size} slots"
+          f"{', API key required' if args.api_key else ''}, ready in {time.perf_counter() - t0:.1f} s)",
+          file=sys.stderr, flush=True)
+    threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
+
+    def stop_accepting():
+        httpd.shutdown()
+        httpd.server_close()   # new connections are refused from here on
+
+    def on_signal(signum, frame):
+        if engine.drain_deadline is not None:   # a second one: stop now
+            raise KeyboardInterrupt
+        print(f"shutting down: finishing {engine.in_flight} request(s) in flight (at most {DRAIN_SECONDS} s; "
+              f"again to stop now)", file=sys.stderr, flush=True)
+        engine.drain(DRAIN_SECONDS)
+        threading.Thread(target=stop_accepting, daemon=True).start()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         engine.run()   # the model on the main thread; HTTP requests on their own threads
     except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
-        server.server_close()
+        raise SystemExit(130) from None
+    stop_accepting()
+    deadline = time.monotonic() + 5
+    while httpd.responding and time.monotonic() < deadline:   # let the last replies reach their clients
+        time.sleep(0.05)
+    if engine.fatal:   # engine.run() has said why
+        raise SystemExit(1)
+    print("stopped", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
