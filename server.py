@@ -541,10 +541,15 @@ def main(argv=None):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"--{flag} must be a positive number, got {value}")
         t0 = time.perf_counter()
+        try:   # bind first: a port in use fails now, not after the model has loaded (and compiled)
+            httpd = serve(None, args.host, args.port, args.api_key, args.max_connections,
+                          int(args.max_body_mb * 2**20), args.timeout, args.request_timeout)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pick another --port "
+                             f"or --host") from None
         engine = Engine(args.checkpoint_path, args.device, args.precision, args.max_batch_size, args.max_seq_length,
                         args.max_waiting, args.compile)
-        httpd = serve(engine, args.host, args.port, args.api_key, args.max_connections, int(args.max_body_mb * 2**20),
-                      args.timeout, args.request_timeout)
+        httpd.RequestHandlerClass.engine = engine
     print(f"serving {engine.name} on http://{args.host}:{httpd.server_address[1]} ({args.max_batch_size} slots"
           f"{', API key required' if args.api_key else ''}, ready in {time.perf_counter() - t0:.1f} s)",
           file=sys.stderr, flush=True)

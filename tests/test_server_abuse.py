@@ -474,3 +474,14 @@ def test_a_fatal_scheduler_error_exits_non_zero(default_checkpoint):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_port_in_use_is_one_line_before_loading():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = subprocess.run([sys.executable, "server.py", "--port", str(taken.getsockname()[1])], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        port = taken.getsockname()[1]
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use); pick another --port or --host"], r.stderr
