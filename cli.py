@@ -1,7 +1,7 @@
 # What every command shares: the command-line boundary (a user's mistake is one `error:` line, Ctrl-C is exit 130),
 # the checks that run before the long work, writes that leave either all their files or none, and the reading of a
 # checkpoint folder. Only the standard library is imported at the top (torch, model and tokenizer inside the
-# functions that read checkpoints), so that every room, model.py's neighbours included, can import this one.
+# functions that read checkpoints): any room can import this one (tokenizer.py does) without a cycle.
 import argparse
 import contextlib
 import json
@@ -239,6 +239,8 @@ def load_into(model, state_dict: dict, path):
 def read_tokenizer(folder):
     """The tokenizer of a checkpoint folder; a damaged tokenizer file is one line saying to prepare it again."""
     from tokenizer import load_tokenizer
+    if (Path(folder) / "config.json").is_file():
+        read_config(folder)   # the tokenizer reads its chat format there: a bad config is named as such
     try:
         return load_tokenizer(folder)
     except FileNotFoundError:

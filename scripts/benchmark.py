@@ -3,7 +3,6 @@
 # Variants are measured in interleaved rounds (this machine's bandwidth swings minute to minute) and
 # the median of each is reported. Writes a markdown table.
 #   python scripts/benchmark.py [--rounds 3] [--tokens 128] [--out benchmarks/decode.md]
-import argparse
 import statistics
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
 import generate as gen  # noqa: E402
 
 PROMPT = "The history of the printing press begins"
@@ -99,18 +99,25 @@ class Transformers:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description="Decode speed of the default model: ours against transformers'.")
     p.add_argument("--checkpoint_path", default=str(gen.DEFAULT_CHECKPOINT))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    with cli.command_line():
+        benchmark(args)
+
+
+def benchmark(args):
+    cli.positive(args, "rounds", "tokens", "threads")
+    if args.out is not None:
+        cli.writable_file(args.out)   # before the rounds, not after them
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint = gen.find_checkpoint(args.checkpoint_path)
-    from tokenizer import load_tokenizer
-    prompt_ids = load_tokenizer(checkpoint.parent).encode(PROMPT)
+    prompt_ids = cli.read_tokenizer(checkpoint.parent).encode(PROMPT)
 
     variants = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -153,8 +160,7 @@ def timed_rounds(variants: dict, prompt_ids: list, tokens: int, rounds: int):
 def write_table(table: str, out=None):
     print(table)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(table + "\n")
+        cli.write_atomic({out: (table + "\n").encode()})
 
 
 if __name__ == "__main__":

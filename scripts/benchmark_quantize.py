@@ -3,7 +3,6 @@
 # llama-cpp-python). Speed variants run in interleaved rounds; medians are reported. Writes a markdown table.
 #   python scripts/benchmark_quantize.py [--rounds 3] [--tokens 128] [--out benchmarks/quantize.md]
 # Quantize first: quantize.py --mode int8; --mode int4 --groupsize 32|128; --mode int4-gptq --groupsize 32|128
-import argparse
 import statistics
 import sys
 import time
@@ -13,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import PROMPT, Ours, timed_rounds, write_table  # noqa: E402
-from perplexity import HELD_OUT, gen, perplexity  # noqa: E402
+from perplexity import HELD_OUT, cli, gen, perplexity  # noqa: E402
 
 FILES = {"float": "model.pth", "int8": "model_int8.pth", "int4 g32": "model_int4.g32.pth",
          "int4 g128": "model_int4.g128.pth", "int4-gptq g32": "model_int4-gptq.g32.pth",
@@ -30,11 +29,14 @@ class LlamaCpp:
         import llama_cpp
         if ftype is not None:
             out = gguf.with_name(f"{gguf.stem}.ftype{ftype}.gguf")
-            if not out.exists():
-                params = llama_cpp.llama_model_quantize_default_params()
-                params.ftype, params.allow_requantize, params.nthread = ftype, True, threads
-                if llama_cpp.llama_model_quantize(str(gguf).encode(), str(out).encode(), ctypes.byref(params)):
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.allow_requantize, params.nthread = ftype, True, threads
+
+            def requantize(f):   # llama.cpp writes by path: into the temp file's own name, renamed when whole
+                if llama_cpp.llama_model_quantize(str(gguf).encode(), f.name.encode(), ctypes.byref(params)):
                     raise RuntimeError(f"llama.cpp could not quantize {gguf} to ftype {ftype}")
+            if not out.exists():   # an interrupted run leaves no half file to be taken for a whole one
+                cli.write_atomic({out: requantize})
             gguf = out
         self.llm = llama_cpp.Llama(str(gguf), n_threads=threads, n_ctx=1024, verbose=False)
         self.bytes = gguf.stat().st_size
@@ -50,19 +52,26 @@ class LlamaCpp:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = cli.ArgumentParser(description="Quantized modes of the default model: perplexity and decode speed.")
     p.add_argument("--checkpoint_path", default=str(gen.DEFAULT_CHECKPOINT), help="the float model.pth")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--ppl_tokens", type=int, default=None, help="score only the first N held-out tokens")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    with cli.command_line():
+        benchmark(args)
+
+
+def benchmark(args):
+    cli.positive(args, "rounds", "tokens", "ppl_tokens")
+    if args.out is not None:
+        cli.writable_file(args.out)   # before the rounds, not after them
     folder = gen.find_checkpoint(args.checkpoint_path).parent
     missing = [f for f in FILES.values() if not (folder / f).is_file()]
     if missing:
-        raise SystemExit(f"error: {folder} lacks {', '.join(missing)}; make them with quantize.py")
-    from tokenizer import load_tokenizer
-    tok = load_tokenizer(folder)
+        raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}; make them with quantize.py")
+    tok = cli.read_tokenizer(folder)
     held_out = tok.encode(HELD_OUT.read_text(), bos=True)[: args.ppl_tokens]
 
     acc = ["| weights | file MB | perplexity fp32 | perplexity bf16 |", "|---|---:|---:|---:|"]

@@ -3,7 +3,6 @@
 # The server runs in its own process; clients are threads streaming /v1/completions over HTTP.
 #   python scripts/benchmark_server.py [--concurrency 1 4 16] [--rounds 3] [--max_tokens 64] [--compile]
 #                                      [--out benchmarks/server.md]
-import argparse
 import http.client
 import json
 import statistics
@@ -14,6 +13,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import cli  # noqa: E402
+
 PROMPTS = ["Once upon a time", "The history of the printing press begins", "1, 2, 3, 4, 5,",
            "The three primary colors are", "def quicksort(items):", "Dear Sir or Madam,", "In 1969, astronauts",
            "The recipe for bread:"]
@@ -23,10 +25,12 @@ def start_server(args) -> tuple:
     cmd = [sys.executable, str(REPO / "server.py"), "--port", "0", "--checkpoint_path", args.checkpoint_path,
            "--max_batch_size", str(max(args.concurrency)), "--max_seq_length", "512", "--precision", args.precision]
     proc = subprocess.Popen(cmd + (["--compile"] if args.compile else []), stderr=subprocess.PIPE, text=True)
+    last = ""
     while True:
         line = proc.stderr.readline()
-        if not line:
-            raise SystemExit(f"error: the server did not start: {proc.wait()}")
+        if not line:   # the server's own last line says why
+            raise ValueError(f"the server did not start (exit {proc.wait()}): {last.removeprefix('error: ')}")
+        last = line.strip() or last
         if line.startswith("serving "):
             print(line.strip(), file=sys.stderr)
             threading.Thread(target=proc.stderr.read, daemon=True).start()   # drain its request log
@@ -63,16 +67,29 @@ def measure(port: int, concurrency: int, max_tokens: int, per_client: int) -> tu
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--checkpoint_path", default=str(REPO / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth"))
+    p = cli.ArgumentParser(description="Total throughput of server.py under concurrent clients.")
+    p.add_argument("--checkpoint_path", default=str(cli.DEFAULT_CHECKPOINT),
+                   help="model*.pth, its folder, or a prepared model's name (default: %(default)s)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max_tokens", type=int, default=64)
     p.add_argument("--per_client", type=int, default=2, help="requests each client sends in a round")
-    p.add_argument("--precision", default="bf16")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--compile", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    with cli.command_line():
+        benchmark(args)
+
+
+def benchmark(args):
+    cli.positive(args, "concurrency", "rounds", "max_tokens", "per_client")
+    if args.out is not None:
+        cli.writable_file(args.out)   # before the rounds, not after them
+    checkpoint = cli.find_checkpoint(args.checkpoint_path)   # prepares the default model on first use
+    cli.read_checkpoint(checkpoint)   # a bad checkpoint is found here, not through the server's log
+    cli.read_tokenizer(checkpoint.parent)
+    args.checkpoint_path = str(checkpoint)
     proc, port = start_server(args)
     try:
         weight_gb = call(port, "GET", "/health")["weight_bytes_per_step"] / 1e9
@@ -98,9 +115,8 @@ def main():
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(f"<!-- python scripts/benchmark_server.py {' '.join(sys.argv[1:])} -->\n" + table)
-        tmp.replace(args.out)
+        header = f"<!-- python scripts/benchmark_server.py {' '.join(sys.argv[1:])} -->\n"
+        cli.write_atomic({args.out: (header + table).encode()})
 
 
 if __name__ == "__main__":

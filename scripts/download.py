@@ -1,6 +1,5 @@
 # Download a Hugging Face model repo's config, weights and tokenizer into checkpoints/ORG/NAME/hf, where
 # convert_hf_checkpoint.py reads them. Offline, gated or unknown: one line saying what to place by hand.
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,9 @@ os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import cli  # noqa: E402
+
 CONFIG_FILES = ["config.json", "generation_config.json"]
 TOKENIZER_FILES = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "*.tiktoken", "vocab.json", "merges.txt"]
@@ -40,25 +42,30 @@ def hf_download(repo_id: str, hf_dir: Path, token=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Download a Hugging Face checkpoint into CHECKPOINT_DIR/ORG/NAME/hf.")
+    p = cli.ArgumentParser(description="Download a Hugging Face checkpoint into CHECKPOINT_DIR/ORG/NAME/hf.")
     p.add_argument("--repo_id", required=True, help="ORG/NAME on the Hugging Face hub")
     p.add_argument("--hf_token", default=None, help="for gated repos (default: HF_TOKEN or the saved login)")
     p.add_argument("--checkpoint_dir", type=Path, default=REPO / "checkpoints")
     args = p.parse_args(argv)
-    if args.repo_id.count("/") != 1:
-        raise SystemExit(f"error: --repo_id must be ORG/NAME, not {args.repo_id!r}")
-    hf_dir = args.checkpoint_dir / args.repo_id / "hf"
+    with cli.command_line():
+        download(args)
+
+
+def download(args):
+    if args.repo_id.count("/") != 1 or not all(args.repo_id.split("/")):
+        raise ValueError(f"--repo_id must be ORG/NAME, not {args.repo_id!r}")
+    hf_dir = cli.writable_dir(args.checkpoint_dir / args.repo_id / "hf", create=True)
     try:
         hf_download(args.repo_id, hf_dir, args.hf_token)
     except KeyboardInterrupt:
-        raise SystemExit(130) from None
+        raise
     except Exception as e:  # offline, gated, unknown repo, disk full: all end the same way for the user
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
         why = ("the repo is gated: accept its license on the hub and pass --hf_token"
                if isinstance(e, GatedRepoError) else
                "the repo does not exist or needs --hf_token" if isinstance(e, RepositoryNotFoundError) else
-               f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
-        raise SystemExit(f"error: could not download {args.repo_id} ({why}); place {BY_HAND} in {hf_dir} "
+               f"{type(e).__name__}: {cli.first_line(e)}")
+        raise ValueError(f"could not download {args.repo_id} ({why}); place {BY_HAND} in {hf_dir} "
                          f"by hand, then rerun scripts/prepare.sh {args.repo_id}") from None
     print(f"downloaded {args.repo_id} into {hf_dir}", file=sys.stderr)
 

@@ -1,6 +1,5 @@
 # Perplexity of a checkpoint (float or quantized) over a text file, in windows of --window tokens.
 #   python scripts/perplexity.py --checkpoint_path checkpoints/ORG/NAME/model_int8.pth [--text data/persuasion_ch1-4.txt]
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -10,8 +9,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import cli  # noqa: E402
 import generate as gen  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
 
 HELD_OUT = REPO / "data" / "persuasion_ch1-4.txt"
 
@@ -32,25 +31,31 @@ def perplexity(model, ids: list, window: int) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--checkpoint_path", required=True, help="model*.pth or a prepared model's name")
+    p = cli.ArgumentParser(description="Perplexity of a zoofast checkpoint over a text file.")
+    p.add_argument("--checkpoint_path", default=str(cli.DEFAULT_CHECKPOINT),
+                   help="model*.pth, its folder, or a prepared model's name (default: %(default)s)")
     p.add_argument("--text", type=Path, default=HELD_OUT)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--max_tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--precision", default="fp32", choices=sorted(gen.PRECISIONS))
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    try:
-        if args.window < 1:
-            raise ValueError(f"--window must be positive, got {args.window}")
+    with cli.command_line():
+        cli.positive(args, "window", "max_tokens")
+        device = gen.pick_device(args.device)
+        try:
+            text = args.text.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FileNotFoundError(f"cannot read --text {args.text}: {getattr(e, 'strerror', None) or e}") from None
         checkpoint = gen.find_checkpoint(args.checkpoint_path)
-        model = gen.load_model(checkpoint, gen.pick_device(args.device), gen.PRECISIONS[args.precision])
-        ids = load_tokenizer(checkpoint.parent).encode(args.text.read_text(), bos=True)[: args.max_tokens]
-        if args.window > model.config.block_size:
-            raise ValueError(f"--window {args.window} exceeds the model's context of {model.config.block_size}")
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
-    ppl = perplexity(model, ids, args.window)
+        config = cli.read_config(checkpoint.parent)
+        if args.window > config.block_size:
+            raise ValueError(f"--window {args.window} exceeds the model's context of {config.block_size}")
+        ids = cli.read_tokenizer(checkpoint.parent).encode(text, bos=True)[: args.max_tokens]
+        if len(ids) < 2:
+            raise ValueError(f"--text {args.text} gives {len(ids)} tokens; perplexity needs at least 2")
+        model = gen.load_model(checkpoint, device, gen.PRECISIONS[args.precision])
+        ppl = perplexity(model, ids, args.window)
     print(f"{checkpoint.name}: perplexity {ppl:.3f} over {len(ids) - 1} tokens of {args.text.name}")
 
 
