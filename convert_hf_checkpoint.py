@@ -534,6 +534,10 @@ def convert_hf_checkpoint(checkpoint_dir, hf_dir=None, model_name: Optional[str]
         raise ValueError(f"the HF files must not sit in {checkpoint_dir} (our config.json goes there); "
                          f"move them to {checkpoint_dir / 'hf'}")
     writable_dir(checkpoint_dir, create=True)   # before reading gigabytes
+    if chat_format:
+        from tokenizer import CHAT_FORMATS
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"unknown --chat_format {chat_format!r}; known: {', '.join(sorted(CHAT_FORMATS))}")
     model_name = model_name or "/".join(checkpoint_dir.resolve().parts[-2:])
     cfg = read_hf_config(hf_dir)
     args = resolve_args(cfg, model_name, chat_format)

@@ -156,6 +156,8 @@ def run(args) -> dict:
     """Checks everything a user can get wrong (flags, tasks, the output folder, the checkpoint) before loading the
     model; then scores it."""
     tasks = [t for arg in args.tasks for t in arg.split(",") if t]
+    if not tasks:
+        raise ValueError("--tasks names no task; local ones: zoo_mc zoo_ppl zoo_gen")
     cli.positive(args, "batch_size", "max_seq_length", "limit")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ValueError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")

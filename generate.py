@@ -406,6 +406,8 @@ def run(args):
         prompts = [tokenizer.apply_chat([{"role": "user", "content": t}]) for t in texts]
     else:
         prompts = [tokenizer.encode(t, bos=True) for t in texts]
+    if not all(prompts):   # SmolLM2, Qwen: no BOS, so an empty prompt is no token at all
+        raise ValueError("an empty --prompt gives this model no token to start from; give it some text")
     if draft_path is not None and (batch > 1 or args.interactive):
         raise ValueError("speculative decoding (--draft_checkpoint_path) takes one prompt at a time, not a batch "
                          "or --interactive")

@@ -412,6 +412,9 @@ def quantize(checkpoint_path, mode: str, groupsize: int = 32, calibration_file=N
         except (OSError, UnicodeDecodeError) as e:
             raise FileNotFoundError(f"cannot read --calibration_file {calibration_file}: {e.strerror or e}") from None
     model, state_dict = load_float(checkpoint_path)
+    if mode == "int4-gptq" and seq_length > model.config.block_size:
+        raise ValueError(f"--calibration_seq_length {seq_length} exceeds the model's context of "
+                         f"{model.config.block_size}")
     path = cli.writable_file(checkpoint_path.parent / output_name(mode, groupsize))   # before GPTQ's long work
     gptq = None
     if mode == "int4-gptq":

@@ -190,7 +190,7 @@ def test_calibration_text_from_an_lm_eval_task():
 @pytest.mark.parametrize("args, message", [
     (["--mode", "int3"], "unknown mode"),
     (["--mode", "int4", "--groupsize", "48"], "groupsize 48"),
-    (["--mode", "int4-gptq"], "--calibration_file"),   # no file, and no lm-eval data offline
+    (["--mode", "int4-gptq", "--calibration_seq_length", "32"], "--calibration_file"),   # no file, no lm-eval data offline
     (["--mode", "int8", "--quantized"], "already quantized"),
     (["--mode", "int8", "--missing"], "checkpoint not found"),
 ], ids=["unknown-mode", "groupsize", "gptq-offline", "already-quantized", "missing"])
