@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import torch
 
 import generate as gen
+from cli import first_line
 from tokenizer import StreamDecoder, load_tokenizer
 
 MAX_STOP = 4             # stop strings a request may give (OpenAI's limit)
@@ -34,12 +35,12 @@ class APIError(Exception):
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+def what(e: BaseException) -> str:
+    return f"{type(e).__name__}: {first_line(e)[:200]}"
 
 
 def server_error(e: BaseException) -> APIError:
-    return APIError(500, f"generation failed ({first_line(e)})", kind="server_error")
+    return APIError(500, f"generation failed ({what(e)})", kind="server_error")
 
 
 class Request:
@@ -237,7 +238,7 @@ class Engine:
                 if self.drain_deadline is not None and (self.in_flight == 0 or time.monotonic() > self.drain_deadline):
                     break
         except Exception as e:   # a bug of ours, or a device that no longer computes: nothing more can be served
-            self.fatal = f"scheduler stopped: {first_line(e)}"
+            self.fatal = f"scheduler stopped: {what(e)}"
             print(f"error: {self.fatal}", file=sys.stderr, flush=True)
         with self.lock:
             self.closed = True
@@ -339,7 +340,7 @@ class Engine:
             r.sent = upto
 
     def fail(self, r: Request, e: Exception):
-        print(f"error: request failed: {first_line(e)}", file=sys.stderr, flush=True)
+        print(f"error: request failed: {what(e)}", file=sys.stderr, flush=True)
         self.finish(r, "error", server_error(e))
 
     def finish(self, r: Request, reason: str, error: Optional[APIError] = None):

@@ -9,7 +9,6 @@
 # a socket read or write waits at most --timeout (so idle keep-alive connections close); at most
 # --max_connections are open; a client that hangs up cancels its request, streaming or not. SIGTERM or Ctrl-C:
 # stop accepting, let what is in flight finish (up to DRAIN_SECONDS), exit 0. A fatal scheduler error exits 1.
-import argparse
 import hmac
 import json
 import math
@@ -26,7 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator, Optional
 
 import generate as gen
-from engine import APIError, Engine, Request, first_line, server_error  # noqa: F401  (Request: the Python API's)
+from cli import ArgumentParser, command_line, positive
+from engine import APIError, Engine, Request, server_error, what  # noqa: F401  (Request: the Python API's)
 
 DRAIN_SECONDS = 20
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -344,7 +344,7 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as e:
             return self.send_json(e.status, e.body())
         except Exception as e:   # a bug of ours: the client still gets an answer, and the server goes on
-            print(f"error: {first_line(e)} in POST {path[:100]}", file=sys.stderr, flush=True)
+            print(f"error: {what(e)} in POST {path[:100]}", file=sys.stderr, flush=True)
             return self.send_json(500, server_error(e).body())
         try:
             self.server.responding += 1
@@ -353,7 +353,7 @@ class Handler(BaseHTTPRequestHandler):
             request.cancel()
             self.close_connection = True
             if not isinstance(e, OSError):
-                print(f"error: {first_line(e)} replying to POST {path[:100]}", file=sys.stderr, flush=True)
+                print(f"error: {what(e)} replying to POST {path[:100]}", file=sys.stderr, flush=True)
         finally:
             self.server.responding -= 1
 
@@ -516,7 +516,7 @@ def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: Op
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="OpenAI-compatible server (and chat page at /) for a zoofast checkpoint.")
+    p = ArgumentParser(description="OpenAI-compatible server (and chat page at /) for a zoofast checkpoint.")
     p.add_argument("--checkpoint_path", default=str(gen.DEFAULT_CHECKPOINT))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -533,13 +533,10 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=10, help="seconds a socket read or write waits (idle keep-alive)")
     p.add_argument("--request_timeout", type=float, default=30, help="seconds to send request line, headers and body")
     args = p.parse_args(argv)
-    with gen.command_line():
+    with command_line():
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be in 0..65535, got {args.port}")
-        for flag in ("max_connections", "max_body_mb", "timeout", "request_timeout"):
-            value = getattr(args, flag)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"--{flag} must be a positive number, got {value}")
+        positive(args, "max_connections", "max_body_mb", "timeout", "request_timeout")
         t0 = time.perf_counter()
         try:   # bind first: a port in use fails now, not after the model has loaded (and compiled)
             httpd = serve(None, args.host, args.port, args.api_key, args.max_connections,

@@ -449,7 +449,7 @@ def launch(args=(), code=None) -> tuple:
 def test_a_signal_drains_then_exits_zero(sig, default_checkpoint):
     proc, port = launch()
     try:
-        s = stream_request(port, {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0})
+        s = stream_request(port, {"prompt": "Once upon a time", "max_tokens": 12, "temperature": 0})
         f = s.makefile("rb")
         assert f.readline().startswith(b"HTTP/1.1 200")
         proc.send_signal(sig)
