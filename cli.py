@@ -73,15 +73,17 @@ os.umask(UMASK)
 
 
 def write_atomic(outputs: dict):
-    """outputs {path: bytes, or write(binary file)}: each written to a temp file of a unique name beside its path,
-    then all renamed into place once every one is written. On any failure, Ctrl-C included, the temp files are
-    removed and no path has changed. The renames themselves come last and take microseconds."""
+    """outputs {path: bytes, or write(binary file)}: each written to a temp file of a unique name beside its path
+    (f.name is that file's path, for writers that take a path), then all renamed into place once every one is
+    written. On any failure, Ctrl-C included, the temp files are removed and no path has changed. The renames
+    themselves come last and take microseconds."""
     tmps = {}
     try:
         for path, data in outputs.items():
             path = Path(path)
             fd, tmps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
+            os.close(fd)
+            with open(tmps[path], "wb") as f:
                 data(f) if callable(data) else f.write(data)
             os.chmod(tmps[path], 0o666 & ~UMASK)   # mkstemp makes 0600; outputs get a normal file's mode
         for path, tmp in tmps.items():

@@ -53,7 +53,7 @@ def main(argv=None):
             raise ValueError(f"--window {args.window} exceeds the model's context of {config.block_size}")
         ids = cli.read_tokenizer(checkpoint.parent).encode(text, bos=True)[: args.max_tokens]
         if len(ids) < 2:
-            raise ValueError(f"--text {args.text} gives {len(ids)} tokens; perplexity needs at least 2")
+            raise ValueError(f"--text {args.text} gives only {len(ids)} token(s); perplexity needs at least 2")
         model = gen.load_model(checkpoint, device, gen.PRECISIONS[args.precision])
         ppl = perplexity(model, ids, args.window)
     print(f"{checkpoint.name}: perplexity {ppl:.3f} over {len(ids) - 1} tokens of {args.text.name}")

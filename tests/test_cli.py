@@ -246,7 +246,7 @@ def test_write_atomic_renames_all_or_none(tmp_path):
     with pytest.raises(OSError):
         cli.write_atomic({tmp_path / "a": b"new a", tmp_path / "b": fail})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"] and (tmp_path / "a").read_bytes() == b"old a"
-    cli.write_atomic({tmp_path / "a": b"new a", tmp_path / "b": lambda f: f.write(b"new b")})
+    cli.write_atomic({tmp_path / "a": b"new a", tmp_path / "b": lambda f: Path(f.name).write_bytes(b"new b")})
     assert (tmp_path / "a").read_bytes() == b"new a" and (tmp_path / "b").read_bytes() == b"new b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     assert (tmp_path / "b").stat().st_mode & 0o777 == 0o666 & ~cli.UMASK   # a normal file's mode, not mkstemp's 0600
