@@ -15,8 +15,8 @@ from typing import Iterator, Optional
 import torch
 
 import generate as gen
-from cli import first_line
-from tokenizer import StreamDecoder, load_tokenizer
+from cli import first_line, read_tokenizer
+from tokenizer import StreamDecoder
 
 MAX_STOP = 4             # stop strings a request may give (OpenAI's limit)
 MAX_STOP_CHARS = 500     # and each one's length: they are scanned on the thread that decodes for everyone
@@ -95,7 +95,7 @@ class Engine:
             raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(sorted(gen.PRECISIONS))}")
         self.device = gen.pick_device(device)
         checkpoint = gen.find_checkpoint(checkpoint_path)
-        self.tokenizer = load_tokenizer(checkpoint.parent)
+        self.tokenizer = read_tokenizer(checkpoint.parent)
         self.model = gen.load_model(checkpoint, self.device, gen.PRECISIONS[precision])
         config = self.model.config
         self.name = config.name or checkpoint.parent.name
