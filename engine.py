@@ -68,16 +68,19 @@ def check_sampling(temperature=1.0, top_p=None, top_k=None, stop=(), seed=None):
     def bad(param, what):
         raise APIError(400, f"{param} must be {what}", param=param)
 
+    def got(value):
+        return f"got {str(value)[:40]}"
+
     if not (isinstance(temperature, (int, float)) and 0 <= temperature <= 2):   # NaN fails the range
-        bad("temperature", f"a number in [0, 2], got {temperature!r}")
+        bad("temperature", f"a number in [0, 2], {got(temperature)}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 <= top_p <= 1):
-        bad("top_p", f"a number in [0, 1], got {top_p!r}")
+        bad("top_p", f"a number in [0, 1], {got(top_p)}")
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= 1 << 30):
-        bad("top_k", f"an integer of at least 1, got {top_k!r}")
+        bad("top_k", f"an integer of at least 1, {got(top_k)}")
     if len(stop) > MAX_STOP or any(not isinstance(s, str) or len(s) > MAX_STOP_CHARS for s in stop):
         bad("stop", f"a string or a list of up to {MAX_STOP} strings of up to {MAX_STOP_CHARS} characters")
     if seed is not None and not (isinstance(seed, int) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
-        bad("seed", f"an integer in [-2**63, 2**64 - 1], got {str(seed)[:40]}")
+        bad("seed", f"an integer in [-2**63, 2**64 - 1], {got(seed)}")
 
 
 class Engine:
