@@ -107,6 +107,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_seq_length = min(max_seq_length, config.block_size)
         self.max_waiting = max_batch_size if max_waiting is None else max_waiting
+        self.prefill_chunk = gen.PREFILL_CHUNK   # a long prompt's prefill in chunks: memory stays bounded
         with torch.no_grad():
             self.model.setup_caches(max_batch_size, self.max_seq_length)
         self.slots: list = [None] * max_batch_size           # the Request decoding in each cache row
@@ -267,15 +268,16 @@ class Engine:
                 continue
             try:
                 T = len(r.ids)
-                logits = self.model(torch.tensor([r.ids], dtype=torch.int, device=self.device),
-                                    torch.arange(T, device=self.device).view(1, T),
-                                    rows=torch.tensor([row], device=self.device))
+                logits = gen.prefill_forward(self.model, torch.tensor([r.ids], dtype=torch.int, device=self.device),
+                                             torch.arange(T, device=self.device).view(1, T),
+                                             torch.tensor([T - 1], device=self.device), self.prefill_chunk,
+                                             rows=torch.tensor([row], device=self.device))
                 self.slots[row] = r
                 r.generator = torch.Generator(self.device)
                 r.generator.manual_seed(r.seed if r.seed is not None else torch.seed())
                 r.decoder = StreamDecoder(self.tokenizer)
                 self.pos[row], self.busy[row] = T, 1
-                self.emit(row, r, self.pick(r, logits[0, -1]))
+                self.emit(row, r, self.pick(r, logits[0]))
             except Exception as e:   # out of memory in a long prefill, say: this request fails, the others go on
                 self.fail(r, e)
         self.peak_busy = max(self.peak_busy, sum(s is not None for s in self.slots))

@@ -87,10 +87,43 @@ def sample(logits, temperature: float = 0.0, top_k=None, top_p=None, vocab_size=
 
 # ---- the decode path ----------------------------------------------------------------------------
 
-def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor, **sampling):
-    """x [B, T] right-padded prompts at positions input_pos [B, T]; last [B]: each row's last index."""
-    logits = model(x, input_pos)
-    return sample(logits[torch.arange(x.shape[0], device=x.device), last], **sampling)
+PREFILL_CHUNK = 512   # prompt positions a prefill forward takes at once: bounds its attention scores [H, chunk, S]
+
+
+def chunk_size(config, T: int, chunk: Optional[int]) -> int:
+    """Chunks give the one-shot logits except where the whole prompt decides something: GLM's prefix-LM mask (the
+    prompt sees itself whole) and Qwen's dynamic NTK past train_seq_length (the rotation follows the full length)."""
+    whole = config.position == "rope_2d" or (config.rope_dynamic_ntk and T > config.train_seq_length)
+    return T if whole or not chunk else chunk
+
+
+def prefill_logits(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor, rows=None):
+    """One prefill forward of a chunk: it fills the cache at input_pos (in cache rows `rows`), returns logits
+    [B, V] at last [B]."""
+    return model(x, input_pos, rows=rows, last=last)
+
+
+def prefill_forward(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor,
+                    chunk: Optional[int] = PREFILL_CHUNK, rows=None) -> torch.Tensor:
+    """x [B, T] right-padded prompts at positions input_pos [B, T]; last [B]: each row's last index. The prompt goes
+    through in chunks of `chunk` positions, each writing the cache that the next one reads, so a long prompt's
+    memory stays bounded; logits [B, V] at each row's last position only."""
+    T = x.shape[1]
+    chunk = chunk_size(model.config, T, chunk)
+    logits = None
+    for start in range(0, T, chunk):
+        end = min(start + chunk, T)
+        at = (last - start).clamp(0, end - start - 1)
+        out = prefill_step_fn(model, x[:, start:end], input_pos[:, start:end], at, rows)
+        mine = ((last >= start) & (last < end)).view(-1, 1)   # rows whose last position is in this chunk
+        logits = out if logits is None else torch.where(mine, out, logits)
+    return logits
+
+
+def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor,
+            chunk: Optional[int] = PREFILL_CHUNK, **sampling):
+    """prefill_forward, then the first new token of each row [B, 1]."""
+    return sample(prefill_forward(model, x, input_pos, last, chunk), **sampling)
 
 
 def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **sampling):
@@ -196,10 +229,12 @@ def speculative_decode(model, draft_model, cur_token, pos: int, num_new_tokens: 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=(), callback=None,
-             draft_model: Optional[Transformer] = None, speculate_k: int = 5, stats=None, **sampling) -> list:
+             draft_model: Optional[Transformer] = None, speculate_k: int = 5, stats=None,
+             prefill_chunk: Optional[int] = PREFILL_CHUNK, **sampling) -> list:
     """prompts: B lists of token ids (may differ in length). Returns B lists of new token ids,
     each cut after its first stop id. callback(tokens [B], done [B]) sees every decoded step.
-    With a draft_model (batch 1): speculative decoding, k draft tokens a step; stats collects its counts."""
+    With a draft_model (batch 1): speculative decoding, k draft tokens a step; stats collects its counts.
+    prefill_chunk: prompt positions per prefill forward (None: the whole prompt at once)."""
     device = model.output.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     B, T = len(prompts), int(lengths.max())
@@ -222,12 +257,12 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=()
     for i, p in enumerate(prompts):
         x[i, : len(p)] = torch.tensor(p, dtype=torch.int)
     input_pos = torch.arange(T, device=device).expand(B, T)
-    first = prefill_fn(model, x, input_pos, lengths - 1, **sampling)
+    first = prefill(model, x, input_pos, lengths - 1, prefill_chunk, **sampling)
     if callback is not None:
         callback(first.view(-1).cpu(), torch.zeros(B, dtype=torch.bool))
     out = [first.cpu()]
     if draft_model is not None:
-        draft_model(x, input_pos)   # the draft's cache holds the prompt too
+        prefill_forward(draft_model, x, input_pos, lengths - 1, prefill_chunk)   # the draft's cache holds it too
     if max_new_tokens > 1 and not (stop_ids and torch.isin(first.view(-1).cpu(), torch.tensor(list(stop_ids))).all()):
         if draft_model is not None:
             out.append(speculative_decode(model, draft_model, first, T, max_new_tokens - 1, speculate_k, stop_ids,
@@ -244,7 +279,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=()
     return result
 
 
-prefill_fn = prefill  # replaced by a compiled prefill under --compile_prefill
+prefill_step_fn = prefill_logits   # compiled (dynamic shapes) under --compile_prefill
 draft_step_fn, verify_fn = draft_one_token, verify   # compiled under --compile with a draft
 
 
@@ -271,13 +306,13 @@ def compile_notice(device: str, steps: int = 1):
 
 
 def compile_decode(device: str, compile_prefill: bool = False, speculative: bool = False):
-    global decode_one_token, prefill_fn, draft_step_fn, verify_fn
+    global decode_one_token, prefill_step_fn, draft_step_fn, verify_fn
     compile_notice(device, 3 if speculative else 1)
     decode_one_token = compile_step(decode_one_token, device)
     if speculative:
         draft_step_fn, verify_fn = compile_step(draft_one_token, device), compile_step(verify, device)
     if compile_prefill:
-        prefill_fn = torch.compile(prefill, fullgraph=True, dynamic=True)
+        prefill_step_fn = torch.compile(prefill_logits, fullgraph=True, dynamic=True)
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -319,7 +354,7 @@ def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=N
 
     t0 = time.perf_counter()
     outputs = generate(model, prompts, args.max_new_tokens, stop_ids=tokenizer.stop_ids, callback=on_token,
-                       draft_model=draft, speculate_k=args.speculate_k, stats=stats,
+                       draft_model=draft, speculate_k=args.speculate_k, stats=stats, prefill_chunk=args.prefill_chunk,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_size=tokenizer.vocab_size)
     if decoder is not None:
         print(decoder.flush(), end="", flush=True)
@@ -370,6 +405,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
+    p.add_argument("--prefill_chunk", type=int, default=PREFILL_CHUNK,
+                   help="prompt positions a prefill forward takes at once (bounds a long prompt's memory)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS))
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace of the last sample here")
@@ -381,7 +418,7 @@ def main(argv=None):
 
 
 def run(args):
-    cli.positive(args, "max_new_tokens", "num_samples", "batch_size", "top_k", "speculate_k")
+    cli.positive(args, "max_new_tokens", "num_samples", "batch_size", "top_k", "speculate_k", "prefill_chunk")
     if not 0 <= args.temperature < math.inf:   # NaN fails this too (it passed `< 0`, then sampled token 0)
         raise ValueError(f"--temperature must be a number >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:

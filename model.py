@@ -222,10 +222,13 @@ class Transformer(nn.Module):
         self.glm_ctx = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.glm_mask_pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
 
-    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None, rows: Optional[Tensor] = None) -> Tensor:
+    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None, rows: Optional[Tensor] = None,
+                last: Optional[Tensor] = None) -> Tensor:
         """idx [B, T]. input_pos [B, T] (or [T]) writes into and reads from the KV cache;
         None runs a plain causal forward over positions 0..T-1 without touching any cache.
-        rows [B]: the cache rows the batch uses (default 0..B-1; a server prefills a request into its slot)."""
+        rows [B]: the cache rows the batch uses (default 0..B-1; a server prefills a request into its slot).
+        Returns logits [B, T, V]; with last [B] (an index into T per row), only those rows' logits [B, V]: a long
+        prompt's [T, V] logits are gigabytes, and a prefill needs one position of them."""
         B, T = idx.shape
         cached = input_pos is not None
         if cached:
@@ -247,7 +250,7 @@ class Transformer(nn.Module):
             block = torch.where(pos < ctx, 0, pos - ctx + 1)
             rope = torch.stack([self.rope_cache[torch.where(pos < ctx, pos, mask_pos)], self.rope_cache[block]], 2)
         elif self.config.rope_dynamic_ntk:
-            rope = self.dynamic_ntk_rope(pos, cached, rows)
+            rope = self.dynamic_ntk_rope(pos, cached, rows, last)
         else:
             rope = self.rope_cache[pos]
         q_scale = None
@@ -256,6 +259,8 @@ class Transformer(nn.Module):
             q_scale = torch.where(pos + 1 > n, torch.log(pos + 1.0) / math.log(n), 1.0)[..., None, None]
         for layer in self.layers:
             x = layer(x, rope, mask, pos if cached else None, q_scale, rows)
+        if last is not None:
+            x = x[torch.arange(B, device=x.device), last]
         return self.output(self.norm(x))
 
     def glm_prompt(self, idx: Tensor, cached: bool, rows: Optional[Tensor] = None):
@@ -272,16 +277,19 @@ class Transformer(nn.Module):
             self.glm_ctx[state], self.glm_mask_pos[state] = ctx, mask_pos
         return ctx, mask_pos
 
-    def dynamic_ntk_rope(self, pos: Tensor, cached: bool, rows: Optional[Tensor] = None) -> Tensor:
+    def dynamic_ntk_rope(self, pos: Tensor, cached: bool, rows: Optional[Tensor] = None,
+                         last: Optional[Tensor] = None) -> Tensor:
         """Qwen's dynamic NTK: a prompt of L > train_seq_length tokens raises the rope base by
         alpha^(d / (d - 2)), alpha = 2^ceil(log2(L / train_seq_length) + 1) - 1; decode steps keep the
-        alpha their prompt chose (a per-row buffer), as the reference does."""
+        alpha their prompt chose (a per-row buffer), as the reference does. L is each row's own length where
+        last (its final index) is given: a right-padded batch row is as long as its prompt, not as the batch."""
         B, T = pos.shape
         state = slice(0, B) if rows is None else rows
         if cached and T == 1:
             alpha = self.ntk_alpha[state]
         else:
-            length = (pos[:, -1] + 1).float()
+            end = pos[:, -1] if last is None else pos[torch.arange(B, device=pos.device), last]
+            length = (end + 1).float()
             alpha = (2 ** torch.ceil(torch.log2(length / self.config.train_seq_length) + 1) - 1).clamp(min=1)
             if cached:
                 self.ntk_alpha[state] = alpha

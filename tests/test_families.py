@@ -120,7 +120,7 @@ def test_compiled_equals_eager(refs, tmp_path, monkeypatch):
         model = convert(refs, family, tmp_path)
         cases.append((model, prompts, gen.generate(model, prompts, 8, temperature=0)))
     monkeypatch.setattr(gen, "decode_one_token", gen.decode_one_token)
-    monkeypatch.setattr(gen, "prefill_fn", gen.prefill_fn)
+    monkeypatch.setattr(gen, "prefill_step_fn", gen.prefill_step_fn)
     gen.compile_decode("cpu", compile_prefill=True)
     monkeypatch.setattr(inductor_config, "max_autotune", False)
     for model, prompts, eager in cases:
@@ -174,3 +174,25 @@ def test_generate_chats_in_the_family_format(refs, shared_tokenizers, tmp_path):
     assert tok.encode("你好", bos=True) == [64790, 64792, 36474, 54591]   # a plain prompt gets the [gMASK] sop prefix
     # a reply opens with ChatGLM3's metadata line ("\n" for plain answers): the history keeps the content only
     assert tok.reply_content(tok.encode("\nHello world") + [2]) == "Hello world"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_equals_one_shot(refs, family, tmp_path, monkeypatch):
+    """Every family layout: an 11-token prompt prefilled in chunks of 1, 3 and 4 positions gives the reference's
+    logits at its last position, and the decode step after it (reading what the chunks cached) does too."""
+    import generate as gen
+    model = convert(refs, family, tmp_path)
+    ids = load(refs, family, "inputs.pt")["input_ids"][:1]
+    expected = load(refs, family, "logits.pt")[:1]
+    T, calls, step = 11, [], gen.prefill_step_fn
+    monkeypatch.setattr(gen, "prefill_step_fn", lambda *a: calls.append(a[1].shape[1]) or step(*a))
+    for chunk in (1, 3, 4):
+        model.setup_caches(1, 32)
+        calls.clear()
+        with torch.no_grad():
+            last = gen.prefill_forward(model, ids[:, :T], torch.arange(T).view(1, T), torch.tensor([T - 1]), chunk)
+            after = model(ids[:, T:T + 1], torch.tensor([[T]]))[:, 0]
+        assert (last - expected[:, T - 1]).abs().max().item() < TOL, chunk
+        assert (after - expected[:, T]).abs().max().item() < TOL, chunk
+        glm = model.config.position == "rope_2d"   # the prefix-LM prompt sees itself whole: never chunked
+        assert len(calls) == (1 if glm else -(-T // chunk)), calls

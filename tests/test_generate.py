@@ -118,7 +118,7 @@ def test_compiled_equals_eager(monkeypatch):
     prompts = [[5, 6, 7, 8], list(range(40, 50))]
     eager = gen.generate(model, prompts, 16, temperature=0)
     monkeypatch.setattr(gen, "decode_one_token", gen.decode_one_token)
-    monkeypatch.setattr(gen, "prefill_fn", gen.prefill_fn)
+    monkeypatch.setattr(gen, "prefill_step_fn", gen.prefill_step_fn)
     gen.compile_decode("cpu", compile_prefill=True)
     assert gen.generate(model, prompts, 16, temperature=0) == eager
 
@@ -253,3 +253,31 @@ def test_default_model_speculative_with_int4_draft_equals_greedy(default_checkpo
     assert gen.generate(target, prompt, 32, temperature=0, draft_model=draft, speculate_k=4, stats=stats) == \
         gen.generate(target, prompt, 32, temperature=0)
     assert stats["accepted"] > stats["drafted"] / 3   # a real draft of the same model agrees most of the time
+
+
+@pytest.mark.parametrize("kw", [dict(n_local_heads=2), dict(position="alibi", n_local_heads=4), dict(sliding_window=5),
+                                dict(rope_dynamic_ntk=True, logn_attn=True, train_seq_length=8, n_local_heads=4)],
+                         ids=["gqa", "alibi", "window", "ntk-past-train"])
+@torch.no_grad()
+def test_chunked_prefill_equals_one_shot(kw, monkeypatch):
+    """Right-padded prompts of different lengths prefilled in chunks: each row's last logits equal the full forward's,
+    the cache holds what a one-shot prefill writes (the decoded tokens agree), and a long prompt runs in chunks."""
+    model = tiny_model(**kw)
+    prompts = [list(range(3, 3 + n)) for n in (13, 5, 1)]
+    lengths = torch.tensor([len(p) for p in prompts])
+    x = torch.zeros(3, 13, dtype=torch.int)
+    for i, p in enumerate(prompts):
+        x[i, :len(p)] = torch.tensor(p)
+    full = torch.stack([model(x[i:i + 1, :n])[0, -1] for i, n in enumerate(lengths.tolist())])
+    calls = []
+    step = gen.prefill_step_fn
+    monkeypatch.setattr(gen, "prefill_step_fn", lambda *a: calls.append(a[1].shape[1]) or step(*a))
+    for chunk in (1, 4, 5, None):
+        model.setup_caches(3, 64)
+        calls.clear()
+        logits = gen.prefill_forward(model, x, torch.arange(13).expand(3, 13), lengths - 1, chunk)
+        torch.testing.assert_close(logits, full, atol=1e-4, rtol=0)
+        whole = kw.get("rope_dynamic_ntk") or chunk is None   # NTK past its training length: one forward
+        assert calls == ([13] if whole else [min(chunk, 13 - s) for s in range(0, 13, chunk)]), calls
+    one_shot = gen.generate(model, prompts, 8, temperature=0, prefill_chunk=None)
+    assert gen.generate(model, prompts, 8, temperature=0, prefill_chunk=4) == one_shot
