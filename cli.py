@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -267,3 +268,35 @@ def pick_device(name: str) -> str:
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} GPUs")
     return str(dev)
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+def available_memory(device: str):
+    """Bytes this process can still take: CUDA's free memory on a GPU; on CPU the kernel's MemAvailable, within a
+    cgroup (v2) limit if one is set. None when neither can be read."""
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    avail = None
+    with contextlib.suppress(OSError, TypeError):
+        avail = int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())[1]) * 1024
+    cgroup = Path("/sys/fs/cgroup")
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":   # what the group uses, less the page cache it could drop
+            used = int((cgroup / "memory.current").read_text())
+            inactive = int(re.search(r"^inactive_file (\d+)", (cgroup / "memory.stat").read_text(), re.M)[1])
+            room = int(limit) - used + inactive
+            avail = room if avail is None else min(avail, room)
+    return avail
+
+
+def check_memory(need: dict, device: str):
+    """need {what: bytes}: refuse in one line, before anything is copied, a run that cannot fit."""
+    total, avail = sum(need.values()), available_memory(device)
+    if avail is not None and total > avail:
+        parts = " + ".join(f"{what} {size / 1e9:.2f} GB" for what, size in need.items())
+        raise ValueError(f"this needs about {total / 1e9:.1f} GB ({parts}) but {avail / 1e9:.1f} GB of "
+                         f"{'GPU ' if device.startswith('cuda') else ''}memory are free; use a quantized checkpoint "
+                         f"(quantize.py), a shorter context or fewer rows")

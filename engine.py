@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 import torch
 
 import generate as gen
-from cli import first_line, read_tokenizer
+from cli import first_line, read_config, read_tokenizer
 from tokenizer import StreamDecoder
 
 MAX_STOP = 4             # stop strings a request may give (OpenAI's limit)
@@ -99,7 +99,10 @@ class Engine:
         self.device = gen.pick_device(device)
         checkpoint = gen.find_checkpoint(checkpoint_path)
         self.tokenizer = read_tokenizer(checkpoint.parent)
-        self.model = gen.load_model(checkpoint, self.device, gen.PRECISIONS[precision])
+        context = min(max_seq_length, read_config(checkpoint.parent).block_size)
+        # every slot reserves the whole context: a configuration that cannot fit is refused before loading
+        self.model = gen.load_model(checkpoint, self.device, gen.PRECISIONS[precision],
+                                    reserve=(max_batch_size, context), prefill_rows=1)
         config = self.model.config
         self.name = config.name or checkpoint.parent.name
         # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled: no text decodes to them
@@ -110,6 +113,8 @@ class Engine:
         self.prefill_chunk = gen.PREFILL_CHUNK   # a long prompt's prefill in chunks: memory stays bounded
         with torch.no_grad():
             self.model.setup_caches(max_batch_size, self.max_seq_length)
+        self.kv_bytes = sum(b.numel() * b.element_size() for n, b in self.model.named_buffers() if "_cache" in n
+                            and "rope" not in n)
         self.slots: list = [None] * max_batch_size           # the Request decoding in each cache row
         self.cur = torch.zeros(max_batch_size, 1, dtype=torch.int, device=self.device)     # each slot's last token
         self.pos = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)    # and its position

@@ -18,9 +18,12 @@ from cli import (DEFAULT_CHECKPOINT, DEFAULT_MODEL, command_line, find_checkpoin
 from model import Transformer  # noqa: E402
 
 
-def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=False) -> Transformer:
+def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=False, reserve=None,
+               prefill_rows=None) -> Transformer:
     """checkpoint_path: a model*.pth inside a checkpoint folder that holds our config.json. use_tp (under
-    torchrun): keep only this rank's shard, sliced off the mmapped checkpoint before anything is copied."""
+    torchrun): keep only this rank's shard, sliced off the mmapped checkpoint before anything is copied.
+    reserve (rows, positions): the KV cache to be set up; a model and cache that cannot fit in the free memory
+    are refused in one line (ValueError) before the weights are copied (prefill_rows: see memory_needed)."""
     config, state_dict = cli.read_checkpoint(checkpoint_path)
     model = cli.meta_model(config, Path(checkpoint_path).parent / "config.json")
     record = state_dict.pop(cli.QUANTIZATION, None)   # quantize.py's output: rebuild its modules first
@@ -32,12 +35,31 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
     if use_tp:
         from tp import apply_tp
         apply_tp(model)
+    if reserve is not None:
+        cli.check_memory(memory_needed(model, precision, *reserve, prefill_rows), device)
     model = model.to(device=device, dtype=precision)
     model.after_load()  # re-tie after the move, rope table back to fp32
     if record is not None:
         from quantize import pack_for_device
         pack_for_device(model)  # int4: the portable layout on disk -> this device's packed layout
     return model.eval()
+
+
+def memory_needed(model: Transformer, precision, rows: int, positions: int, prefill_rows=None) -> dict:
+    """What a run takes, in bytes: the weights in `precision` (quantized tensors keep their own size), the KV cache
+    for rows x positions, and room for activations (a prefill chunk's attention scores over prefill_rows rows,
+    default all, and its hidden states)."""
+    seen, weights = set(), 0
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if id(t) not in seen and "cache" not in name:
+            seen.add(id(t))
+            weights += t.numel() * (precision.itemsize if t.is_floating_point() else t.element_size())
+    c, attention = model.config, model.layers[0].attention
+    kv = 2 * c.n_layer * rows * attention.n_local_heads * positions * c.head_dim * precision.itemsize
+    chunk, prefill_rows = min(PREFILL_CHUNK, positions), prefill_rows or rows
+    activations = prefill_rows * chunk * (attention.n_head * positions + 4 * (c.dim + c.intermediate_size)) * 4
+    return {"weights": weights, f"KV cache ({rows} x {positions} positions)": kv,
+            "activations": activations + (256 << 20)}
 
 
 def weight_bytes_per_token(model: Transformer) -> int:
@@ -227,6 +249,12 @@ def speculative_decode(model, draft_model, cur_token, pos: int, num_new_tokens: 
     return torch.tensor([out], dtype=torch.int)
 
 
+def cache_positions(block_size: int, needed: int) -> int:
+    # the cache's length is part of the compiled graph: round it up (powers of two) so that other prompt
+    # lengths, later chat turns and later calls reuse one compiled decode step instead of recompiling
+    return min(block_size, max(256, 1 << (needed - 1).bit_length()))
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=(), callback=None,
              draft_model: Optional[Transformer] = None, speculate_k: int = 5, stats=None,
@@ -245,9 +273,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=()
     if max_seq_length > model.config.block_size:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's context "
                          f"of {model.config.block_size}")
-    # the cache's length is part of the compiled graph: round it up (powers of two) so that other prompt
-    # lengths, later chat turns and later calls reuse one compiled decode step instead of recompiling
-    cache_length = min(model.config.block_size, max(256, 1 << (max_seq_length - 1).bit_length()))
+    cache_length = cache_positions(model.config.block_size, max_seq_length)
     model.setup_caches(max_batch_size=B, max_seq_length=cache_length)
     if draft_model is not None:
         if max_seq_length > draft_model.config.block_size:
@@ -454,7 +480,9 @@ def run(args):
                          f"context of {config.block_size}; shorten the prompt or lower --max_new_tokens")
 
     t0 = time.perf_counter()
-    model = load_model(checkpoint, device, PRECISIONS[args.precision], use_tp=rank is not None)
+    slack = args.speculate_k + 1 if draft_path is not None else 0
+    reserve = batch, cache_positions(config.block_size, longest + args.max_new_tokens + slack)
+    model = load_model(checkpoint, device, PRECISIONS[args.precision], use_tp=rank is not None, reserve=reserve)
     print(f"loaded {config.name or checkpoint} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     draft = None
     if draft_path is not None:

@@ -547,7 +547,8 @@ def main(argv=None):
         engine = Engine(args.checkpoint_path, args.device, args.precision, args.max_batch_size, args.max_seq_length,
                         args.max_waiting, args.compile)
         httpd.RequestHandlerClass.engine = engine
-    print(f"serving {engine.name} on http://{args.host}:{httpd.server_address[1]} ({args.max_batch_size} slots"
+    print(f"serving {engine.name} on http://{args.host}:{httpd.server_address[1]} ({args.max_batch_size} slots x "
+          f"{engine.max_seq_length} positions, KV cache {engine.kv_bytes / 1e9:.2f} GB"
           f"{', API key required' if args.api_key else ''}, ready in {time.perf_counter() - t0:.1f} s)",
           file=sys.stderr, flush=True)
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()

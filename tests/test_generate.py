@@ -281,3 +281,27 @@ def test_chunked_prefill_equals_one_shot(kw, monkeypatch):
         assert calls == ([13] if whole else [min(chunk, 13 - s) for s in range(0, 13, chunk)]), calls
     one_shot = gen.generate(model, prompts, 8, temperature=0, prefill_chunk=None)
     assert gen.generate(model, prompts, 8, temperature=0, prefill_chunk=4) == one_shot
+
+
+def test_memory_estimate_and_refusal(default_checkpoint, monkeypatch):
+    """The estimate counts the weights in the run's precision and the KV cache exactly; a run that cannot fit in
+    the free memory is refused in one line before the weights are copied (generate.py and server.py)."""
+    import cli
+    model = gen.load_model(default_checkpoint / "model.pth", "cpu", torch.bfloat16)
+    need = gen.memory_needed(model, torch.bfloat16, 2, 1024)
+    params = sum(p.numel() for p in model.parameters())   # the tied head counted once
+    assert 0 <= need["weights"] - 2 * params < 1024   # and a few small buffers
+    model.setup_caches(2, 1024)
+    kv = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith(("k_cache", "v_cache")))
+    assert need["KV cache (2 x 1024 positions)"] == kv
+    assert 0 <= gen.memory_needed(model, torch.float32, 2, 1024)["weights"] - 4 * params < 1024
+    monkeypatch.setattr(cli, "available_memory", lambda device: sum(need.values()) - 1)
+    with pytest.raises(ValueError, match=r"this needs about 0\.\d GB \(weights 0\.27 GB \+ KV cache \(2 x 1024"):
+        gen.load_model(default_checkpoint / "model.pth", "cpu", torch.bfloat16, reserve=(2, 1024))
+    monkeypatch.setattr(cli, "available_memory", lambda device: sum(need.values()) + 1)
+    gen.load_model(default_checkpoint / "model.pth", "cpu", torch.bfloat16, reserve=(2, 1024))
+    for cmd in (["generate.py", "--batch_size", "4096", "--max_new_tokens", "4000"],
+                ["server.py", "--max_batch_size", "1024", "--max_seq_length", "8192"]):
+        r = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: this needs about"), r.stderr
+        assert "Traceback" not in r.stderr
