@@ -26,11 +26,18 @@ def output_name(mode: str, groupsize: int) -> str:
 
 # ---- int8: symmetric, one scale per output channel ---------------------------------------------------
 
+ROWS = 4096   # rows quantized at a time: the fp32 temporaries of a 7B model's head would be gigabytes each
+
+
 def quantize_int8(w: Tensor):
     """w [..., N, K] -> (int8 codes [..., N, K], fp32 scales [..., N]); w ~= codes * scales."""
-    w = w.float()
-    scales = w.abs().amax(-1).clamp(min=1e-10) / 127
-    return torch.round(w / scales[..., None]).clamp(-127, 127).to(torch.int8), scales
+    flat = w.reshape(-1, w.shape[-1])
+    codes, scales = torch.empty(flat.shape, dtype=torch.int8), torch.empty(flat.shape[0])
+    for i in range(0, flat.shape[0], ROWS):
+        rows = flat[i: i + ROWS].float()
+        scales[i: i + ROWS] = s = rows.abs().amax(-1).clamp(min=1e-10) / 127
+        codes[i: i + ROWS] = torch.round(rows / s[:, None]).clamp(-127, 127)
+    return codes.view(w.shape), scales.view(w.shape[:-1])
 
 
 def dequantize_int8(codes: Tensor, scales: Tensor) -> Tensor:
@@ -84,11 +91,14 @@ class Int8MOEFeedForward(MOEFeedForward):
 def quantize_int4(w: Tensor, groupsize: int):
     """w [N, K], K % groupsize == 0 -> (codes [N, K] in 0..15 as uint8, scales_and_zeros [K/g, N, 2] fp32)."""
     N, K = w.shape
-    g = w.float().reshape(N, K // groupsize, groupsize)
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    scales = ((hi - lo) / 15).clamp(min=1e-6)
-    codes = torch.round((g - lo) / scales).clamp(0, 15).to(torch.uint8).reshape(N, K)
-    return codes, torch.cat([scales, lo + 8 * scales], -1).transpose(0, 1).contiguous()
+    codes, sz = torch.empty(N, K, dtype=torch.uint8), torch.empty(N, K // groupsize, 2)
+    for i in range(0, N, ROWS):   # in blocks of rows, as quantize_int8
+        g = w[i: i + ROWS].float().reshape(-1, K // groupsize, groupsize)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scales = ((hi - lo) / 15).clamp(min=1e-6)
+        codes[i: i + ROWS] = torch.round((g - lo) / scales).clamp(0, 15).reshape(-1, K)
+        sz[i: i + ROWS] = torch.cat([scales, lo + 8 * scales], -1)
+    return codes, sz.transpose(0, 1).contiguous()
 
 
 def dequantize_int4(codes: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor:
