@@ -113,8 +113,8 @@ class Engine:
         self.prefill_chunk = gen.PREFILL_CHUNK   # a long prompt's prefill in chunks: memory stays bounded
         with torch.no_grad():
             self.model.setup_caches(max_batch_size, self.max_seq_length)
-        self.kv_bytes = sum(b.numel() * b.element_size() for n, b in self.model.named_buffers() if "_cache" in n
-                            and "rope" not in n)
+        self.kv_bytes = sum(b.numel() * b.element_size() for n, b in self.model.named_buffers()
+                            if n.endswith(("k_cache", "v_cache")))
         self.slots: list = [None] * max_batch_size           # the Request decoding in each cache row
         self.cur = torch.zeros(max_batch_size, 1, dtype=torch.int, device=self.device)     # each slot's last token
         self.pos = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)    # and its position

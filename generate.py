@@ -49,11 +49,8 @@ def memory_needed(model: Transformer, precision, rows: int, positions: int, pref
     """What a run takes, in bytes: the weights in `precision` (quantized tensors keep their own size), the KV cache
     for rows x positions, and room for activations (a prefill chunk's attention scores over prefill_rows rows,
     default all, and its hidden states)."""
-    seen, weights = set(), 0
-    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if id(t) not in seen and "cache" not in name:
-            seen.add(id(t))
-            weights += t.numel() * (precision.itemsize if t.is_floating_point() else t.element_size())
+    weights = sum(t.numel() * (precision.itemsize if t.is_floating_point() else t.element_size())
+                  for _, t in weight_tensors(model))
     c, attention = model.config, model.layers[0].attention
     kv = 2 * c.n_layer * rows * attention.n_local_heads * positions * c.head_dim * precision.itemsize
     chunk, prefill_rows = min(PREFILL_CHUNK, positions), prefill_rows or rows
@@ -62,18 +59,20 @@ def memory_needed(model: Transformer, precision, rows: int, positions: int, pref
             "activations": activations + (256 << 20)}
 
 
+def weight_tensors(model: Transformer):
+    """(name, tensor) of every parameter and buffer once (a tied head is the embedding), caches left out."""
+    seen = set()
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if id(t) not in seen and "cache" not in name:
+            seen.add(id(t))
+            yield name, t
+
+
 def weight_bytes_per_token(model: Transformer) -> int:
     """Bytes of weights one decode step reads: every parameter once, except the embedding table,
     of which a step reads one row (unless the table is also the output head)."""
-    seen, total = set(), 0
-    for name, p in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if id(p) in seen or "cache" in name:
-            continue
-        seen.add(id(p))
-        if name == "tok_embeddings.weight" and model.output.weight is not p:
-            continue
-        total += p.numel() * p.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for name, t in weight_tensors(model)
+               if name != "tok_embeddings.weight" or model.output.weight is t)
 
 
 # ---- sampling -----------------------------------------------------------------------------------
