@@ -19,11 +19,12 @@ from model import Transformer  # noqa: E402
 
 
 def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=False, reserve=None,
-               prefill_rows=None) -> Transformer:
+               prefill_rows=None, pack=True) -> Transformer:
     """checkpoint_path: a model*.pth inside a checkpoint folder that holds our config.json. use_tp (under
     torchrun): keep only this rank's shard, sliced off the mmapped checkpoint before anything is copied.
     reserve (rows, positions): the KV cache to be set up; a model and cache that cannot fit in the free memory
-    are refused in one line (ValueError) before the weights are copied (prefill_rows: see memory_needed)."""
+    are refused in one line (ValueError) before the weights are copied (prefill_rows: see memory_needed).
+    pack=False keeps every nn.Linear a plain one (for code that reads or copies the weights)."""
     config, state_dict = cli.read_checkpoint(checkpoint_path)
     model = cli.meta_model(config, Path(checkpoint_path).parent / "config.json")
     record = state_dict.pop(cli.QUANTIZATION, None)   # quantize.py's output: rebuild its modules first
@@ -42,6 +43,9 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
     if record is not None:
         from quantize import pack_for_device
         pack_for_device(model)  # int4: the portable layout on disk -> this device's packed layout
+    if pack:
+        from packed import pack_linears
+        pack_linears(model)     # CPU bf16/fp16: oneDNN's blocked layout, one copy for eager and compiled alike
     return model.eval()
 
 
@@ -62,7 +66,8 @@ def memory_needed(model: Transformer, precision, rows: int, positions: int, pref
 def weight_tensors(model: Transformer):
     """(name, tensor) of every parameter and buffer once (a tied head is the embedding), caches left out."""
     seen = set()
-    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+    packed = ((f"{name}.weight", m.packed) for name, m in model.named_modules() if hasattr(m, "packed"))
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers(), packed):
         if id(t) not in seen and "cache" not in name:
             seen.add(id(t))
             yield name, t
@@ -72,7 +77,7 @@ def weight_bytes_per_token(model: Transformer) -> int:
     """Bytes of weights one decode step reads: every parameter once, except the embedding table,
     of which a step reads one row (unless the table is also the output head)."""
     return sum(t.numel() * t.element_size() for name, t in weight_tensors(model)
-               if name != "tok_embeddings.weight" or model.output.weight is t)
+               if name != "tok_embeddings.weight" or getattr(model.output, "weight", None) is t)
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -262,7 +267,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=()
     each cut after its first stop id. callback(tokens [B], done [B]) sees every decoded step.
     With a draft_model (batch 1): speculative decoding, k draft tokens a step; stats collects its counts.
     prefill_chunk: prompt positions per prefill forward (None: the whole prompt at once)."""
-    device = model.output.weight.device
+    device = model.tok_embeddings.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     B, T = len(prompts), int(lengths.max())
     slack = speculate_k + 1 if draft_model is not None else 0   # a verify step writes k + 1 positions ahead
@@ -311,13 +316,10 @@ draft_step_fn, verify_fn = draft_one_token, verify   # compiled under --compile 
 def compile_step(fn: Callable, device: str, **kw) -> Callable:
     if device.startswith("cuda"):
         return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kw)  # CUDA graphs: one replay per token
-    # CPU: freezing prepacks the (constant) weights, and max-autotune's CPP GEMM template emits AMX/AVX-512
-    # micro-kernels with no per-call overhead: 1.75x the default compile on a 2-core Sapphire Rapids.
-    # These are global flags (torch.compile's options= silently ignores freezing).
+    # CPU: no freezing. It would prepack a copy of the weights inside each graph and keep the originals (3.5x the
+    # weights at 1.5B); load_model's packed linears (packed.py) give the GEMVs the same layout in one shared copy.
+    # The C++ wrapper calls the kernels without Python in between (a global flag).
     import torch._inductor.config as inductor_config
-    inductor_config.freezing = True
-    inductor_config.max_autotune = True
-    inductor_config.max_autotune_gemm_backends = "CPP,ATEN"
     inductor_config.cpp_wrapper = True
     return torch.compile(fn, fullgraph=True, **kw)
 
@@ -383,7 +385,7 @@ def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=N
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_size=tokenizer.vocab_size)
     if decoder is not None:
         print(decoder.flush(), end="", flush=True)
-    if model.output.weight.is_cuda:
+    if model.tok_embeddings.weight.is_cuda:
         torch.cuda.synchronize()
     t1 = time.perf_counter()
     return outputs, t1 - t0, times["first"] - t0, t1 - times["first"]

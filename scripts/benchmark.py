@@ -59,16 +59,17 @@ class Transformers:
     """transformers' LlamaForCausalLM holding the same dense weights (our state dict mapped back to HF names;
     transformers' own GGUF loader would keep them quantized, which is not the baseline we want)."""
 
-    def __init__(self, ours: Ours, dtype):
+    def __init__(self, ours: Ours, checkpoint, dtype):
         from transformers import LlamaConfig, LlamaForCausalLM
-        c = ours.model.config
+        plain = gen.load_model(checkpoint, "cpu", getattr(torch, dtype), pack=False)   # nn.Linear weights to copy
+        c = plain.config
         config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.intermediate_size,
                              num_hidden_layers=c.n_layer, num_attention_heads=c.n_head,
                              num_key_value_heads=c.n_local_heads, head_dim=c.head_dim, rms_norm_eps=c.norm_eps,
                              rope_theta=c.rope_base, max_position_embeddings=c.block_size,
                              tie_word_embeddings=c.tie_embeddings)
         sd, q, kv = {}, c.n_head * c.head_dim, c.n_local_heads * c.head_dim
-        for k, v in ours.model.state_dict().items():
+        for k, v in plain.state_dict().items():
             if "cache" in k or (k == "output.weight" and c.tie_embeddings):
                 continue
             k = k.replace("tok_embeddings", "model.embed_tokens").replace("layers.", "model.layers.")
@@ -125,7 +126,7 @@ def benchmark(args):
             name = f"zoofast {'compiled' if compiled else 'eager'} {str(dtype)[6:]}"
             variants[name] = Ours(checkpoint, dtype, compiled)
     for dtype in ("float32", "bfloat16"):
-        variants[f"transformers generate() {dtype}"] = Transformers(variants[f"zoofast eager {dtype}"], dtype)
+        variants[f"transformers generate() {dtype}"] = Transformers(variants[f"zoofast eager {dtype}"], checkpoint, dtype)
 
     tps, bandwidth = timed_rounds(variants, prompt_ids, args.tokens, args.rounds)
     bw = statistics.median(bandwidth)
