@@ -218,8 +218,13 @@ def pack_for_device(model: nn.Module):
 # ---- offline: float state dict -> quantized state dict ------------------------------------------------
 
 def int4_entries(name: str, w: Tensor, groupsize: int, gptq_result=None) -> dict:
-    codes, sz = gptq_result if gptq_result is not None else quantize_int4(pad_columns(w, groupsize), groupsize)
-    return {f"{name}.weight": pack_nibbles(codes), f"{name}.scales_and_zeros": sz}
+    """gptq_result: gptq_model's (nibbles, scales_and_zeros) for this linear, else round to nearest here."""
+    if gptq_result is not None:
+        nibbles, sz = gptq_result
+    else:
+        codes, sz = quantize_int4(pad_columns(w, groupsize), groupsize)
+        nibbles = pack_nibbles(codes)
+    return {f"{name}.weight": nibbles, f"{name}.scales_and_zeros": sz}
 
 
 def quantize_state_dict(model: Transformer, state_dict: dict, mode: str, groupsize: int, gptq=None, log=print):
@@ -289,10 +294,12 @@ def gptq_quantize(w: Tensor, H: Tensor, groupsize: int, percdamp: float = 0.01, 
 
 
 @torch.no_grad()
-def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: str, batch_size: int = 8) -> dict:
+def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: str, batch_size: int = 8,
+               on_block=None) -> dict:
     """Layer by layer: capture each block's inputs, accumulate X^T X for its linears, GPTQ them, then run the
     block again with the quantized weights to give the next block its inputs. Only the block being quantized
-    sits on `device`. Returns {linear name: (codes, scales_and_zeros)}."""
+    sits on `device`. Returns {linear name: (packed nibbles, scales_and_zeros)}. on_block(name, seconds) hears
+    of each block as it is done (the head's name is "output")."""
     from tqdm import tqdm
 
     class Captured(Exception):
@@ -318,6 +325,7 @@ def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: 
     results = {}
     blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)] + [("", None)]
     for prefix, block in tqdm(blocks, desc="GPTQ", unit="layer", file=sys.stderr):
+        t0 = time.perf_counter()
         if block is None:   # the head, after the final norm
             block = nn.Sequential(model.norm, model.output)
             names = {"1": "output"}
@@ -342,12 +350,14 @@ def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: 
             h.remove()
         for n, m in linears.items():
             codes, sz = gptq_quantize(pad_columns(m.weight, groupsize), hessians[n], groupsize)
-            results[names[n]] = (codes.cpu(), sz.cpu())
+            results[names[n]] = (pack_nibbles(codes).cpu(), sz.cpu())   # half a byte a weight: 3.8 GB at 7B
             w = dequantize_int4(codes, sz, groupsize)[:, : m.in_features]
             m.weight = nn.Parameter(w.to(m.weight.dtype), requires_grad=False)   # later blocks see quantized outputs
         if prefix:
             inputs = [(block(x, *rest), rest) for x, rest in inputs]
         block.to("meta")   # its codes are in `results`: drop the float copy
+        if on_block is not None:
+            on_block(prefix or "output", time.perf_counter() - t0)
     return results
 
 

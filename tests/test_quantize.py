@@ -167,8 +167,8 @@ def test_gptq_beats_round_to_nearest_on_a_tiny_model(tmp_path):
         m.weight.copy_(Q.dequantize_int4(*Q.quantize_int4(m.weight, 32), 32))
     results = Q.gptq_model(copy.deepcopy(model), calibration, 32, "cpu")
     assert sorted(results) == sorted(name for name, _ in Q.quantizable(gptq))
-    for name, (codes, sz) in results.items():
-        gptq.get_submodule(name).weight.copy_(Q.dequantize_int4(codes, sz, 32))
+    for name, (nibbles, sz) in results.items():
+        gptq.get_submodule(name).weight.copy_(Q.dequantize_int4(Q.unpack_nibbles(nibbles), sz, 32))
 
     loss = lambda m: ((m(calibration) - target) ** 2).mean().item()  # noqa: E731
     assert loss(gptq) < 0.8 * loss(rtn), (loss(gptq), loss(rtn))
