@@ -16,7 +16,7 @@ def test_packed_model_matches_plain(default_checkpoint):
     plain = gen.load_model(path, "cpu", torch.bfloat16, pack=False)
     packed = gen.load_model(path, "cpu", torch.bfloat16)
     linears = [m for m in packed.modules() if isinstance(m, PackedLinear)]
-    assert len(linears) == 2 * packed.config.n_layer + sum(3 for _ in packed.layers) + 1   # wqkv wo w1 w2 w3, head
+    assert len(linears) == 5 * packed.config.n_layer + 1   # wqkv wo w1 w2 w3 in each layer, and the head
     assert not any(type(m) is torch.nn.Linear for m in packed.modules())
     assert gen.weight_bytes_per_token(packed) == gen.weight_bytes_per_token(plain)
     ids = torch.tensor([[1, 504, 3458, 282, 260, 4981, 2003, 28, 5076, 314, 253]])
