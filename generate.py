@@ -318,10 +318,8 @@ def compile_step(fn: Callable, device: str, **kw) -> Callable:
         return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kw)  # CUDA graphs: one replay per token
     # CPU: no freezing. It would prepack a copy of the weights inside each graph and keep the originals (3.5x the
     # weights at 1.5B); load_model's packed linears (packed.py) give the GEMVs the same layout in one shared copy.
-    # The C++ wrapper calls the kernels without Python in between (a global flag).
-    import torch._inductor.config as inductor_config
-    inductor_config.cpp_wrapper = True
-    return torch.compile(fn, fullgraph=True, **kw)
+    # The C++ wrapper calls the kernels without Python in between; set per graph, so nothing leaks to later compiles.
+    return torch.compile(fn, fullgraph=True, options={"cpp_wrapper": True}, **kw)
 
 
 def compile_notice(device: str, steps: int = 1):
