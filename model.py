@@ -527,157 +527,107 @@ neox = dict(norm="layernorm", parallel_residual=True, mlp="gelu", qkv_bias=True,
 pythia = dict(neox, vocab_size=50304)
 mixtral = dict(mistral, rope_base=1000000.0, n_experts=8, n_experts_per_tok=2)
 
-transformer_configs = {
-    # meta-llama/Llama-2-*-hf and -chat-hf
-    "Llama-2-7b-hf": dict(llama2, n_layer=32, n_head=32, dim=4096, intermediate_size=11008),
-    "Llama-2-7b-chat-hf": dict(llama2, n_layer=32, n_head=32, dim=4096, intermediate_size=11008),
-    "Llama-2-13b-hf": dict(llama2, n_layer=40, n_head=40, dim=5120, intermediate_size=13824),
-    "Llama-2-13b-chat-hf": dict(llama2, n_layer=40, n_head=40, dim=5120, intermediate_size=13824),
-    "Llama-2-70b-hf": dict(llama2, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672),
-    "Llama-2-70b-chat-hf": dict(llama2, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672),
-    # codellama/CodeLlama-*-hf (34B: GQA 8, vocab 32000)
-    "CodeLlama-7b-hf": dict(codellama, n_layer=32, n_head=32, dim=4096, intermediate_size=11008),
-    "CodeLlama-7b-Instruct-hf": dict(codellama, n_layer=32, n_head=32, dim=4096, intermediate_size=11008),
-    "CodeLlama-13b-hf": dict(codellama, n_layer=40, n_head=40, dim=5120, intermediate_size=13824),
-    "CodeLlama-13b-Instruct-hf": dict(codellama, n_layer=40, n_head=40, dim=5120, intermediate_size=13824),
-    "CodeLlama-34b-hf": dict(codellama, vocab_size=32000, n_layer=48, n_head=64, n_local_heads=8, dim=8192,
-                             intermediate_size=22016),
-    "CodeLlama-34b-Instruct-hf": dict(codellama, vocab_size=32000, n_layer=48, n_head=64, n_local_heads=8,
-                                      dim=8192, intermediate_size=22016),
-    # meta-llama/Meta-Llama-3-*
-    "Meta-Llama-3-8B": dict(llama3, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336),
-    "Meta-Llama-3-8B-Instruct": dict(llama3, n_layer=32, n_head=32, n_local_heads=8, dim=4096,
-                                     intermediate_size=14336),
-    "Meta-Llama-3-70B": dict(llama3, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672),
-    "Meta-Llama-3-70B-Instruct": dict(llama3, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
-                                      intermediate_size=28672),
-    # meta-llama/Llama-3.1-* (formerly Meta-Llama-3.1-*)
-    "Llama-3.1-8B": dict(llama31, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336),
-    "Llama-3.1-8B-Instruct": dict(llama31, n_layer=32, n_head=32, n_local_heads=8, dim=4096,
-                                  intermediate_size=14336),
-    "Llama-3.1-70B": dict(llama31, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672),
-    "Llama-3.1-70B-Instruct": dict(llama31, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
-                                   intermediate_size=28672),
-    "Llama-3.1-405B": dict(llama31, n_layer=126, n_head=128, n_local_heads=8, dim=16384, intermediate_size=53248),
-    "Llama-3.1-405B-Instruct": dict(llama31, n_layer=126, n_head=128, n_local_heads=8, dim=16384,
-                                    intermediate_size=53248),
-    # mistralai/Mistral-7B-v0.1 (sliding window 4096), -v0.3 (vocab 32768, no window, theta 1e6)
-    "Mistral-7B-v0.1": dict(mistral, sliding_window=4096),
-    "Mistral-7B-Instruct-v0.1": dict(mistral, sliding_window=4096),
-    "Mistral-7B-v0.3": dict(mistral, vocab_size=32768, rope_base=1000000.0),
-    "Mistral-7B-Instruct-v0.3": dict(mistral, vocab_size=32768, rope_base=1000000.0),
-    # HuggingFaceTB/SmolLM2-* (tied embeddings)
-    "SmolLM2-135M": dict(smollm2, n_layer=30, n_head=9, n_local_heads=3, dim=576, intermediate_size=1536),
-    "SmolLM2-135M-Instruct": dict(smollm2, n_layer=30, n_head=9, n_local_heads=3, dim=576, intermediate_size=1536),
-    "SmolLM2-360M": dict(smollm2, n_layer=32, n_head=15, n_local_heads=5, dim=960, intermediate_size=2560),
-    "SmolLM2-360M-Instruct": dict(smollm2, n_layer=32, n_head=15, n_local_heads=5, dim=960, intermediate_size=2560),
-    "SmolLM2-1.7B": dict(smollm2, n_layer=24, n_head=32, n_local_heads=32, dim=2048, intermediate_size=8192,
-                         rope_base=130000.0),
-    "SmolLM2-1.7B-Instruct": dict(smollm2, n_layer=24, n_head=32, n_local_heads=32, dim=2048,
-                                  intermediate_size=8192, rope_base=130000.0),
-    # Qwen/Qwen-* (Qwen-1; the MLP's two halves: config intermediate_size / 2). Past seq_length (train_seq_length)
-    # the reference raises the rope base by the dynamic NTK alpha and scales queries by logn.
-    "Qwen-1_8B": dict(qwen1, n_layer=24, n_head=16, dim=2048, intermediate_size=5504, block_size=8192,
-                      train_seq_length=8192),
-    "Qwen-1_8B-Chat": dict(qwen1, n_layer=24, n_head=16, dim=2048, intermediate_size=5504, block_size=8192,
-                           train_seq_length=8192),
-    "Qwen-7B": dict(qwen1, n_layer=32, n_head=32, dim=4096, intermediate_size=11008, block_size=32768,
-                    train_seq_length=8192),
-    "Qwen-7B-Chat": dict(qwen1, n_layer=32, n_head=32, dim=4096, intermediate_size=11008, block_size=32768,
-                         train_seq_length=8192),
-    "Qwen-14B": dict(qwen1, vocab_size=152064, n_layer=40, n_head=40, dim=5120, intermediate_size=13696,
-                     block_size=8192, train_seq_length=2048),
-    "Qwen-14B-Chat": dict(qwen1, vocab_size=152064, n_layer=40, n_head=40, dim=5120, intermediate_size=13696,
-                          block_size=8192, train_seq_length=2048),
-    "Qwen-72B": dict(qwen1, vocab_size=152064, n_layer=80, n_head=64, dim=8192, intermediate_size=24576,
-                     block_size=32768, train_seq_length=32768, rope_base=1000000.0,
-                     rope_dynamic_ntk=False, logn_attn=False),
-    "Qwen-72B-Chat": dict(qwen1, vocab_size=152064, n_layer=80, n_head=64, dim=8192, intermediate_size=24576,
-                          block_size=32768, train_seq_length=32768, rope_base=1000000.0,
-                          rope_dynamic_ntk=False, logn_attn=False),
-    # Qwen/Qwen2-* and Qwen2.5-* (qkv bias, GQA; the small ones tie the head to the embedding; base: 131072 context)
-    "Qwen2-0.5B": dict(qwen2, block_size=131072, **qwen2_small, n_layer=24, n_head=14, n_local_heads=2, dim=896,
-                       intermediate_size=4864),
-    "Qwen2-0.5B-Instruct": dict(qwen2, **qwen2_small, n_layer=24, n_head=14, n_local_heads=2, dim=896,
-                                intermediate_size=4864),
-    "Qwen2-1.5B": dict(qwen2, block_size=131072, **qwen2_small, n_layer=28, n_head=12, n_local_heads=2, dim=1536,
-                       intermediate_size=8960),
-    "Qwen2-1.5B-Instruct": dict(qwen2, **qwen2_small, n_layer=28, n_head=12, n_local_heads=2, dim=1536,
-                                intermediate_size=8960),
-    "Qwen2-7B": dict(qwen2, block_size=131072, n_layer=28, n_head=28, n_local_heads=4, dim=3584,
-                     intermediate_size=18944),
-    "Qwen2-7B-Instruct": dict(qwen2, n_layer=28, n_head=28, n_local_heads=4, dim=3584, intermediate_size=18944),
-    "Qwen2-72B": dict(qwen2, block_size=131072, norm_eps=1e-5, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
-                      intermediate_size=29568),
-    "Qwen2-72B-Instruct": dict(qwen2, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=29568),
-    "Qwen2.5-0.5B": dict(qwen25, **qwen2_small, n_layer=24, n_head=14, n_local_heads=2, dim=896,
-                         intermediate_size=4864),
-    "Qwen2.5-0.5B-Instruct": dict(qwen25, **qwen2_small, n_layer=24, n_head=14, n_local_heads=2, dim=896,
-                                  intermediate_size=4864),
-    "Qwen2.5-1.5B": dict(qwen25, block_size=131072, **qwen2_small, n_layer=28, n_head=12, n_local_heads=2, dim=1536,
-                         intermediate_size=8960),
-    "Qwen2.5-1.5B-Instruct": dict(qwen25, **qwen2_small, n_layer=28, n_head=12, n_local_heads=2, dim=1536,
-                                  intermediate_size=8960),
-    "Qwen2.5-3B": dict(qwen25, **qwen2_small, n_layer=36, n_head=16, n_local_heads=2, dim=2048,
-                       intermediate_size=11008),
-    "Qwen2.5-3B-Instruct": dict(qwen25, **qwen2_small, n_layer=36, n_head=16, n_local_heads=2, dim=2048,
-                                intermediate_size=11008),
-    "Qwen2.5-7B": dict(qwen25, block_size=131072, n_layer=28, n_head=28, n_local_heads=4, dim=3584,
-                       intermediate_size=18944),
-    "Qwen2.5-7B-Instruct": dict(qwen25, n_layer=28, n_head=28, n_local_heads=4, dim=3584, intermediate_size=18944),
-    "Qwen2.5-14B": dict(qwen25, block_size=131072, norm_eps=1e-5, n_layer=48, n_head=40, n_local_heads=8, dim=5120,
-                        intermediate_size=13824),
-    "Qwen2.5-14B-Instruct": dict(qwen25, n_layer=48, n_head=40, n_local_heads=8, dim=5120, intermediate_size=13824),
-    "Qwen2.5-32B": dict(qwen25, block_size=131072, norm_eps=1e-5, n_layer=64, n_head=40, n_local_heads=8, dim=5120,
-                        intermediate_size=27648),
-    "Qwen2.5-32B-Instruct": dict(qwen25, n_layer=64, n_head=40, n_local_heads=8, dim=5120, intermediate_size=27648),
-    "Qwen2.5-72B": dict(qwen25, block_size=131072, norm_eps=1e-5, n_layer=80, n_head=64, n_local_heads=8, dim=8192,
-                        intermediate_size=29568),
-    "Qwen2.5-72B-Instruct": dict(qwen25, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=29568),
-    # THUDM/chatglm-6b (GLM: 2-D rotary positions, prefix-LM over the prompt, DeepNorm residual, fp16 inv_freq)
-    "chatglm-6b": dict(vocab_size=130528, n_layer=28, n_head=32, dim=4096, intermediate_size=16384, block_size=2048,
-                       norm="layernorm", position="rope_2d", mask_token_id=130001, sop_token_id=130004,
-                       rope_inv_freq_fp16=True, deepnorm_alpha=math.sqrt(56), qkv_bias=True, out_bias=True,
-                       mlp_bias=True, mlp="gelu_tanh", tie_embeddings=True, chat_format="chatglm"),
-    # THUDM/chatglm2-6b, chatglm3-6b (2 KV groups, rotary on half of each head in interleaved pairs). -32k:
-    # ChatGLM2's code divides positions by rope_ratio, ChatGLM3's multiplies the base by it.
-    "chatglm2-6b": dict(chatglm2),
-    "chatglm2-6b-32k": dict(chatglm2, rope_scaling=dict(type="linear", factor=16)),
-    "chatglm3-6b": dict(chatglm3),
-    "chatglm3-6b-base": dict(chatglm3, block_size=32768),
-    "chatglm3-6b-32k": dict(chatglm3, block_size=32768, rope_base=500000.0),
-    # baichuan-inc/Baichuan-* (W_pack = [q; k; v]; 13B: ALiBi; Baichuan2: the head's rows are normalised at
-    # conversion (NormHead), vocabulary 125696). Chat: user / assistant ids 195 / 196.
-    "Baichuan-7B": dict(baichuan7, chat_format=""),   # a base model: no chat format
-    "Baichuan-13B-Base": dict(baichuan13),
-    "Baichuan-13B-Chat": dict(baichuan13),
-    "Baichuan2-7B-Base": dict(baichuan7, vocab_size=125696),
-    "Baichuan2-7B-Chat": dict(baichuan7, vocab_size=125696),
-    "Baichuan2-13B-Base": dict(baichuan13, vocab_size=125696),
-    "Baichuan2-13B-Chat": dict(baichuan13, vocab_size=125696),
-    # fnlp/moss-moon-003-* (CodeGen: attention and MLP in parallel under one LayerNorm, GPT-J rotary on 64 dims)
-    "moss-moon-003-base": dict(moss),
-    "moss-moon-003-sft": dict(moss),
-    # codefuse-ai/CodeFuse-13B, EleutherAI/pythia-*, gpt-neox-20b (GPT-NeoX: parallel residual, two LayerNorms,
-    # rotary on rotary_pct of each head)
-    "CodeFuse-13B": dict(neox, vocab_size=100831, n_layer=40, n_head=40, dim=5120, intermediate_size=20480,
-                         block_size=4096),
-    "pythia-70m": dict(pythia, n_layer=6, n_head=8, dim=512, intermediate_size=2048, rotary_dim=16),
-    "pythia-160m": dict(pythia, n_layer=12, n_head=12, dim=768, intermediate_size=3072, rotary_dim=16),
-    "pythia-410m": dict(pythia, n_layer=24, n_head=16, dim=1024, intermediate_size=4096, rotary_dim=16),
-    "pythia-1b": dict(pythia, n_layer=16, n_head=8, dim=2048, intermediate_size=8192, rotary_dim=64),
-    "pythia-1.4b": dict(pythia, n_layer=24, n_head=16, dim=2048, intermediate_size=8192, rotary_dim=32),
-    "pythia-2.8b": dict(pythia, n_layer=32, n_head=32, dim=2560, intermediate_size=10240, rotary_dim=20),
-    "pythia-6.9b": dict(pythia, vocab_size=50432, n_layer=32, n_head=32, dim=4096, intermediate_size=16384,
-                        rotary_dim=32),
-    "pythia-12b": dict(pythia, vocab_size=50688, n_layer=36, n_head=40, dim=5120, intermediate_size=20480,
-                       rotary_dim=32),
-    "gpt-neox-20b": dict(neox, mlp="gelu_tanh", vocab_size=50432, n_layer=44, n_head=64, dim=6144, intermediate_size=24576,
-                         rotary_dim=24),
-    # mistralai/Mixtral-* (top-2 of 8 SwiGLU experts, stacked so a decode step reads only the chosen two)
-    "Mixtral-8x7B-v0.1": dict(mixtral),
-    "Mixtral-8x7B-Instruct-v0.1": dict(mixtral),
-    "Mixtral-8x22B-v0.1": dict(mixtral, n_layer=56, n_head=48, dim=6144, intermediate_size=16384, block_size=65536),
-    "Mixtral-8x22B-Instruct-v0.1": dict(mixtral, vocab_size=32768, n_layer=56, n_head=48, dim=6144,
-                                        intermediate_size=16384, block_size=65536),
-}
+transformer_configs = {}
+
+
+def shape(n_layer, n_head, n_local_heads, dim, intermediate_size, **more) -> dict:
+    return dict(n_layer=n_layer, n_head=n_head, n_local_heads=n_local_heads, dim=dim,
+                intermediate_size=intermediate_size, **more)
+
+
+def entry(name: str, *fields: dict, **more):
+    transformer_configs[name] = {k: v for f in (*fields, more) for k, v in f.items()}
+
+
+def pair(base: str, chat: str, *fields: dict, base_only=None, chat_only=None):
+    """A base repo and its chat/instruct sibling: one entry, but for what only one of the two config.json files
+    says. A base model carries its sibling's chat format; an entry with no chat sibling has none."""
+    entry(base, *fields, base_only or {})
+    entry(chat, *fields, chat_only or {})
+
+
+# meta-llama/Llama-2-*-hf and -chat-hf
+for size, s in (("7b", shape(32, 32, 32, 4096, 11008)), ("13b", shape(40, 40, 40, 5120, 13824)),
+                ("70b", shape(80, 64, 8, 8192, 28672))):
+    pair(f"Llama-2-{size}-hf", f"Llama-2-{size}-chat-hf", llama2, s)
+# codellama/CodeLlama-*-hf (34B: GQA 8, vocab 32000)
+for size, s in (("7b", shape(32, 32, 32, 4096, 11008)), ("13b", shape(40, 40, 40, 5120, 13824)),
+                ("34b", shape(48, 64, 8, 8192, 22016, vocab_size=32000))):
+    pair(f"CodeLlama-{size}-hf", f"CodeLlama-{size}-Instruct-hf", codellama, s)
+# meta-llama/Meta-Llama-3-*, Llama-3.1-* (formerly Meta-Llama-3.1-*)
+llama3_shapes = (("8B", shape(32, 32, 8, 4096, 14336)), ("70B", shape(80, 64, 8, 8192, 28672)))
+for size, s in llama3_shapes:
+    pair(f"Meta-Llama-3-{size}", f"Meta-Llama-3-{size}-Instruct", llama3, s)
+for size, s in (*llama3_shapes, ("405B", shape(126, 128, 8, 16384, 53248))):
+    pair(f"Llama-3.1-{size}", f"Llama-3.1-{size}-Instruct", llama31, s)
+# mistralai/Mistral-7B-v0.1 (sliding window 4096), -v0.3 (vocab 32768, no window, theta 1e6)
+pair("Mistral-7B-v0.1", "Mistral-7B-Instruct-v0.1", mistral, dict(sliding_window=4096))
+pair("Mistral-7B-v0.3", "Mistral-7B-Instruct-v0.3", mistral, dict(vocab_size=32768, rope_base=1000000.0))
+# HuggingFaceTB/SmolLM2-* (tied embeddings)
+for size, s in (("135M", shape(30, 9, 3, 576, 1536)), ("360M", shape(32, 15, 5, 960, 2560)),
+                ("1.7B", shape(24, 32, 32, 2048, 8192, rope_base=130000.0))):
+    pair(f"SmolLM2-{size}", f"SmolLM2-{size}-Instruct", smollm2, s)
+# Qwen/Qwen-* (Qwen-1; the MLP's two halves: config intermediate_size / 2). Past seq_length (train_seq_length)
+# the reference raises the rope base by the dynamic NTK alpha and scales queries by logn; Qwen-72B does neither.
+for size, s in (("1_8B", shape(24, 16, 16, 2048, 5504, block_size=8192, train_seq_length=8192)),
+                ("7B", shape(32, 32, 32, 4096, 11008, block_size=32768, train_seq_length=8192)),
+                ("14B", shape(40, 40, 40, 5120, 13696, vocab_size=152064, block_size=8192, train_seq_length=2048)),
+                ("72B", shape(80, 64, 64, 8192, 24576, vocab_size=152064, block_size=32768, train_seq_length=32768,
+                              rope_base=1000000.0, rope_dynamic_ntk=False, logn_attn=False))):
+    pair(f"Qwen-{size}", f"Qwen-{size}-Chat", qwen1, s)
+# Qwen/Qwen2-* and Qwen2.5-* (qkv bias, GQA; the small ones tie the head to the embedding). The base repos'
+# config.json give a 131072 context where the instruct ones give 32768 (not Qwen2.5-0.5B and -3B), and the big
+# base ones eps 1e-5.
+long, long_eps = dict(block_size=131072), dict(block_size=131072, norm_eps=1e-5)
+for family, base, sizes in (
+        (qwen2, "Qwen2", (("0.5B", shape(24, 14, 2, 896, 4864, **qwen2_small), long),
+                          ("1.5B", shape(28, 12, 2, 1536, 8960, **qwen2_small), long),
+                          ("7B", shape(28, 28, 4, 3584, 18944), long),
+                          ("72B", shape(80, 64, 8, 8192, 29568), long_eps))),
+        (qwen25, "Qwen2.5", (("0.5B", shape(24, 14, 2, 896, 4864, **qwen2_small), {}),
+                             ("1.5B", shape(28, 12, 2, 1536, 8960, **qwen2_small), long),
+                             ("3B", shape(36, 16, 2, 2048, 11008, **qwen2_small), {}),
+                             ("7B", shape(28, 28, 4, 3584, 18944), long),
+                             ("14B", shape(48, 40, 8, 5120, 13824), long_eps),
+                             ("32B", shape(64, 40, 8, 5120, 27648), long_eps),
+                             ("72B", shape(80, 64, 8, 8192, 29568), long_eps)))):
+    for size, s, base_only in sizes:
+        pair(f"{base}-{size}", f"{base}-{size}-Instruct", family, s, base_only=base_only)
+# THUDM/chatglm-6b (GLM: 2-D rotary positions, prefix-LM over the prompt, DeepNorm residual, fp16 inv_freq)
+entry("chatglm-6b", shape(28, 32, 32, 4096, 16384), vocab_size=130528, block_size=2048, norm="layernorm",
+      position="rope_2d", mask_token_id=130001, sop_token_id=130004, rope_inv_freq_fp16=True,
+      deepnorm_alpha=math.sqrt(56), qkv_bias=True, out_bias=True, mlp_bias=True, mlp="gelu_tanh",
+      tie_embeddings=True, chat_format="chatglm")
+# THUDM/chatglm2-6b, chatglm3-6b (2 KV groups, rotary on half of each head in interleaved pairs). -32k:
+# ChatGLM2's code divides positions by rope_ratio, ChatGLM3's multiplies the base by it.
+entry("chatglm2-6b", chatglm2)
+entry("chatglm2-6b-32k", chatglm2, rope_scaling=dict(type="linear", factor=16))
+entry("chatglm3-6b", chatglm3)
+entry("chatglm3-6b-base", chatglm3, block_size=32768)
+entry("chatglm3-6b-32k", chatglm3, block_size=32768, rope_base=500000.0)
+# baichuan-inc/Baichuan-* (W_pack = [q; k; v]; 13B: ALiBi; Baichuan2: the head's rows are normalised at
+# conversion (NormHead), vocabulary 125696). Chat: user / assistant ids 195 / 196. Baichuan-7B has no chat sibling.
+entry("Baichuan-7B", baichuan7, chat_format="")
+pair("Baichuan-13B-Base", "Baichuan-13B-Chat", baichuan13)
+pair("Baichuan2-7B-Base", "Baichuan2-7B-Chat", baichuan7, dict(vocab_size=125696))
+pair("Baichuan2-13B-Base", "Baichuan2-13B-Chat", baichuan13, dict(vocab_size=125696))
+# fnlp/moss-moon-003-* (CodeGen: attention and MLP in parallel under one LayerNorm, GPT-J rotary on 64 dims)
+pair("moss-moon-003-base", "moss-moon-003-sft", moss)
+# codefuse-ai/CodeFuse-13B, EleutherAI/pythia-*, gpt-neox-20b (GPT-NeoX: parallel residual, two LayerNorms,
+# rotary on rotary_pct of each head); no chat siblings
+entry("CodeFuse-13B", neox, shape(40, 40, 40, 5120, 20480), vocab_size=100831, block_size=4096)
+for size, s in (("70m", shape(6, 8, 8, 512, 2048, rotary_dim=16)),
+                ("160m", shape(12, 12, 12, 768, 3072, rotary_dim=16)),
+                ("410m", shape(24, 16, 16, 1024, 4096, rotary_dim=16)),
+                ("1b", shape(16, 8, 8, 2048, 8192, rotary_dim=64)),
+                ("1.4b", shape(24, 16, 16, 2048, 8192, rotary_dim=32)),
+                ("2.8b", shape(32, 32, 32, 2560, 10240, rotary_dim=20)),
+                ("6.9b", shape(32, 32, 32, 4096, 16384, rotary_dim=32, vocab_size=50432)),
+                ("12b", shape(36, 40, 40, 5120, 20480, rotary_dim=32, vocab_size=50688))):
+    entry(f"pythia-{size}", pythia, s)
+entry("gpt-neox-20b", neox, shape(44, 64, 64, 6144, 24576), mlp="gelu_tanh", vocab_size=50432, rotary_dim=24)
+# mistralai/Mixtral-* (top-2 of 8 SwiGLU experts, stacked so a decode step reads only the chosen two);
+# Mixtral-8x22B-Instruct's tokenizer has 32768 ids (v3), the base's 32000
+pair("Mixtral-8x7B-v0.1", "Mixtral-8x7B-Instruct-v0.1", mixtral)
+pair("Mixtral-8x22B-v0.1", "Mixtral-8x22B-Instruct-v0.1", mixtral, shape(56, 48, 8, 6144, 16384, block_size=65536),
+     chat_only=dict(vocab_size=32768))

@@ -93,7 +93,8 @@ SHAPE_KEYS = {
                                tie_word_embeddings=a.tie_embeddings,
                                hidden_act={"gelu": "gelu", "gelu_tanh": "gelu_fast"}.get(a.mlp)),
     "moss": lambda a: dict(vocab_size=a.vocab_size, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.dim,
-                           n_inner=None if a.intermediate_size == 4 * a.dim else a.intermediate_size, layer_norm_epsilon=a.norm_eps, n_positions=a.block_size,
+                           n_inner=None if a.intermediate_size == 4 * a.dim else a.intermediate_size,
+                           layer_norm_epsilon=a.norm_eps, n_positions=a.block_size,
                            n_ctx=a.block_size, rotary_dim=a.rotary_dim, tie_word_embeddings=a.tie_embeddings),
 }
 SHAPE_KEYS["codegen"] = SHAPE_KEYS["moss"]
@@ -157,7 +158,7 @@ def hf_weights(a, cfg: dict) -> list:
     order = {k: i for i, k in enumerate(ours)}
     q, kv = a.n_head * a.head_dim, a.n_local_heads * a.head_dim
     table = layout_of(cfg).weights
-    last = {}   # two ways to one of our keys (Baichuan's W_pack after Llama's q/k/v): the table's last one is the layout
+    last = {}   # two ways to one of our keys (Baichuan's W_pack after Llama's q/k/v): the table's last is the layout
     for template, target in table.items():
         if target is not None:
             k = target if isinstance(target, str) else target.keys[0] if isinstance(target, Split) else target.key
