@@ -26,6 +26,11 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def all_on_one_line(e: BaseException, limit: int = 300) -> str:
+    """A library's multi-line message (lm-eval's, datasets') whose cause is not on its first line, joined."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
 @contextlib.contextmanager
 def command_line():
     """The CLI boundary: our errors (ValueError, FileNotFoundError, OSError such as a full disk) end as one
@@ -237,6 +242,23 @@ def load_into(model, state_dict: dict, path):
         raise ValueError(f"checkpoint {path} does not fit its config.json: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}, wrong shapes {shapes[:3]}")
     model.load_state_dict(state_dict, assign=True, strict=False)
+
+
+def load_checkpoint(path, swap=None) -> tuple:
+    """The one checkpoint loader: (model on the meta device with the mmapped weights assigned, the state dict, the
+    quantization record or None). A quantized checkpoint needs swap(model, state_dict, record), which rebuilds
+    its modules first (quantize.swap_modules); without one, a quantized checkpoint is refused in one line."""
+    path = Path(path)
+    config, state_dict = read_checkpoint(path)
+    model = meta_model(config, path.parent / "config.json")
+    record = state_dict.pop(QUANTIZATION, None)
+    if record is not None:
+        if swap is None:
+            raise ValueError(f"{path} is already quantized ({record.get('mode')}); use the float model.pth")
+        swap(model, state_dict, record)
+    load_into(model, state_dict, path)
+    model.retie_and_rebuild()   # re-tie the head, rope table and per-row state off the meta device
+    return model, state_dict, record
 
 
 def read_tokenizer(folder):

@@ -121,7 +121,8 @@ class Engine:
         self.busy = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)   # 1 where a request decodes
         self.waiting: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
-        self.step_fn = gen.compile_step(decode_logits, self.device, dynamic=False) if compile else decode_logits
+        self.step_fn = gen.compile_step(gen.fresh(gen.decode_logits), self.device, dynamic=False) if compile \
+            else gen.decode_logits
         self.closed = False
         self.fatal: Optional[str] = None     # why the scheduler stopped, if it had to
         self.drain_deadline: Optional[float] = None   # drain(): stop once idle or at this time
@@ -295,7 +296,7 @@ class Engine:
         n = next(b for b in self.buckets if b >= busy)
         try:
             logits = self.step_fn(self.model, self.cur[:n], self.pos[:n])[:, : self.vocab_size]
-            greedy = logits.argmax(-1).tolist()
+            greedy = gen.sample(logits).view(-1).tolist()
         except Exception as e:   # no row can go on: each busy request fails; again and again, the engine gives up
             self.step_failures += 1
             if self.step_failures >= STEP_FAILURES:
@@ -319,12 +320,7 @@ class Engine:
                 self.fail(r, e)
 
     def pick(self, r: Request, logits: torch.Tensor) -> int:
-        logits = logits[: self.vocab_size]
-        if r.temperature <= 0:
-            return int(logits.argmax())
-        probs = gen.logits_to_probs(logits.float().unsqueeze(0), r.temperature, r.top_k, r.top_p)
-        q = torch.empty_like(probs).exponential_(1, generator=r.generator)   # argmax(p / Exp(1)) samples from p
-        return int(torch.argmax(probs / q))
+        return int(gen.sample(logits.unsqueeze(0), r.temperature, r.top_k, r.top_p, self.vocab_size, r.generator))
 
     def emit(self, row: int, r: Request, token: int):
         """Record a sampled token: send the text that is safe to send, end the request if it is done."""
@@ -382,7 +378,3 @@ def bucket_sizes(max_batch_size: int) -> list:
         n *= 2
     return sizes + [max_batch_size]
 
-
-def decode_logits(model, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """One decode step for a batch of slots: x, input_pos [n, 1] -> next-token logits [n, V]."""
-    return model(x, input_pos)[:, -1]

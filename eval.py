@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent
 LOCAL_TASKS = REPO / "tasks"
 
 
-def make_lm(model, tokenizer, batch_size: int = 4, max_length: int = 2048):
+def make_lm(model, tokenizer, batch_size: int = 4, max_length: int = 2048, steps=None):
     """Our model as an lm-eval TemplateLM (lm_eval is imported here, so that importing eval.py stays cheap)."""
     from lm_eval.api.model import TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -94,7 +94,7 @@ def make_lm(model, tokenizer, batch_size: int = 4, max_length: int = 2048):
                     batch = members[start: start + self.batch_size]
                     prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - n):] for i in batch]
                     outs = gen.generate(self.model, prompts, n, stop_ids=self.tokenizer.stop_ids,
-                                        vocab_size=self.tokenizer.vocab_size, **sampling)
+                                        vocab_size=self.tokenizer.vocab_size, steps=steps, **sampling)
                     for i, ids in zip(batch, outs):
                         text = self.tok_decode(ids)
                         for stop in until:
@@ -117,7 +117,7 @@ def run_eval(lm, tasks: list, limit=None, num_fewshot=None, include_path=None, m
 
 
 def one_line(e: Exception) -> str:
-    text = " ".join(str(e).split())[:300] or type(e).__name__
+    text = cli.all_on_one_line(e)
     if any(w in text for w in ("Hub", "huggingface.co", "resolve", "connect", "offline", "Offline")):
         text += ("; this task's data is on the Hugging Face hub: online, it downloads; offline, copy the task's "
                  "yaml into a folder, point dataset_path/data_files (or custom_dataset) at local files, and pass "
@@ -183,9 +183,8 @@ def run(args) -> dict:
     model = gen.load_model(checkpoint, device, gen.PRECISIONS[args.precision], use_tp=rank is not None)
     print(f"loaded {model.config.name or checkpoint} ({checkpoint.name}) in {time.perf_counter() - t0:.2f} s",
           file=sys.stderr)
-    if args.compile:
-        gen.compile_decode(device)
-    lm = make_lm(model, tokenizer, args.batch_size, min(args.max_seq_length, model.config.block_size))
+    steps = gen.compile_steps(device) if args.compile else gen.EAGER
+    lm = make_lm(model, tokenizer, args.batch_size, min(args.max_seq_length, model.config.block_size), steps)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     try:
         return run_eval(lm, tasks, limit, args.num_fewshot, manager=manager)

@@ -4,8 +4,9 @@ import math
 import os
 import sys
 import time
+import types
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 # On a small machine, parallel compile workers fight the decode threads for the cores
 if (os.cpu_count() or 1) <= 4:
@@ -25,21 +26,17 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
     reserve (rows, positions): the KV cache to be set up; a model and cache that cannot fit in the free memory
     are refused in one line (ValueError) before the weights are copied (prefill_rows: see memory_needed).
     pack=False keeps every nn.Linear a plain one (for code that reads or copies the weights)."""
-    config, state_dict = cli.read_checkpoint(checkpoint_path)
-    model = cli.meta_model(config, Path(checkpoint_path).parent / "config.json")
-    record = state_dict.pop(cli.QUANTIZATION, None)   # quantize.py's output: rebuild its modules first
-    if record is not None:
+    def swap(*a):   # quantize.py's output: its modules rebuilt before the weights are assigned
         from quantize import swap_modules
-        swap_modules(model, state_dict, record)
-    cli.load_into(model, state_dict, checkpoint_path)
-    model.after_load()  # off the meta device before the move
+        swap_modules(*a)
+    model, _, record = cli.load_checkpoint(checkpoint_path, swap)
     if use_tp:
         from tp import apply_tp
         apply_tp(model)
     if reserve is not None:
         cli.check_memory(memory_needed(model, precision, *reserve, prefill_rows), device)
     model = model.to(device=device, dtype=precision)
-    model.after_load()  # re-tie after the move, rope table back to fp32
+    model.retie_and_rebuild()  # re-tie after the move, rope table back to fp32
     if record is not None:
         from quantize import pack_for_device
         pack_for_device(model)  # int4: the portable layout on disk -> this device's packed layout
@@ -82,9 +79,9 @@ def weight_bytes_per_token(model: Transformer) -> int:
 
 # ---- sampling -----------------------------------------------------------------------------------
 
-def multinomial_sample_one_no_sync(probs: torch.Tensor) -> torch.Tensor:
+def multinomial_sample_one_no_sync(probs: torch.Tensor, generator=None) -> torch.Tensor:
     # Gumbel-style trick: argmax(p / Exp(1)) is a sample from p, without torch.multinomial's device sync
-    q = torch.empty_like(probs).exponential_(1)
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
     return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
 
 
@@ -102,13 +99,21 @@ def logits_to_probs(logits, temperature: float = 1.0, top_k: Optional[int] = Non
     return torch.softmax(logits, dim=-1)
 
 
-def sample(logits, temperature: float = 0.0, top_k=None, top_p=None, vocab_size=None):
-    """logits [B, V] -> next token ids [B, 1] (int32). temperature 0 is greedy. vocab_size: sample only ids below it
-    (the tokenizer's; Qwen, ChatGLM2/3, Pythia and MOSS pad their embeddings past it with rows no text decodes to)."""
-    logits = logits[..., :vocab_size]
+def sample_with_probs(logits, temperature: float = 0.0, top_k=None, top_p=None, vocab_size=None, generator=None):
+    """The one sampler. logits [B, V] -> (next token ids [B, 1] int32, the distribution drawn from [B, V'] in fp32;
+    the logits themselves when greedy). temperature 0 is greedy. vocab_size: sample only ids below it (the
+    tokenizer's; Qwen, ChatGLM2/3, Pythia and MOSS pad their embeddings past it with rows no text decodes to).
+    generator: a request's own seeded stream (the server's `seed`), else torch's global one."""
+    logits = logits[..., :vocab_size].float()
     if temperature <= 0:
-        return torch.argmax(logits, dim=-1, keepdim=True).to(dtype=torch.int)
-    return multinomial_sample_one_no_sync(logits_to_probs(logits.float(), temperature, top_k, top_p))
+        return torch.argmax(logits, dim=-1, keepdim=True).to(dtype=torch.int), logits
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return multinomial_sample_one_no_sync(probs, generator), probs
+
+
+def sample(logits, temperature: float = 0.0, top_k=None, top_p=None, vocab_size=None, generator=None):
+    """sample_with_probs' tokens [B, 1] alone."""
+    return sample_with_probs(logits, temperature, top_k, top_p, vocab_size, generator)[0]
 
 
 # ---- the decode path ----------------------------------------------------------------------------
@@ -129,41 +134,48 @@ def prefill_logits(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor,
     return model(x, input_pos, rows=rows, last=last)
 
 
+def decode_logits(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """The one decode forward: x, input_pos [B, 1] -> next-token logits [B, V]."""
+    return model(x, input_pos)[:, -1]
+
+
 def prefill_forward(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor,
-                    chunk: Optional[int] = PREFILL_CHUNK, rows=None) -> torch.Tensor:
+                    chunk: Optional[int] = PREFILL_CHUNK, rows=None, step=prefill_logits) -> torch.Tensor:
     """x [B, T] right-padded prompts at positions input_pos [B, T]; last [B]: each row's last index. The prompt goes
     through in chunks of `chunk` positions, each writing the cache that the next one reads, so a long prompt's
-    memory stays bounded; logits [B, V] at each row's last position only."""
+    memory stays bounded; logits [B, V] at each row's last position only. step: prefill_logits or its compiled
+    form (Steps.prefill)."""
     T = x.shape[1]
     chunk = chunk_size(model.config, T, chunk)
     logits = None
     for start in range(0, T, chunk):
         end = min(start + chunk, T)
         at = (last - start).clamp(0, end - start - 1)
-        out = prefill_step_fn(model, x[:, start:end], input_pos[:, start:end], at, rows)
+        out = step(model, x[:, start:end], input_pos[:, start:end], at, rows)
         mine = ((last >= start) & (last < end)).view(-1, 1)   # rows whose last position is in this chunk
         logits = out if logits is None else torch.where(mine, out, logits)
     return logits
 
 
 def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor,
-            chunk: Optional[int] = PREFILL_CHUNK, **sampling):
+            chunk: Optional[int] = PREFILL_CHUNK, step=prefill_logits, **sampling):
     """prefill_forward, then the first new token of each row [B, 1]."""
-    return sample(prefill_forward(model, x, input_pos, last, chunk), **sampling)
+    return sample(prefill_forward(model, x, input_pos, last, chunk, step=step), **sampling)
 
 
 def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **sampling):
-    # x [B, 1], input_pos [B, 1]
-    logits = model(x, input_pos)
-    return sample(logits[:, -1], **sampling)
+    """x, input_pos [B, 1] -> the next token of each row [B, 1]."""
+    return sample(decode_logits(model, x, input_pos), **sampling)
 
 
-def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(), callback=None, **sampling):
-    """Decode up to num_new_tokens per row; a row is done at its first stop id. Returns [B, n]."""
+def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(), callback=None,
+                    step=decode_one_token, **sampling):
+    """Decode up to num_new_tokens per row; a row is done at its first stop id. Returns [B, n]. step:
+    decode_one_token or its compiled form (Steps.decode)."""
     new_tokens, done = [], torch.zeros(cur_token.shape[0], dtype=torch.bool)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.int) if stop_ids else None
     for _ in range(num_new_tokens):
-        next_token = decode_one_token(model, cur_token, input_pos, **sampling)
+        next_token = step(model, cur_token, input_pos, **sampling)
         input_pos += 1
         # clone: under CUDA graphs the output buffer is overwritten by the next replay
         cur_token = next_token.clone()
@@ -183,11 +195,7 @@ def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(
 def draft_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, temperature: float = 0.0,
                     top_k=None, top_p=None, vocab_size=None):
     """A draft step: its token [1, 1] and the probabilities it was drawn from [1, V] (the logits when greedy)."""
-    logits = model(x, input_pos)[:, -1, :vocab_size].float()
-    if temperature <= 0:
-        return torch.argmax(logits, -1, keepdim=True).to(torch.int), logits
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
-    return multinomial_sample_one_no_sync(probs), probs
+    return sample_with_probs(decode_logits(model, x, input_pos), temperature, top_k, top_p, vocab_size)
 
 
 def verify(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -215,28 +223,30 @@ def speculative_accept(draft_tokens, draft_probs, target_probs, greedy: bool) ->
 
 
 def speculative_decode(model, draft_model, cur_token, pos: int, num_new_tokens: int, k: int, stop_ids=(),
-                       callback=None, stats=None, **sampling) -> torch.Tensor:
+                       callback=None, stats=None, steps=None, **sampling) -> torch.Tensor:
     """Batch 1. The draft proposes k tokens one at a time, the target checks them in one forward. A rejected
     draft token needs no cache rollback: both caches are read by position, and the next step overwrites the
     stale slots before any query can see them. Returns [1, n] new tokens (n <= num_new_tokens)."""
     device, greedy = cur_token.device, sampling.get("temperature", 0.0) <= 0
-    out, steps = [], 0
+    draft_step, verify_step = (steps or EAGER).draft, (steps or EAGER).verify
+    out, n_steps = [], 0
     positions = lambda a, b: torch.arange(a, b, device=device).view(1, -1)  # noqa: E731
     while len(out) < num_new_tokens:
         tokens, probs, x = [], [], cur_token.view(1, 1)
         for i in range(k):
-            x, pr = draft_step_fn(draft_model, x, positions(pos + i, pos + i + 1), **sampling)
+            x, pr = draft_step(draft_model, x, positions(pos + i, pos + i + 1), **sampling)
             tokens.append(x.view(1))
             probs.append(pr)
         draft = torch.cat(tokens)
-        logits = verify_fn(model, torch.cat([cur_token.view(1, 1), draft.view(1, k)], 1), positions(pos, pos + k + 1))[0]
-        logits = logits[:, :sampling.get("vocab_size")].float()
-        target = logits if greedy else logits_to_probs(logits, sampling.get("temperature", 1.0),
-                                                       sampling.get("top_k"), sampling.get("top_p"))
+        logits = verify_step(model, torch.cat([cur_token.view(1, 1), draft.view(1, k)], 1),
+                             positions(pos, pos + k + 1))[0]
+        target = logits[:, :sampling.get("vocab_size")].float() if greedy else logits_to_probs(
+            logits[:, :sampling.get("vocab_size")].float(), sampling.get("temperature", 1.0), sampling.get("top_k"),
+            sampling.get("top_p"))
         new = speculative_accept(draft, None if greedy else torch.cat(probs), target, greedy).cpu()
         if len(new) == k + 1:   # all k accepted: the draft has not yet seen its own last token
-            draft_step_fn(draft_model, draft[-1].view(1, 1), positions(pos + k, pos + k + 1), **sampling)
-        steps += 1
+            draft_step(draft_model, draft[-1].view(1, 1), positions(pos + k, pos + k + 1), **sampling)
+        n_steps += 1
         for t in new.tolist()[: num_new_tokens - len(out)]:
             out.append(t)
             if callback is not None:
@@ -247,9 +257,9 @@ def speculative_decode(model, draft_model, cur_token, pos: int, num_new_tokens: 
         pos += len(new)
         cur_token = new[-1:].to(device=device, dtype=torch.int)
     if stats is not None:
-        stats["steps"] = stats.get("steps", 0) + steps
-        stats["drafted"] = stats.get("drafted", 0) + steps * k
-        stats["accepted"] = stats.get("accepted", 0) + len(out) - steps   # each step adds one token of the target's
+        stats["steps"] = stats.get("steps", 0) + n_steps
+        stats["drafted"] = stats.get("drafted", 0) + n_steps * k
+        stats["accepted"] = stats.get("accepted", 0) + len(out) - n_steps   # each step adds one of the target's
     return torch.tensor([out], dtype=torch.int)
 
 
@@ -262,11 +272,13 @@ def cache_positions(block_size: int, needed: int) -> int:
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=(), callback=None,
              draft_model: Optional[Transformer] = None, speculate_k: int = 5, stats=None,
-             prefill_chunk: Optional[int] = PREFILL_CHUNK, **sampling) -> list:
+             prefill_chunk: Optional[int] = PREFILL_CHUNK, steps=None, **sampling) -> list:
     """prompts: B lists of token ids (may differ in length). Returns B lists of new token ids,
     each cut after its first stop id. callback(tokens [B], done [B]) sees every decoded step.
     With a draft_model (batch 1): speculative decoding, k draft tokens a step; stats collects its counts.
-    prefill_chunk: prompt positions per prefill forward (None: the whole prompt at once)."""
+    prefill_chunk: prompt positions per prefill forward (None: the whole prompt at once).
+    steps: the forward steps to run (compile_steps'), eager by default."""
+    steps = steps or EAGER
     device = model.tok_embeddings.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     B, T = len(prompts), int(lengths.max())
@@ -287,20 +299,20 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=()
     for i, p in enumerate(prompts):
         x[i, : len(p)] = torch.tensor(p, dtype=torch.int)
     input_pos = torch.arange(T, device=device).expand(B, T)
-    first = prefill(model, x, input_pos, lengths - 1, prefill_chunk, **sampling)
+    first = prefill(model, x, input_pos, lengths - 1, prefill_chunk, steps.prefill, **sampling)
     if callback is not None:
         callback(first.view(-1).cpu(), torch.zeros(B, dtype=torch.bool))
     out = [first.cpu()]
     if draft_model is not None:
-        prefill_forward(draft_model, x, input_pos, lengths - 1, prefill_chunk)   # the draft's cache holds it too
+        prefill_forward(draft_model, x, input_pos, lengths - 1, prefill_chunk, step=steps.prefill)   # the draft's too
     if max_new_tokens > 1 and not (stop_ids and torch.isin(first.view(-1).cpu(), torch.tensor(list(stop_ids))).all()):
         if draft_model is not None:
             out.append(speculative_decode(model, draft_model, first, T, max_new_tokens - 1, speculate_k, stop_ids,
-                                          callback, stats, **sampling))
+                                          callback, stats, steps, **sampling))
         else:
             input_pos = lengths.view(B, 1).clone()
             out.append(decode_n_tokens(model, first, input_pos, max_new_tokens - 1, stop_ids, callback,
-                                       **sampling).cpu())
+                                       steps.decode, **sampling).cpu())
     rows = torch.cat(out, dim=1).tolist()
     result = []
     for row in rows:
@@ -309,8 +321,16 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=()
     return result
 
 
-prefill_step_fn = prefill_logits   # compiled (dynamic shapes) under --compile_prefill
-draft_step_fn, verify_fn = draft_one_token, verify   # compiled under --compile with a draft
+class Steps(NamedTuple):
+    """The forward steps generate() runs: eager functions, or compiled ones (compile_steps). A value handed to
+    generate(steps=...), never a module global rebound, so two variants in one process each keep their own."""
+    decode: Callable = decode_one_token
+    prefill: Callable = prefill_logits
+    draft: Callable = draft_one_token
+    verify: Callable = verify
+
+
+EAGER = Steps()
 
 
 def compile_step(fn: Callable, device: str, **kw) -> Callable:
@@ -330,14 +350,25 @@ def compile_notice(device: str, steps: int = 1):
           f"then decoding starts", file=sys.stderr, flush=True)
 
 
-def compile_decode(device: str, compile_prefill: bool = False, speculative: bool = False):
-    global decode_one_token, prefill_step_fn, draft_step_fn, verify_fn
+def fresh(fn: Callable) -> Callable:
+    """A copy of fn with its own code object: Dynamo keys its cache on the code, so each compile_steps() gets its
+    own compiled graphs (and no call walks the guards of another variant's)."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__doc__ = fn.__kwdefaults__, fn.__doc__
+    return copy
+
+
+def compile_steps(device: str, compile_prefill: bool = False, speculative: bool = False) -> Steps:
+    """The decode step compiled (and the draft and verify steps with a draft; prefill, with dynamic shapes, when
+    asked). Compiling happens at the first call of each."""
     compile_notice(device, 3 if speculative else 1)
-    decode_one_token = compile_step(decode_one_token, device)
+    steps = Steps(decode=compile_step(fresh(decode_one_token), device))
     if speculative:
-        draft_step_fn, verify_fn = compile_step(draft_one_token, device), compile_step(verify, device)
+        steps = steps._replace(draft=compile_step(fresh(draft_one_token), device),
+                               verify=compile_step(fresh(verify), device))
     if compile_prefill:
-        prefill_step_fn = torch.compile(prefill_logits, fullgraph=True, dynamic=True)
+        steps = steps._replace(prefill=torch.compile(fresh(prefill_logits), fullgraph=True, dynamic=True))
+    return steps
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -366,8 +397,9 @@ def peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=None) -> tuple:
-    """Generate for a list of token-id prompts; stream row 0 to stdout when asked. Returns (outputs, seconds)."""
+def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=None, steps=None) -> tuple:
+    """Generate for a list of token-id prompts; stream row 0 to stdout when asked. Returns (outputs, seconds,
+    prefill seconds, decode seconds)."""
     from tokenizer import StreamDecoder
     decoder = StreamDecoder(tokenizer) if stream else None
     times = {}
@@ -380,6 +412,7 @@ def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=N
     t0 = time.perf_counter()
     outputs = generate(model, prompts, args.max_new_tokens, stop_ids=tokenizer.stop_ids, callback=on_token,
                        draft_model=draft, speculate_k=args.speculate_k, stats=stats, prefill_chunk=args.prefill_chunk,
+                       steps=steps,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_size=tokenizer.vocab_size)
     if decoder is not None:
         print(decoder.flush(), end="", flush=True)
@@ -397,7 +430,7 @@ def read_line(prompt: str) -> str:
     return read_on_rank0(lambda: input(prompt))
 
 
-def interactive(model, tokenizer, args):
+def interactive(model, tokenizer, args, steps=None):
     messages = []
     print("chat: type a message, an empty line or Ctrl-D to end", file=sys.stderr)
     while True:
@@ -409,7 +442,7 @@ def interactive(model, tokenizer, args):
             break
         messages.append({"role": "user", "content": text})
         ids = tokenizer.apply_chat(messages, add_generation_prompt=True)
-        (reply,), *_ = run_batch(model, tokenizer, [ids], args, stream=True)
+        (reply,), *_ = run_batch(model, tokenizer, [ids], args, stream=True, steps=steps)
         print()
         messages.append({"role": "assistant", "content": tokenizer.reply_content(reply)})
 
@@ -487,10 +520,9 @@ def run(args):
     if draft_path is not None:
         draft = load_model(draft_path, device, PRECISIONS[args.precision], use_tp=rank is not None)
         print(f"draft: {draft_path}, {args.speculate_k} tokens a step", file=sys.stderr)
-    if args.compile:
-        compile_decode(device, args.compile_prefill, speculative=draft is not None)
+    steps = compile_steps(device, args.compile_prefill, speculative=draft is not None) if args.compile else EAGER
     if args.interactive:
-        return interactive(model, tokenizer, args)
+        return interactive(model, tokenizer, args, steps)
 
     bytes_per_token = weight_bytes_per_token(model)
     stream = batch == 1
@@ -504,7 +536,7 @@ def run(args):
             print(texts[0], end="", flush=True)  # a completion continues its prompt
         stats = {}
         outputs, secs, prefill_secs, decode_secs = run_batch(model, tokenizer, prompts, args, stream=stream and not warmup,
-                                                             draft=draft, stats=stats)
+                                                             draft=draft, stats=stats, steps=steps)
         if prof:
             prof.__exit__(None, None, None)
             prof.export_chrome_trace(str(args.profile))

@@ -3,7 +3,7 @@
 import math
 import typing
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -192,8 +192,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cache", rope_table(config, config.block_size), persistent=False)
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.register_buffer("ntk_alpha", torch.ones(1), persistent=False)   # per-row state set by a prefill
-        self.register_buffer("glm_ctx", torch.zeros(1, 1, dtype=torch.long), persistent=False)
-        self.register_buffer("glm_mask_pos", torch.zeros(1, 1, dtype=torch.long), persistent=False)
+        self.register_buffer("prefix_len", torch.zeros(1, 1, dtype=torch.long), persistent=False)   # per-row too
+        self.register_buffer("mask_pos", torch.zeros(1, 1, dtype=torch.long), persistent=False)
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None):
         if max_seq_length > self.config.block_size:
@@ -206,12 +206,13 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, layer.attention.n_local_heads,
                                                self.config.head_dim, dtype).to(device)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
-        self.after_load()
+        self.retie_and_rebuild()
 
-    def after_load(self):
-        """After load_state_dict(assign=True) and any .to(dtype): re-tie the head to the embedding and
-        rebuild the fp32 rope table on the weights' device (both are lost by assign/meta/casts). A quantized
-        head is not an nn.Linear, and keeps its own weights."""
+    def retie_and_rebuild(self):
+        """Re-tie the head to the embedding, and rebuild the fp32 rope table, the ALiBi slopes and the per-row
+        prompt state on the weights' device, for max_batch_size rows: assign/meta loading and casts lose them.
+        Run after load_state_dict(assign=True), after a .to(), and by setup_caches. A quantized head is not an
+        nn.Linear, and keeps its own weights."""
         if self.config.tie_embeddings and type(self.output) is nn.Linear:
             self.output.weight = self.tok_embeddings.weight
         device = self.tok_embeddings.weight.device
@@ -219,8 +220,8 @@ class Transformer(nn.Module):
         self.alibi_slopes = alibi_slopes(self.config.n_head)[self.heads].to(device)
         rows = max(self.max_batch_size, 1)
         self.ntk_alpha = torch.ones(rows, device=device)
-        self.glm_ctx = torch.zeros(rows, 1, dtype=torch.long, device=device)
-        self.glm_mask_pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.prefix_len = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.mask_pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
 
     def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None, rows: Optional[Tensor] = None,
                 last: Optional[Tensor] = None) -> Tensor:
@@ -229,6 +230,17 @@ class Transformer(nn.Module):
         rows [B]: the cache rows the batch uses (default 0..B-1; a server prefills a request into its slot).
         Returns logits [B, T, V]; with last [B] (an index into T per row), only those rows' logits [B, V]: a long
         prompt's [T, V] logits are gigabytes, and a prefill needs one position of them."""
+        x = self.tok_embeddings(idx)
+        p = self.positions(idx, input_pos, rows, last, x.dtype)
+        for layer in self.layers:
+            x = layer(x, p)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]
+        return self.output(self.norm(x))
+
+    def positions(self, idx: Tensor, input_pos: Optional[Tensor], rows: Optional[Tensor], last: Optional[Tensor],
+                  dtype) -> "Positions":
+        """Everything a layer needs to know about where its tokens are: the rotation, the mask, the query scale."""
         B, T = idx.shape
         cached = input_pos is not None
         if cached:
@@ -240,15 +252,14 @@ class Transformer(nn.Module):
         if self.config.sliding_window is not None:
             mask = mask & (keys > pos.unsqueeze(-1) - self.config.sliding_window)
         mask = mask.unsqueeze(1)                               # [B, 1, T, S]
-        x = self.tok_embeddings(idx)
         if self.config.position == "alibi":                    # bias slope_h * key index (softmax ignores the row shift)
             bias = self.alibi_slopes.view(1, -1, 1, 1) * keys.float()
-            mask = torch.where(mask, bias, -float("inf")).to(x.dtype)   # [B, H, T, S]
+            mask = torch.where(mask, bias, -float("inf")).to(dtype)   # [B, H, T, S]
         if self.config.position == "rope_2d":
-            ctx, mask_pos = self.glm_prompt(idx, cached, rows)                       # [B, 1] each
-            mask = mask | (keys < ctx.view(-1, 1, 1, 1))      # prefix-LM: the whole prompt sees itself
-            block = torch.where(pos < ctx, 0, pos - ctx + 1)
-            rope = torch.stack([self.rope_cache[torch.where(pos < ctx, pos, mask_pos)], self.rope_cache[block]], 2)
+            prefix, mask_pos = self.prefix_lm(idx, cached, rows)                     # [B, 1] each
+            mask = mask | (keys < prefix.view(-1, 1, 1, 1))    # prefix-LM: the whole prompt sees itself
+            block = torch.where(pos < prefix, 0, pos - prefix + 1)
+            rope = torch.stack([self.rope_cache[torch.where(pos < prefix, pos, mask_pos)], self.rope_cache[block]], 2)
         elif self.config.rope_dynamic_ntk:
             rope = self.dynamic_ntk_rope(pos, cached, rows, last)
         else:
@@ -257,25 +268,22 @@ class Transformer(nn.Module):
         if self.config.logn_attn:
             n = float(self.config.train_seq_length)
             q_scale = torch.where(pos + 1 > n, torch.log(pos + 1.0) / math.log(n), 1.0)[..., None, None]
-        for layer in self.layers:
-            x = layer(x, rope, mask, pos if cached else None, q_scale, rows)
-        if last is not None:
-            x = x[torch.arange(B, device=x.device), last]
-        return self.output(self.norm(x))
+        return Positions(rope, mask, pos if cached else None, rows, q_scale)
 
-    def glm_prompt(self, idx: Tensor, cached: bool, rows: Optional[Tensor] = None):
-        """GLM's prompt ends `[gMASK] <sop>`: the prompt (before <sop>) is the context, generated tokens keep
-        the [gMASK] position and count block positions 1, 2, ... A decode step reuses its row's prompt values."""
+    def prefix_lm(self, idx: Tensor, cached: bool, rows: Optional[Tensor] = None):
+        """GLM's prompt ends `[gMASK] <sop>`: the prompt (before <sop>) is a prefix every position sees whole,
+        generated tokens keep the [gMASK] position and count block positions 1, 2, ... Returns (prefix length,
+        [gMASK] position) [B, 1] each; a decode step reuses its row's prompt values."""
         B, T = idx.shape
         state = slice(0, B) if rows is None else rows
         if cached and T == 1:
-            return self.glm_ctx[state], self.glm_mask_pos[state]
+            return self.prefix_len[state], self.mask_pos[state]
         steps = torch.arange(T, device=idx.device)
         first = lambda hit: torch.where(hit, steps, T).amin(-1, keepdim=True)  # noqa: E731  (T if absent)
-        ctx, mask_pos = first(idx == self.config.sop_token_id), first(idx == self.config.mask_token_id)
+        prefix, mask_pos = first(idx == self.config.sop_token_id), first(idx == self.config.mask_token_id)
         if cached:
-            self.glm_ctx[state], self.glm_mask_pos[state] = ctx, mask_pos
-        return ctx, mask_pos
+            self.prefix_len[state], self.mask_pos[state] = prefix, mask_pos
+        return prefix, mask_pos
 
     def dynamic_ntk_rope(self, pos: Tensor, cached: bool, rows: Optional[Tensor] = None,
                          last: Optional[Tensor] = None) -> Tensor:
@@ -301,6 +309,15 @@ class Transformer(nn.Module):
         return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
+class Positions(NamedTuple):
+    """Where a forward's tokens are, computed once (Transformer.positions) and read by every layer."""
+    rope: Tensor                   # cos/sin [B, T, r/2, 2] (GLM's two: [B, T, 2, r/4, 2])
+    mask: Tensor                   # bool [B, 1, T, S], or an additive ALiBi bias [B, H, T, S]
+    cache_pos: Optional[Tensor]    # [B, T]: where k and v go in the KV cache; None: a plain forward, no cache
+    rows: Optional[Tensor]         # [B]: the cache rows (None: rows 0..B-1)
+    q_scale: Optional[Tensor]      # Qwen's logn query scale [B, T, 1, 1], or None
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
@@ -311,10 +328,9 @@ class TransformerBlock(nn.Module):
         self.parallel = config.parallel_residual
         self.deepnorm_alpha = config.deepnorm_alpha
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor], q_scale=None,
-                rows=None) -> Tensor:
+    def forward(self, x: Tensor, p: Positions) -> Tensor:
         h = self.attention_norm(x)
-        a = self.attention(h, rope, mask, input_pos, q_scale, rows)
+        a = self.attention(h, p)
         if self.deepnorm_alpha is not None:
             x = h * self.deepnorm_alpha + a
             h = self.ffn_norm(x)
@@ -336,9 +352,9 @@ class Attention(nn.Module):
         self.rope_2d = config.position == "rope_2d"
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Optional[Tensor], q_scale=None,
-                rows=None) -> Tensor:
+    def forward(self, x: Tensor, p: Positions) -> Tensor:
         B, T, _ = x.shape
+        rope, mask = p.rope, p.mask
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)
@@ -351,11 +367,11 @@ class Attention(nn.Module):
         elif self.rotary_dim:
             q = apply_rotary_emb(q, rope, self.rotary_dim, self.interleaved)
             k = apply_rotary_emb(k, rope, self.rotary_dim, self.interleaved)
-        if q_scale is not None:
-            q = (q * q_scale).type_as(k)
+        if p.q_scale is not None:
+            q = (q * p.q_scale).type_as(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # [B, H, T, D]
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, rows)
+        if p.cache_pos is not None:
+            k, v = self.kv_cache.update(p.cache_pos, k, v, p.rows)
         if T == 1:
             y = attend_one(q, k, v, mask)
         else:

@@ -314,7 +314,7 @@ def gptq_model(model: Transformer, calibration: Tensor, groupsize: int, device: 
 
     for m in (model.tok_embeddings, model.norm):
         m.to(device=device, dtype=torch.float32)
-    model.after_load()
+    model.retie_and_rebuild()
     inputs = []   # (hidden state, the block's other arguments) per calibration batch
 
     def capture(module, args):
@@ -394,7 +394,7 @@ def lm_eval_texts(tasks: list) -> list:
     try:
         found = TaskManager(include_path=str(Path(__file__).resolve().parent / "tasks")).load(tasks)["tasks"]
     except Exception as e:
-        raise ValueError(f"cannot load lm-eval tasks {tasks} ({' '.join(str(e).split())[:200]}); "
+        raise ValueError(f"cannot load lm-eval tasks {tasks} ({cli.all_on_one_line(e, 200)}); "
                          "offline, pass --calibration_file TEXT") from None
     texts = []
     for task in found.values():   # training documents where there are any: never the scored split if avoidable
@@ -410,13 +410,7 @@ def lm_eval_texts(tasks: list) -> list:
 
 def load_float(checkpoint_path: Path):
     """The float model of a checkpoint, on the meta device with its (mmapped) weights assigned."""
-    config, state_dict = cli.read_checkpoint(checkpoint_path)
-    if RECORD in state_dict:
-        raise ValueError(f"{checkpoint_path} is already quantized ({state_dict[RECORD]['mode']}); "
-                         "quantize the float model.pth")
-    model = cli.meta_model(config, checkpoint_path.parent / "config.json")
-    cli.load_into(model, state_dict, checkpoint_path)
-    model.after_load()
+    model, state_dict, _ = cli.load_checkpoint(checkpoint_path)   # a quantized one is refused
     return model, state_dict
 
 

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple, Optional
 import sentencepiece
 import tiktoken
 
-from cli import write_atomic
+from cli import first_line, write_atomic
 
 # The tokenizer files in a checkpoint folder
 SP_FILE = "tokenizer.model"            # a SentencePiece model, copied as is
@@ -609,7 +609,7 @@ def copy_sentencepiece(path: Path, out_dir: Path, **meta):
     try:
         sentencepiece.SentencePieceProcessor(model_file=str(path))
     except Exception as e:
-        raise ValueError(f"{path} is neither SentencePiece nor tiktoken: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path} is neither SentencePiece nor tiktoken: {first_line(e)}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic({out_dir / SP_FILE: path.read_bytes()})
     write_meta(out_dir, type="sentencepiece", **meta)

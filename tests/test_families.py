@@ -106,7 +106,7 @@ def test_baichuan2_head_is_normalised_once_at_conversion(refs, tmp_path):
     assert not torch.allclose(raw.norm(dim=-1), torch.ones(raw.shape[0]), atol=1e-2)
 
 
-def test_compiled_equals_eager(refs, tmp_path, monkeypatch):
+def test_compiled_equals_eager(refs, tmp_path):
     """The behaviours a compiled decode step must keep: GLM's per-row prompt state (2-D positions, prefix-LM),
     the MoE expert gather, ALiBi and Qwen's NTK alpha chosen at prefill (a 45-token prompt past seq_length 32)."""
     import generate as gen
@@ -117,11 +117,9 @@ def test_compiled_equals_eager(refs, tmp_path, monkeypatch):
         prompts = [ids[0, :-8].tolist(), ids[1, :-12].tolist()]
         model = convert(refs, family, tmp_path)
         cases.append((model, prompts, gen.generate(model, prompts, 8, temperature=0)))
-    monkeypatch.setattr(gen, "decode_one_token", gen.decode_one_token)
-    monkeypatch.setattr(gen, "prefill_step_fn", gen.prefill_step_fn)
-    gen.compile_decode("cpu", compile_prefill=True)
+    steps = gen.compile_steps("cpu", compile_prefill=True)
     for model, prompts, eager in cases:
-        assert gen.generate(model, prompts, 8, temperature=0) == eager, model.config.name
+        assert gen.generate(model, prompts, 8, temperature=0, steps=steps) == eager, model.config.name
 
 
 @pytest.mark.parametrize("family,overrides,words", [
@@ -164,9 +162,21 @@ def test_generate_chats_in_the_family_format(refs, shared_tokenizers, tmp_path):
     chat = subprocess.run(base + ["--chat", "--prompt", "你好"], **run)
     assert chat.returncode == 0, chat.stderr
     talk = subprocess.run(base + ["--interactive"], input="你好\n再见\n\n", **run)
-    assert talk.returncode == 0 and talk.stdout.count("> ") >= 2, talk.stderr
+    assert talk.returncode == 0, talk.stderr
+    import generate as gen
     from tokenizer import load_tokenizer
     tok = load_tokenizer(hf.parent)
+    model = gen.load_model(hf.parent / "model.pth", "cpu", torch.bfloat16)   # the CLI's precision
+
+    def reply(messages):
+        out = gen.generate(model, [tok.apply_chat(messages)], 4, stop_ids=tok.stop_ids, temperature=0)[0]
+        return out, tok.decode([t for t in out if t not in tok.stop_ids])
+    first, text = reply([{"role": "user", "content": "你好"}])
+    assert chat.stdout.strip() == text.strip()                  # --chat prints the reply alone
+    history = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": tok.reply_content(first)},
+               {"role": "user", "content": "再见"}]
+    turns = [t.strip() for t in talk.stdout.split("> ")[1:]]
+    assert turns == [text.strip(), reply(history)[1].strip(), ""], talk.stdout   # two turns, then the empty line
     assert tok.apply_chat([{"role": "user", "content": "你好"}]) == [64790, 64792, 64795, 30910, 13, 36474, 54591, 64796]
     assert tok.encode("你好", bos=True) == [64790, 64792, 36474, 54591]   # a plain prompt gets the [gMASK] sop prefix
     # a reply opens with ChatGLM3's metadata line ("\n" for plain answers): the history keeps the content only
@@ -174,20 +184,24 @@ def test_generate_chats_in_the_family_format(refs, shared_tokenizers, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_chunked_prefill_equals_one_shot(refs, family, tmp_path, monkeypatch):
+def test_chunked_prefill_equals_one_shot(refs, family, tmp_path):
     """Every family layout: an 11-token prompt prefilled in chunks of 1, 3 and 4 positions gives the reference's
     logits at its last position, and the decode step after it (reading what the chunks cached) does too."""
     import generate as gen
     model = convert(refs, family, tmp_path)
     ids = load(refs, family, "inputs.pt")["input_ids"][:1]
     expected = load(refs, family, "logits.pt")[:1]
-    T, calls, step = 11, [], gen.prefill_step_fn
-    monkeypatch.setattr(gen, "prefill_step_fn", lambda *a: calls.append(a[1].shape[1]) or step(*a))
+    T, calls = 11, []
+
+    def counted(*a):
+        calls.append(a[1].shape[1])
+        return gen.prefill_logits(*a)
     for chunk in (1, 3, 4):
         model.setup_caches(1, 32)
         calls.clear()
         with torch.no_grad():
-            last = gen.prefill_forward(model, ids[:, :T], torch.arange(T).view(1, T), torch.tensor([T - 1]), chunk)
+            last = gen.prefill_forward(model, ids[:, :T], torch.arange(T).view(1, T), torch.tensor([T - 1]), chunk,
+                                       step=counted)
             after = model(ids[:, T:T + 1], torch.tensor([[T]]))[:, 0]
         assert (last - expected[:, T - 1]).abs().max().item() < TOL, chunk
         assert (after - expected[:, T]).abs().max().item() < TOL, chunk

@@ -7,19 +7,9 @@ import pytest
 import torch
 
 import generate as gen
-from model import ModelArgs, Transformer
+from conftest import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_model(seed=0, **kw) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128, vocab_size=300, block_size=128)
-    model = Transformer(ModelArgs(**{**cfg, **kw}))
-    for name, p in model.named_parameters():
-        torch.nn.init.normal_(p, mean=1.0 if "norm" in name else 0.0, std=0.1 if "norm" in name else 0.3)
-    model.after_load()
-    return model.eval()
 
 
 @pytest.mark.parametrize("kw", [dict(n_local_heads=4), dict(n_local_heads=2), dict(n_local_heads=1, tie_embeddings=True),
@@ -113,14 +103,14 @@ def test_sampling_follows_the_distribution():
     assert gen.sample(logits[:1], temperature=0).item() == 0
 
 
-def test_compiled_equals_eager(monkeypatch):
+def test_compiled_equals_eager():
     model = tiny_model(seed=5)
     prompts = [[5, 6, 7, 8], list(range(40, 50))]
     eager = gen.generate(model, prompts, 16, temperature=0)
-    monkeypatch.setattr(gen, "decode_one_token", gen.decode_one_token)
-    monkeypatch.setattr(gen, "prefill_step_fn", gen.prefill_step_fn)
-    gen.compile_decode("cpu", compile_prefill=True)
-    assert gen.generate(model, prompts, 16, temperature=0) == eager
+    steps = gen.compile_steps("cpu", compile_prefill=True)
+    assert steps.decode is not gen.decode_one_token and steps.prefill is not gen.prefill_logits
+    assert gen.generate(model, prompts, 16, temperature=0, steps=steps) == eager
+    assert gen.EAGER.decode is gen.decode_one_token   # compiling changed nothing shared
 
 
 # ---- the real default model through the CLI -----------------------------------------------------
@@ -164,7 +154,7 @@ def test_default_model_batched_equals_single(default_checkpoint):
     (["--checkpoint_path", "checkpoints/nope/missing/model.pth"], "checkpoint not found"),
     (["--checkpoint_path", "NoSuchModel-7B"], "unknown model"),
     (["--max_new_tokens", "-5"], "--max_new_tokens must be positive"),
-    (["--device", "tpu9"], "device"),
+    (["--device", "tpu9"], "error: unknown device 'tpu9'; use auto, cpu or cuda[:N]"),
     (["--prompt", "hello " * 9000, "--max_new_tokens", "10"], "exceeds the context"),
 ], ids=["missing-checkpoint", "unknown-model", "negative-max-new-tokens", "unknown-device", "prompt-too-long"])
 def test_cli_bad_input_is_one_line(default_checkpoint, args, message):
@@ -210,12 +200,17 @@ def test_speculative_greedy_equals_plain_greedy(k, scale):
     target = tiny_model(0)
     draft = perturbed(target, scale) if scale else tiny_model(0)
     prompts = [[5, 17, 42, 7, 99]]
-    stats = {}
-    spec = gen.generate(target, prompts, 40, temperature=0, draft_model=draft, speculate_k=k, stats=stats)
+    stats, verified = {}, []
+
+    def counted(*a):
+        verified.append(a[1].shape[1])
+        return gen.verify(*a)
+    spec = gen.generate(target, prompts, 40, temperature=0, draft_model=draft, speculate_k=k, stats=stats,
+                        steps=gen.Steps(verify=counted))
     assert spec == gen.generate(target, prompts, 40, temperature=0)
-    assert stats["steps"] >= 40 // (k + 1)
-    if scale == 0.0:
-        assert stats["accepted"] == 40 - 1 - stats["steps"]   # every draft token accepted
+    assert stats["steps"] == len(verified) and verified == [k + 1] * len(verified)   # one target forward a step
+    if scale == 0.0:   # every draft token accepted: k + 1 tokens a step
+        assert stats["steps"] == -(-39 // (k + 1)) and stats["accepted"] == 39 - stats["steps"]
     elif scale == 0.3:
         assert stats["accepted"] < stats["drafted"]
 
@@ -259,7 +254,7 @@ def test_default_model_speculative_with_int4_draft_equals_greedy(default_checkpo
                                 dict(rope_dynamic_ntk=True, logn_attn=True, train_seq_length=8, n_local_heads=4)],
                          ids=["gqa", "alibi", "window", "ntk-past-train"])
 @torch.no_grad()
-def test_chunked_prefill_equals_one_shot(kw, monkeypatch):
+def test_chunked_prefill_equals_one_shot(kw):
     """Right-padded prompts of different lengths prefilled in chunks: each row's last logits equal the full forward's,
     the cache holds what a one-shot prefill writes (the decoded tokens agree), and a long prompt runs in chunks."""
     model = tiny_model(**kw)
@@ -270,12 +265,14 @@ def test_chunked_prefill_equals_one_shot(kw, monkeypatch):
         x[i, :len(p)] = torch.tensor(p)
     full = torch.stack([model(x[i:i + 1, :n])[0, -1] for i, n in enumerate(lengths.tolist())])
     calls = []
-    step = gen.prefill_step_fn
-    monkeypatch.setattr(gen, "prefill_step_fn", lambda *a: calls.append(a[1].shape[1]) or step(*a))
+
+    def counted(*a):
+        calls.append(a[1].shape[1])
+        return gen.prefill_logits(*a)
     for chunk in (1, 4, 5, None):
         model.setup_caches(3, 64)
         calls.clear()
-        logits = gen.prefill_forward(model, x, torch.arange(13).expand(3, 13), lengths - 1, chunk)
+        logits = gen.prefill_forward(model, x, torch.arange(13).expand(3, 13), lengths - 1, chunk, step=counted)
         torch.testing.assert_close(logits, full, atol=1e-4, rtol=0)
         whole = kw.get("rope_dynamic_ntk") or chunk is None   # NTK past its training length: one forward
         assert calls == ([13] if whole else [min(chunk, 13 - s) for s in range(0, 13, chunk)]), calls

@@ -1,7 +1,6 @@
 # quantize.py: error bounds of each scheme, the runtime kernels against an independent dequantization, family
 # layouts (biases, fused qkv, tied heads, ALiBi, MoE), GPTQ against round-to-nearest, the CLI end to end.
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,8 @@ import torch
 
 import generate as gen
 import quantize as Q
+import conftest
+from conftest import tiny_checkpoint
 from model import ModelArgs, Transformer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def dequantized(state_dict: dict) -> dict:
     return out
 
 
-TINY = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128, vocab_size=300, block_size=64)
+TINY = conftest.TINY | dict(block_size=64)   # tiny_checkpoint's
 FAMILIES = {   # the layouts the families issue brought in, each on a tiny random model
     "llama-gqa-tied": dict(tie_embeddings=True),
     "neox-biases-layernorm": dict(n_local_heads=4, norm="layernorm", parallel_residual=True, mlp="gelu",
@@ -79,19 +80,6 @@ FAMILIES = {   # the layouts the families issue brought in, each on a tiny rando
     "mixtral-moe": dict(n_experts=4, n_experts_per_tok=2),
     "odd-widths": dict(intermediate_size=96, vocab_size=200),   # K=96 pads to groupsize 64; N=200 pads to 16s
 }
-
-
-def tiny_checkpoint(folder: Path, seed=0, **kw) -> Path:
-    torch.manual_seed(seed)
-    config = ModelArgs(**{**TINY, **kw})
-    model = Transformer(config)
-    for name, p in model.named_parameters():
-        torch.nn.init.normal_(p, mean=1.0 if "norm" in name and "weight" in name else 0.0, std=0.2)
-    sd = {k: v for k, v in model.state_dict().items() if not (config.tie_embeddings and k == "output.weight")}
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, folder / "model.pth")
-    (folder / "config.json").write_text(json.dumps(config.to_dict()))
-    return folder / "model.pth"
 
 
 @pytest.mark.parametrize("mode, groupsize", [("int8", 32), ("int4", 32), ("int4", 64)])
@@ -112,7 +100,7 @@ def test_quantized_model_computes_its_dequantized_weights(family, mode, groupsiz
     reference = Transformer(config)
     ref_sd = {k: v[:, : reference.state_dict()[k].shape[1]] if v.dim() == 2 else v for k, v in sd.items()}  # drop pads
     reference.load_state_dict(ref_sd)
-    reference.after_load()
+    reference.retie_and_rebuild()
 
     ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(quantized(ids), reference(ids), atol=2e-4, rtol=1e-4)

@@ -80,8 +80,13 @@ def test_models_and_health(client, url, engine):
     assert [m.id for m in client.models.list().data] == [engine.name]
     with urllib.request.urlopen(url + "/health") as r:
         health = json.loads(r.read())
-    assert health["status"] == "ok" and health["busy"] == health["waiting"] == 0 and health["decode_steps"] >= 0
-    assert health["weight_bytes_per_step"] == engine.weight_bytes > 0
+    assert health["status"] == "ok" and health["busy"] == health["waiting"] == 0
+    assert health["decode_steps"] == engine.steps and health["weight_bytes_per_step"] == engine.weight_bytes > 0
+    reply = client.completions.create(model=engine.name, prompt="1, 2, 3, 4,", temperature=0, max_tokens=6)
+    with urllib.request.urlopen(url + "/health") as r:
+        after = json.loads(r.read())
+    # one request alone: the prefill gives its first token, each decode step one more
+    assert after["decode_steps"] - health["decode_steps"] == reply.usage.completion_tokens - 1 > 0
 
 
 def test_chat_plain_and_streamed(client, engine):
@@ -154,7 +159,9 @@ def test_a_client_that_disconnects_frees_its_slot(url, engine, client):
     assert first.strip() and any(s is not None for s in engine.slots)
     hang_up(conn)
     assert wait_idle(engine, timeout=8), "the slot stayed busy after its client left"
-    assert client.completions.create(model=engine.name, prompt="Hi", temperature=0, max_tokens=4).choices[0].text
+    # the freed slot serves the next request as a fresh engine would (test_python_api: that equals generate())
+    assert client.completions.create(model=engine.name, prompt="Hi", temperature=0, max_tokens=4).choices[0].text \
+        == engine.response("Hi", max_tokens=4, temperature=0)
 
 
 def post(url, path, body: bytes):
@@ -186,8 +193,9 @@ def test_bad_input_is_an_openai_error_and_the_server_keeps_serving(url, client, 
     for conn, _ in streams:
         hang_up(conn)
     assert wait_idle(engine, timeout=30)
-    reply = client.chat.completions.create(model=engine.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
-    assert reply.choices[0].message.content
+    messages = [{"role": "user", "content": "Hi"}]
+    reply = client.chat.completions.create(model=engine.name, messages=messages, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == engine.chat(messages, max_tokens=8, temperature=0)
 
 
 def test_cli_serves_and_refuses_bad_flags(default_checkpoint):

@@ -13,8 +13,8 @@ import torch
 
 import quantize as Q
 import tp
+from conftest import tiny_checkpoint
 from model import ModelArgs
-from test_quantize import tiny_checkpoint
 from tp_worker import measure
 
 REPO = Path(__file__).resolve().parents[1]
