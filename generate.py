@@ -101,13 +101,13 @@ def logits_to_probs(logits, temperature: float = 1.0, top_k: Optional[int] = Non
 
 def sample_with_probs(logits, temperature: float = 0.0, top_k=None, top_p=None, vocab_size=None, generator=None):
     """The one sampler. logits [B, V] -> (next token ids [B, 1] int32, the distribution drawn from [B, V'] in fp32;
-    the logits themselves when greedy). temperature 0 is greedy. vocab_size: sample only ids below it (the
-    tokenizer's; Qwen, ChatGLM2/3, Pythia and MOSS pad their embeddings past it with rows no text decodes to).
+    the logits themselves, as they came, when greedy). temperature 0 is greedy. vocab_size: sample only ids below it
+    (the tokenizer's; Qwen, ChatGLM2/3, Pythia and MOSS pad their embeddings past it with rows no text decodes to).
     generator: a request's own seeded stream (the server's `seed`), else torch's global one."""
-    logits = logits[..., :vocab_size].float()
-    if temperature <= 0:
+    logits = logits[..., :vocab_size]
+    if temperature <= 0:   # no fp32 copy of [B, V] in the decode loop: argmax is exact in bf16
         return torch.argmax(logits, dim=-1, keepdim=True).to(dtype=torch.int), logits
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    probs = logits_to_probs(logits.float(), temperature, top_k, top_p)
     return multinomial_sample_one_no_sync(probs, generator), probs
 
 
@@ -240,9 +240,9 @@ def speculative_decode(model, draft_model, cur_token, pos: int, num_new_tokens: 
         draft = torch.cat(tokens)
         logits = verify_step(model, torch.cat([cur_token.view(1, 1), draft.view(1, k)], 1),
                              positions(pos, pos + k + 1))[0]
-        target = logits[:, :sampling.get("vocab_size")].float() if greedy else logits_to_probs(
-            logits[:, :sampling.get("vocab_size")].float(), sampling.get("temperature", 1.0), sampling.get("top_k"),
-            sampling.get("top_p"))
+        target = logits[:, :sampling.get("vocab_size")].float()
+        if not greedy:
+            target = logits_to_probs(target, sampling["temperature"], sampling.get("top_k"), sampling.get("top_p"))
         new = speculative_accept(draft, None if greedy else torch.cat(probs), target, greedy).cpu()
         if len(new) == k + 1:   # all k accepted: the draft has not yet seen its own last token
             draft_step(draft_model, draft[-1].view(1, 1), positions(pos + k, pos + k + 1), **sampling)

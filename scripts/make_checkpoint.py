@@ -149,7 +149,7 @@ def hf_weights(a, cfg: dict) -> list:
     that write into the residual stream scaled by 1/sqrt(2 n_layer), so it grows slowly through the layers;
     norm weights 1, their biases 0."""
     import torch
-    from convert_hf_checkpoint import Fuse, Reorder, Split, layout_of
+    from convert_hf_checkpoint import Fuse, Split, layout_of
     from model import Transformer
     with torch.device("meta"):
         ours = {k: tuple(v.shape) for k, v in Transformer(a).state_dict().items()}
@@ -157,38 +157,33 @@ def hf_weights(a, cfg: dict) -> list:
         ours.pop("output.weight")                             # code (ChatGLM-6B): both saved
     order = {k: i for i, k in enumerate(ours)}
     q, kv = a.n_head * a.head_dim, a.n_local_heads * a.head_dim
-    table = layout_of(cfg).weights
-    last = {}   # two ways to one of our keys (Baichuan's W_pack after Llama's q/k/v): the table's last is the layout
-    for template, target in table.items():
-        if target is not None:
-            k = target if isinstance(target, str) else target.keys[0] if isinstance(target, Split) else target.key
-            last[k] = type(target)
+    table = {t: v for t, v in layout_of(cfg).weights.items() if v is not None}   # None: a buffer, never saved
+
+    def first_key(target):   # the (first) key of ours a table entry writes
+        return target if isinstance(target, str) else target.keys[0] if isinstance(target, Split) else target.key
+    # two ways to one of our keys (Baichuan's W_pack after Llama's q/k/v): the table's last is the layout
+    last = {first_key(target): type(target) for target in table.values()}
     w = []
     for template, target in table.items():
-        if target is not None and last[target if isinstance(target, str) else target.keys[0]
-                                       if isinstance(target, Split) else target.key] is not type(target):
+        if last[first_key(target)] is not type(target):
             continue
+        experts = isinstance(target, Fuse) and target.part == "{}"   # Mixtral's: a second {} in the template
         for i in range(a.n_layer) if "{}" in template else [None]:
-            def key(k):
-                return k.format(i) if i is not None else k
-            if target is None:
-                continue
-            if isinstance(target, (str, Reorder)):
-                k = key(target if isinstance(target, str) else target.key)
-                if k in ours:
-                    w.append((template.format(i), ours[k], k))
-            elif isinstance(target, Split):
-                ks = [key(k) for k in target.keys]
+            hf = None if experts else template.format(i)
+            if isinstance(target, Split):
+                ks = [k.format(i) for k in target.keys]
                 if all(k in ours for k in ks):
-                    w.append((template.format(i), (sum(ours[k][0] for k in ks),) + ours[ks[0]][1:], ks[0]))
-            elif isinstance(target, Fuse):
-                k = key(target.key)
-                if k not in ours:
-                    continue
-                if target.part == "{}":   # Mixtral's experts
-                    w += [(template.format(i, e), ours[k][1:], k) for e in range(a.n_experts)]
-                else:                     # separate q, k, v
-                    w.append((template.format(i), ({"q": q, "k": kv, "v": kv}[target.part],) + ours[k][1:], k))
+                    w.append((hf, (sum(ours[k][0] for k in ks),) + ours[ks[0]][1:], ks[0]))
+                continue
+            k = first_key(target).format(i)
+            if k not in ours:
+                continue
+            if not isinstance(target, Fuse):   # a plain rename or a Reorder: the same shape
+                w.append((hf, ours[k], k))
+            elif experts:
+                w += [(template.format(i, e), ours[k][1:], k) for e in range(a.n_experts)]
+            else:                              # separate q, k, v
+                w.append((hf, ({"q": q, "k": kv, "v": kv}[target.part],) + ours[k][1:], k))
     w.sort(key=lambda item: order[item[2]])
     out = 0.02 / math.sqrt(2 * a.n_layer)
 
