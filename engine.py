@@ -134,9 +134,10 @@ class Engine:
         self.buckets = bucket_sizes(max_batch_size)
         if compile:   # one graph per batch bucket, compiled now rather than on the first users' time
             gen.compile_notice(self.device, len(self.buckets))
-            with torch.no_grad():
+            with torch.no_grad():   # CUDA graph trees warm up on a graph's first call and record it on the second
                 for n in self.buckets:
-                    self.step_fn(self.model, self.cur[:n], self.pos[:n])
+                    for _ in range(2 if self.device.startswith("cuda") else 1):
+                        self.step_fn(self.model, self.cur[:n], self.pos[:n])
         # who runs the scheduler: a thread of its own (background), the caller's thread via run() (server.py: the
         # main thread, where torch's OpenMP kernels run twice as fast as on other threads here), or, if neither,
         # each stream() call pumps it while it waits (one-thread use of the Python API)
@@ -296,7 +297,7 @@ class Engine:
         n = next(b for b in self.buckets if b >= busy)
         try:
             logits = self.step_fn(self.model, self.cur[:n], self.pos[:n])[:, : self.vocab_size]
-            greedy = gen.sample(logits).view(-1).tolist()
+            tokens = self.sample_slots(logits[:busy])
         except Exception as e:   # no row can go on: each busy request fails; again and again, the engine gives up
             self.step_failures += 1
             if self.step_failures >= STEP_FAILURES:
@@ -315,9 +316,22 @@ class Engine:
                 self.finish(r, "cancelled")
                 continue
             try:
-                self.emit(row, r, greedy[row] if r.temperature <= 0 else self.pick(r, logits[row]))
+                self.emit(row, r, tokens[row])
             except Exception as e:
                 self.fail(r, e)
+
+    def sample_slots(self, logits: torch.Tensor) -> list:
+        """Every slot's next token in one batched pass and one copy to the host: argmax where greedy, and the
+        sampled rows' own temperature, top_k, top_p and seeded stream where not (gen.sample, given lists)."""
+        tokens = torch.argmax(logits, dim=-1)
+        rows = [i for i, r in enumerate(self.slots[: len(logits)]) if r is not None and r.temperature > 0]
+        if rows:
+            picked = [self.slots[i] for i in rows]
+            index = torch.tensor(rows, device=logits.device)
+            tokens[index] = gen.sample(logits[index], [r.temperature for r in picked], [r.top_k for r in picked],
+                                       [r.top_p for r in picked], generator=[r.generator for r in picked]
+                                       ).view(-1).to(tokens.dtype)
+        return tokens.tolist()
 
     def pick(self, r: Request, logits: torch.Tensor) -> int:
         return int(gen.sample(logits.unsqueeze(0), r.temperature, r.top_k, r.top_p, self.vocab_size, r.generator))
@@ -347,6 +361,8 @@ class Engine:
 
     def fail(self, r: Request, e: Exception):
         print(f"error: request failed: {what(e)}", file=sys.stderr, flush=True)
+        if isinstance(e, torch.OutOfMemoryError) and self.device.startswith("cuda"):
+            torch.cuda.empty_cache()   # the failed prefill's blocks back to the device, for the next request
         self.finish(r, "error", server_error(e))
 
     def finish(self, r: Request, reason: str, error: Optional[APIError] = None):

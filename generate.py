@@ -1,4 +1,6 @@
 # Load a checkpoint, prefill the prompt, then decode one token at a time under torch.compile.
+import argparse
+import collections
 import itertools
 import math
 import os
@@ -80,32 +82,50 @@ def weight_bytes_per_token(model: Transformer) -> int:
 # ---- sampling -----------------------------------------------------------------------------------
 
 def multinomial_sample_one_no_sync(probs: torch.Tensor, generator=None) -> torch.Tensor:
-    # Gumbel-style trick: argmax(p / Exp(1)) is a sample from p, without torch.multinomial's device sync
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    # Gumbel-style trick: argmax(p / Exp(1)) is a sample from p, without torch.multinomial's device sync.
+    # generator: one stream, or a list of one per row (the server's seeded requests, sampled together)
+    q = torch.empty_like(probs)
+    for rows, g in zip(q, generator) if isinstance(generator, list) else [(q, generator)]:
+        rows.exponential_(1, generator=g)
     return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
 
 
-def logits_to_probs(logits, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None):
-    logits = logits / max(temperature, 1e-5)
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = torch.where(logits < v[..., -1:], -float("inf"), logits)
-    if top_p is not None and top_p < 1.0:
+def per_row(value, logits: torch.Tensor):
+    """A sampling setting as logits' rows see it: a number as it is, a list (one per row of [B, V]) as [B, 1]."""
+    if not isinstance(value, list):
+        return value
+    return torch.tensor(value, dtype=logits.dtype, device=logits.device).view(-1, 1)
+
+
+def logits_to_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """temperature, top_k and top_p: one value for every row, or a list of one per row (None: off)."""
+    V = logits.size(-1)
+    logits = logits / (per_row(temperature, logits).clamp(min=1e-5) if isinstance(temperature, list)
+                       else max(temperature, 1e-5))
+    ks = [min(k or V, V) for k in (top_k if isinstance(top_k, list) else [top_k])]
+    if min(ks) < V:   # each row keeps the logits at or above its own k-th largest
+        v = torch.topk(logits, max(ks)).values
+        kth = v.gather(-1, per_row([k - 1 for k in ks], v).long()) if isinstance(top_k, list) else v[..., -1:]
+        logits = torch.where(logits < kth, -float("inf"), logits)
+    ps = [1.0 if p is None else p for p in (top_p if isinstance(top_p, list) else [top_p])]
+    if min(ps) < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p      # keep the smallest prefix reaching top_p
+        drop = cum - sorted_logits.softmax(-1) > per_row(ps, logits) if isinstance(top_p, list) \
+            else cum - sorted_logits.softmax(-1) > top_p      # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
         logits = torch.full_like(logits, -float("inf")).scatter(-1, order, sorted_logits)
     return torch.softmax(logits, dim=-1)
 
 
-def sample_with_probs(logits, temperature: float = 0.0, top_k=None, top_p=None, vocab_size=None, generator=None):
+def sample_with_probs(logits, temperature=0.0, top_k=None, top_p=None, vocab_size=None, generator=None):
     """The one sampler. logits [B, V] -> (next token ids [B, 1] int32, the distribution drawn from [B, V'] in fp32;
     the logits themselves, as they came, when greedy). temperature 0 is greedy. vocab_size: sample only ids below it
     (the tokenizer's; Qwen, ChatGLM2/3, Pythia and MOSS pad their embeddings past it with rows no text decodes to).
-    generator: a request's own seeded stream (the server's `seed`), else torch's global one."""
+    generator: a request's own seeded stream (the server's `seed`), else torch's global one. temperature, top_k,
+    top_p and generator may each be a list of one per row (temperatures then > 0): the server's slots in one pass."""
     logits = logits[..., :vocab_size]
-    if temperature <= 0:   # no fp32 copy of [B, V] in the decode loop: argmax is exact in bf16
+    if not isinstance(temperature, list) and temperature <= 0:   # no fp32 copy of [B, V]: argmax is exact in bf16
         return torch.argmax(logits, dim=-1, keepdim=True).to(dtype=torch.int), logits
     probs = logits_to_probs(logits.float(), temperature, top_k, top_p)
     return multinomial_sample_one_no_sync(probs, generator), probs
@@ -174,20 +194,38 @@ def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(
     decode_one_token or its compiled form (Steps.decode)."""
     new_tokens, done = [], torch.zeros(cur_token.shape[0], dtype=torch.bool)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.int) if stop_ids else None
-    for _ in range(num_new_tokens):
+    # On a GPU the host reads each step's tokens one step late, from a non-blocking copy: the device runs step i + 1
+    # while Python streams and checks step i (it may compute one step past the last stop, which is dropped)
+    lag, in_flight, seen = int(cur_token.is_cuda), collections.deque(), 0
+    for i in range(num_new_tokens):
         next_token = step(model, cur_token, input_pos, **sampling)
         input_pos += 1
         # clone: under CUDA graphs the output buffer is overwritten by the next replay
         cur_token = next_token.clone()
         new_tokens.append(cur_token)
-        tok = cur_token.view(-1).cpu()
-        if callback is not None:
-            callback(tok, done)
-        if stop is not None:
-            done |= torch.isin(tok, stop)
-            if done.all():
-                break
+        in_flight.append(to_host(cur_token.view(-1)))
+        while len(in_flight) > lag or (in_flight and i == num_new_tokens - 1):
+            tok, ready = in_flight.popleft()
+            if ready is not None:
+                ready.synchronize()
+            seen += 1
+            if callback is not None:
+                callback(tok, done)
+            if stop is not None:
+                done |= torch.isin(tok, stop)
+                if done.all():
+                    return torch.cat(new_tokens[:seen], dim=1)
     return torch.cat(new_tokens, dim=1)
+
+
+def to_host(t: torch.Tensor):
+    """(a CPU copy of t, an event to wait on before reading it, or None when it is already there)."""
+    if not t.is_cuda:
+        return t.cpu(), None
+    host = t.to("cpu", non_blocking=True)   # into pinned memory: the copy queues behind the step
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 # ---- speculative decoding ----------------------------------------------------------------------
@@ -222,33 +260,103 @@ def speculative_accept(draft_tokens, draft_probs, target_probs, greedy: bool) ->
     return torch.cat([draft_tokens[:n], extra])
 
 
-def speculative_decode(model, draft_model, cur_token, pos: int, num_new_tokens: int, k: int, stop_ids=(),
-                       callback=None, stats=None, steps=None, **sampling) -> torch.Tensor:
-    """Batch 1. The draft proposes k tokens one at a time, the target checks them in one forward. A rejected
-    draft token needs no cache rollback: both caches are read by position, and the next step overwrites the
-    stale slots before any query can see them. Returns [1, n] new tokens (n <= num_new_tokens)."""
-    device, greedy = cur_token.device, sampling.get("temperature", 0.0) <= 0
-    draft_step, verify_step = (steps or EAGER).draft, (steps or EAGER).verify
-    out, n_steps = [], 0
-    positions = lambda a, b: torch.arange(a, b, device=device).view(1, -1)  # noqa: E731
-    while len(out) < num_new_tokens:
+class DraftModel:
+    """Proposes k tokens from a small model's own decode steps (speculative decoding proper)."""
+
+    def __init__(self, model: Transformer, k: int, step, sampling: dict):
+        self.model, self.k, self.step, self.sampling = model, k, step, sampling
+
+    def propose(self, cur_token, pos: int):
         tokens, probs, x = [], [], cur_token.view(1, 1)
-        for i in range(k):
-            x, pr = draft_step(draft_model, x, positions(pos + i, pos + i + 1), **sampling)
+        for i in range(self.k):
+            x, pr = self.step(self.model, x, positions(pos + i, 1, x.device), **self.sampling)
+            x, pr = x.clone(), pr.clone()   # CUDA graphs: the next replay overwrites a compiled step's outputs
             tokens.append(x.view(1))
             probs.append(pr)
-        draft = torch.cat(tokens)
-        logits = verify_step(model, torch.cat([cur_token.view(1, 1), draft.view(1, k)], 1),
-                             positions(pos, pos + k + 1))[0]
-        target = logits[:, :sampling.get("vocab_size")].float()
-        if not greedy:
-            target = logits_to_probs(target, sampling["temperature"], sampling.get("top_k"), sampling.get("top_p"))
-        new = speculative_accept(draft, None if greedy else torch.cat(probs), target, greedy).cpu()
-        if len(new) == k + 1:   # all k accepted: the draft has not yet seen its own last token
-            draft_step(draft_model, draft[-1].view(1, 1), positions(pos + k, pos + k + 1), **sampling)
-        n_steps += 1
+        return torch.cat(tokens), torch.cat(probs)
+
+    def push(self, token: int):
+        pass
+
+    def accepted(self, draft, n: int, pos: int):
+        if n == len(draft):   # all accepted: the draft has not yet seen its own last token
+            self.step(self.model, draft[-1].view(1, 1), positions(pos + n, 1, draft.device), **self.sampling)
+
+
+class PromptLookup:
+    """Drafts without a model (prompt-lookup decoding): the tokens that followed the latest earlier occurrence of the
+    sequence's last n-gram (longest first, n <= max_ngram) in the prompt and the output so far. A text that copies
+    its input (an edit, a quote, code) is drafted many tokens at a time. It backs off when drafts miss: the draft's
+    length follows what was accepted (doubling after a full hit), and after `patience` misses running it rests for
+    as many plain steps, so free generation pays little for the lookups that fail."""
+
+    def __init__(self, prompt: list, k: int, max_ngram: int = 3, patience: int = 4):
+        self.k, self.budget, self.max_ngram, self.patience = k, k, max_ngram, patience
+        self.history, self.after, self.misses, self.rest = [], {}, 0, 0
+        for t in prompt:
+            self.push(t)
+
+    def push(self, token: int):
+        """Append a token; every n-gram ending just before it now has a continuation starting at it."""
+        h = self.history
+        for n in range(1, min(self.max_ngram, len(h)) + 1):
+            self.after[tuple(h[-n:])] = len(h)
+        h.append(token)
+
+    def propose(self, cur_token, pos: int):
+        if self.rest:
+            self.rest -= 1
+            return None, None
+        h = self.history
+        for n in range(min(self.max_ngram, len(h)), 0, -1):
+            start = self.after.get(tuple(h[-n:]))
+            if start is not None:
+                draft = h[start: start + self.budget]
+                return torch.tensor(draft, dtype=torch.int, device=cur_token.device), None
+        return None, None
+
+    def accepted(self, draft, n: int, pos: int):
+        k = len(draft)
+        self.budget = min(self.k, 2 * k) if n == k else max(1, n)
+        self.misses = 0 if n else self.misses + 1
+        if self.misses >= self.patience:
+            self.rest, self.misses = self.patience, 0
+
+
+def positions(start: int, n: int, device) -> torch.Tensor:
+    return torch.arange(start, start + n, device=device).view(1, -1)
+
+
+def speculative_decode(model, proposer, cur_token, pos: int, num_new_tokens: int, stop_ids=(),
+                       callback=None, stats=None, steps=None, **sampling) -> torch.Tensor:
+    """Batch 1. The proposer (DraftModel or PromptLookup) drafts k tokens, the target checks them in one forward;
+    with no draft, one plain decode step. A rejected draft token needs no cache rollback: the caches are read by
+    position, and the next step overwrites the stale slots before any query can see them. Returns [1, n] new tokens
+    (n <= num_new_tokens)."""
+    device, greedy = cur_token.device, sampling.get("temperature", 0.0) <= 0
+    steps = steps or EAGER
+    out, counts = [], {"steps": 0, "drafted": 0, "accepted": 0, "plain": 0}
+    while len(out) < num_new_tokens:
+        draft, probs = proposer.propose(cur_token, pos)
+        if draft is None:
+            new = steps.decode(model, cur_token.view(1, 1), positions(pos, 1, device), **sampling).view(1).cpu()
+            counts["plain"] += 1
+        else:
+            k = len(draft)
+            logits = steps.verify(model, torch.cat([cur_token.view(1, 1), draft.view(1, k)], 1),
+                                  positions(pos, k + 1, device))[0]
+            target = logits[:, :sampling.get("vocab_size")].float()
+            if not greedy:
+                target = logits_to_probs(target, sampling["temperature"], sampling.get("top_k"), sampling.get("top_p"))
+                if probs is None:   # a lookup's draft is certain: probability 1 on each drafted token
+                    probs = torch.zeros(k, target.shape[-1], device=device).scatter_(1, draft.view(k, 1).long(), 1.0)
+            new = speculative_accept(draft, probs, target, greedy).cpu()
+            proposer.accepted(draft, len(new) - 1, pos)
+            counts["steps"] += 1
+            counts["drafted"] += k
         for t in new.tolist()[: num_new_tokens - len(out)]:
             out.append(t)
+            proposer.push(t)
             if callback is not None:
                 callback(torch.tensor([t]), torch.zeros(1, dtype=torch.bool))
             if t in stop_ids:
@@ -256,10 +364,10 @@ def speculative_decode(model, draft_model, cur_token, pos: int, num_new_tokens: 
                 break
         pos += len(new)
         cur_token = new[-1:].to(device=device, dtype=torch.int)
+    counts["accepted"] = len(out) - counts["steps"] - counts["plain"]   # each step adds one token of the target's
     if stats is not None:
-        stats["steps"] = stats.get("steps", 0) + n_steps
-        stats["drafted"] = stats.get("drafted", 0) + n_steps * k
-        stats["accepted"] = stats.get("accepted", 0) + len(out) - n_steps   # each step adds one of the target's
+        for key, n in counts.items():
+            stats[key] = stats.get(key, 0) + n
     return torch.tensor([out], dtype=torch.int)
 
 
@@ -272,19 +380,23 @@ def cache_positions(block_size: int, needed: int) -> int:
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=(), callback=None,
              draft_model: Optional[Transformer] = None, speculate_k: int = 5, stats=None,
-             prefill_chunk: Optional[int] = PREFILL_CHUNK, steps=None, **sampling) -> list:
+             prefill_chunk: Optional[int] = PREFILL_CHUNK, steps=None, prompt_lookup: int = 0, **sampling) -> list:
     """prompts: B lists of token ids (may differ in length). Returns B lists of new token ids,
     each cut after its first stop id. callback(tokens [B], done [B]) sees every decoded step.
-    With a draft_model (batch 1): speculative decoding, k draft tokens a step; stats collects its counts.
+    With a draft_model (batch 1): speculative decoding, k draft tokens a step; with prompt_lookup N (batch 1):
+    up to N tokens a step drafted from the prompt and output so far (PromptLookup). stats collects their counts.
     prefill_chunk: prompt positions per prefill forward (None: the whole prompt at once).
     steps: the forward steps to run (compile_steps'), eager by default."""
     steps = steps or EAGER
     device = model.tok_embeddings.weight.device
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     B, T = len(prompts), int(lengths.max())
-    slack = speculate_k + 1 if draft_model is not None else 0   # a verify step writes k + 1 positions ahead
+    if draft_model is not None and prompt_lookup:
+        raise ValueError("speculative decoding takes a draft model or prompt lookup, not both")
+    k = prompt_lookup or (speculate_k if draft_model is not None else 0)
+    slack = k + 1 if k else 0   # a verify step writes k + 1 positions ahead
     max_seq_length = T + max_new_tokens + slack
-    if draft_model is not None and B > 1:
+    if k and B > 1:
         raise ValueError(f"speculative decoding takes one prompt at a time, got a batch of {B}")
     if max_seq_length > model.config.block_size:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's context "
@@ -306,9 +418,11 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=()
     if draft_model is not None:
         prefill_forward(draft_model, x, input_pos, lengths - 1, prefill_chunk, step=steps.prefill)   # the draft's too
     if max_new_tokens > 1 and not (stop_ids and torch.isin(first.view(-1).cpu(), torch.tensor(list(stop_ids))).all()):
-        if draft_model is not None:
-            out.append(speculative_decode(model, draft_model, first, T, max_new_tokens - 1, speculate_k, stop_ids,
-                                          callback, stats, steps, **sampling))
+        if k:
+            proposer = DraftModel(draft_model, k, steps.draft, sampling) if draft_model is not None else \
+                PromptLookup(prompts[0] + first.view(-1).tolist(), k)
+            out.append(speculative_decode(model, proposer, first, T, max_new_tokens - 1, stop_ids, callback, stats,
+                                          steps, **sampling))
         else:
             input_pos = lengths.view(B, 1).clone()
             out.append(decode_n_tokens(model, first, input_pos, max_new_tokens - 1, stop_ids, callback,
@@ -333,9 +447,14 @@ class Steps(NamedTuple):
 EAGER = Steps()
 
 
-def compile_step(fn: Callable, device: str, **kw) -> Callable:
+def compile_step(fn: Callable, device: str, tree: bool = True, **kw) -> Callable:
     if device.startswith("cuda"):
-        return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kw)  # CUDA graphs: one replay per token
+        # CUDA graphs (reduce-overhead's option): one replay per token. Coordinate-descent tuning lets Inductor fuse
+        # int8's dequantize into the one-row matmul (without it every weight is copied to bf16 each step, as
+        # gpt-fast found). tree=False: plain CUDA graphs, for speculative decoding under TP (gpt-fast's workaround
+        # of a cudagraph-trees bug there)
+        return torch.compile(fn, fullgraph=True, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True,
+                                                          "triton.cudagraph_trees": tree}, **kw)
     # CPU: no freezing. It would prepack a copy of the weights inside each graph and keep the originals (3.5x the
     # weights at 1.5B); load_model's packed linears (packed.py) give the GEMVs the same layout in one shared copy.
     # The C++ wrapper calls the kernels without Python in between; set per graph, so nothing leaks to later compiles.
@@ -358,14 +477,17 @@ def fresh(fn: Callable) -> Callable:
     return copy
 
 
-def compile_steps(device: str, compile_prefill: bool = False, speculative: bool = False) -> Steps:
-    """The decode step compiled (and the draft and verify steps with a draft; prefill, with dynamic shapes, when
-    asked). Compiling happens at the first call of each."""
-    compile_notice(device, 3 if speculative else 1)
-    steps = Steps(decode=compile_step(fresh(decode_one_token), device))
+def compile_steps(device: str, compile_prefill: bool = False, speculative: bool = False,
+                  lookup: bool = False, tp: bool = False) -> Steps:
+    """The decode step compiled (and the draft and verify steps with a draft, the verify step with prompt lookup;
+    prefill, with dynamic shapes, when asked). Compiling happens at the first call of each."""
+    compile_notice(device, 1 + 2 * speculative + lookup)
+    tree = not (tp and (speculative or lookup))
+    steps = Steps(decode=compile_step(fresh(decode_one_token), device, tree))
     if speculative:
-        steps = steps._replace(draft=compile_step(fresh(draft_one_token), device),
-                               verify=compile_step(fresh(verify), device))
+        steps = steps._replace(draft=compile_step(fresh(draft_one_token), device, tree))
+    if speculative or lookup:   # prompt lookup's drafts vary in length: one graph for them all
+        steps = steps._replace(verify=compile_step(fresh(verify), device, tree, dynamic=lookup))
     if compile_prefill:
         steps = steps._replace(prefill=torch.compile(fresh(prefill_logits), fullgraph=True, dynamic=True))
     return steps
@@ -392,7 +514,7 @@ def start_tp(device: str):
 
 def peak_memory_gb(device: str) -> float:
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_reserved() / 1e9
+        return torch.cuda.max_memory_reserved(torch.device(device)) / 1e9   # cuda:1 is GPU 1's, not GPU 0's
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
@@ -412,12 +534,12 @@ def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=N
     t0 = time.perf_counter()
     outputs = generate(model, prompts, args.max_new_tokens, stop_ids=tokenizer.stop_ids, callback=on_token,
                        draft_model=draft, speculate_k=args.speculate_k, stats=stats, prefill_chunk=args.prefill_chunk,
-                       steps=steps,
+                       steps=steps, prompt_lookup=args.prompt_lookup,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_size=tokenizer.vocab_size)
     if decoder is not None:
         print(decoder.flush(), end="", flush=True)
     if model.tok_embeddings.weight.is_cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(model.tok_embeddings.weight.device)
     t1 = time.perf_counter()
     return outputs, t1 - t0, times["first"] - t0, t1 - times["first"]
 
@@ -470,6 +592,9 @@ def main(argv=None):
     p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler trace of the last sample here")
     p.add_argument("--draft_checkpoint_path", default=None, help="speculative decoding: the draft model (batch 1)")
     p.add_argument("--speculate_k", type=int, default=5, help="draft tokens proposed per speculative step")
+    p.add_argument("--prompt_lookup", type=int, default=0, metavar="N",
+                   help="prompt-lookup decoding: draft up to N tokens a step from the prompt and output so far, "
+                        "no draft model (batch 1; fast when the reply copies its input: edits, quotes, code)")
     args = p.parse_args(argv)
     with command_line():
         run(args)
@@ -477,6 +602,10 @@ def main(argv=None):
 
 def run(args):
     cli.positive(args, "max_new_tokens", "num_samples", "batch_size", "top_k", "speculate_k", "prefill_chunk")
+    if args.prompt_lookup < 0:
+        raise ValueError(f"--prompt_lookup must be >= 0 (0: off), got {args.prompt_lookup}")
+    if args.prompt_lookup and args.draft_checkpoint_path:
+        raise ValueError("--prompt_lookup drafts without a model: give it or --draft_checkpoint_path, not both")
     if not 0 <= args.temperature < math.inf:   # NaN fails this too (it passed `< 0`, then sampled token 0)
         raise ValueError(f"--temperature must be a number >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -503,8 +632,8 @@ def run(args):
         prompts = [tokenizer.encode(t, bos=True) for t in texts]
     if not all(prompts):   # SmolLM2, Qwen: no BOS, so an empty prompt is no token at all
         raise ValueError("an empty --prompt gives this model no token to start from; give it some text")
-    if draft_path is not None and (batch > 1 or args.interactive):
-        raise ValueError("speculative decoding (--draft_checkpoint_path) takes one prompt at a time, not a batch "
+    if (draft_path is not None or args.prompt_lookup) and (batch > 1 or args.interactive):
+        raise ValueError("speculative decoding (--draft_checkpoint_path, --prompt_lookup) takes one prompt at a time, not a batch "
                          "or --interactive")
     longest = max(map(len, prompts))
     if longest + args.max_new_tokens > config.block_size:
@@ -512,7 +641,8 @@ def run(args):
                          f"context of {config.block_size}; shorten the prompt or lower --max_new_tokens")
 
     t0 = time.perf_counter()
-    slack = args.speculate_k + 1 if draft_path is not None else 0
+    k = args.prompt_lookup or (args.speculate_k if draft_path is not None else 0)
+    slack = k + 1 if k else 0
     reserve = batch, cache_positions(config.block_size, longest + args.max_new_tokens + slack)
     model = load_model(checkpoint, device, PRECISIONS[args.precision], use_tp=rank is not None, reserve=reserve)
     print(f"loaded {config.name or checkpoint} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
@@ -520,12 +650,17 @@ def run(args):
     if draft_path is not None:
         draft = load_model(draft_path, device, PRECISIONS[args.precision], use_tp=rank is not None)
         print(f"draft: {draft_path}, {args.speculate_k} tokens a step", file=sys.stderr)
-    steps = compile_steps(device, args.compile_prefill, speculative=draft is not None) if args.compile else EAGER
+    steps = compile_steps(device, args.compile_prefill, speculative=draft is not None,
+                          lookup=bool(args.prompt_lookup), tp=rank is not None) if args.compile else EAGER
     if args.interactive:
         return interactive(model, tokenizer, args, steps)
 
     bytes_per_token = weight_bytes_per_token(model)
     stream = batch == 1
+    if args.compile:   # the cache at its full size now: the warm-up's short run compiles the graphs the samples use
+        model.setup_caches(*reserve)
+        if draft is not None:
+            draft.setup_caches(1, min(draft.config.block_size, reserve[1]))
     for i in range(args.num_samples + (1 if args.compile else 0)):
         warmup = args.compile and i == 0
         profiling = args.profile is not None and i == args.num_samples - (0 if args.compile else 1)
@@ -535,8 +670,10 @@ def run(args):
         if stream and not warmup and not args.chat:
             print(texts[0], end="", flush=True)  # a completion continues its prompt
         stats = {}
-        outputs, secs, prefill_secs, decode_secs = run_batch(model, tokenizer, prompts, args, stream=stream and not warmup,
-                                                             draft=draft, stats=stats, steps=steps)
+        run_args = argparse.Namespace(**vars(args) | {"max_new_tokens": 3}) if warmup else args
+        outputs, secs, prefill_secs, decode_secs = run_batch(model, tokenizer, prompts, run_args,
+                                                             stream=stream and not warmup, draft=draft, stats=stats,
+                                                             steps=steps)
         if prof:
             prof.__exit__(None, None, None)
             prof.export_chrome_trace(str(args.profile))
@@ -557,7 +694,8 @@ def run(args):
               f"decode {tps:.1f} tokens/s, {bytes_per_token * tps / batch / 1e9:.1f} GB/s", file=sys.stderr)
         if stats.get("steps"):
             print(f"speculative: {100 * stats['accepted'] / stats['drafted']:.0f}% of draft tokens accepted, "
-                  f"{stats['accepted'] / stats['steps']:.2f} accepted + 1 a step ({stats['steps']} steps)", file=sys.stderr)
+                  f"{stats['accepted'] / stats['steps']:.2f} accepted + 1 a step ({stats['steps']} verify steps, "
+                  f"{stats['plain']} plain)", file=sys.stderr)
     print(f"peak memory: {peak_memory_gb(device):.2f} GB", file=sys.stderr)
 
 

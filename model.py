@@ -159,11 +159,11 @@ class KVCache(nn.Module):
     """Static cache [B, H_kv, S, D], allocated once. Row b's token at position p lives in slot p,
     so rows of a batch can sit at different positions (batched prompts, serving slots)."""
 
-    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype):
+    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype, device=None):
         super().__init__()
         shape = (max_batch_size, n_heads, max_seq_length, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Optional[Tensor] = None):
         # input_pos [B, T]; k, v [B, H, T, D]; rows [B]: the cache rows of the batch's rows (default 0..B-1)
@@ -204,7 +204,7 @@ class Transformer(nn.Module):
         device = self.tok_embeddings.weight.device
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, layer.attention.n_local_heads,
-                                               self.config.head_dim, dtype).to(device)
+                                               self.config.head_dim, dtype, device)   # made on the device
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         self.retie_and_rebuild()
 

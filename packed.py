@@ -17,14 +17,25 @@ _weights: dict = {}
 _next = itertools.count()
 
 
-@torch.library.custom_op("zoofast::packed_linear", mutates_args=())
-def packed_linear(x: Tensor, index: int, out_features: int) -> Tensor:
+# A plain Library kernel, not @torch.library.custom_op: custom_op's Python wrapper costs ~15 us a call, 2.8 ms of
+# a 21 ms decode step at 135M (151 linears), where this registration adds next to nothing to oneDNN's own call
+_lib = torch.library.Library("zoofast", "DEF")
+_lib.define("packed_linear(Tensor x, int index, int out_features) -> Tensor")
+
+
+def _packed_linear(x: Tensor, index: int, out_features: int) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, _weights[index], None, "none", [], "")
 
 
-@packed_linear.register_fake
+_lib.impl("packed_linear", _packed_linear, "CPU")
+
+
+@torch.library.register_fake("zoofast::packed_linear")
 def _(x, index, out_features):
     return x.new_empty(x.shape[0], out_features)
+
+
+packed_linear = torch.ops.zoofast.packed_linear.default
 
 
 class PackedLinear(nn.Module):

@@ -103,6 +103,21 @@ def test_sampling_follows_the_distribution():
     assert gen.sample(logits[:1], temperature=0).item() == 0
 
 
+def test_rows_sampled_together_equal_each_row_alone():
+    """The server samples every slot in one pass, each with its own settings and seeded stream: the same draws as
+    sampling each row by itself."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    settings = [(0.7, None, None), (1.0, 5, None), (1.3, None, 0.8), (0.9, 10, 0.5)]
+    seeds = [11, 12, 13, 14]
+    for _ in range(3):
+        together = gen.sample(logits, [s[0] for s in settings], [s[1] for s in settings], [s[2] for s in settings],
+                              generator=[torch.Generator().manual_seed(s) for s in seeds])
+        alone = [gen.sample(logits[i: i + 1], *settings[i], generator=torch.Generator().manual_seed(seeds[i]))
+                 for i in range(4)]
+        assert together.view(-1).tolist() == [int(a) for a in alone]
+        seeds = [s + 100 for s in seeds]
+
+
 def test_compiled_equals_eager():
     model = tiny_model(seed=5)
     prompts = [[5, 6, 7, 8], list(range(40, 50))]
@@ -221,13 +236,93 @@ def test_speculative_sampling_keeps_the_target_distribution():
     torch.manual_seed(0)
     V, K, n = 6, 3, 20000
     q = torch.softmax(torch.randn(K + 1, V) * 1.5, -1)
-    for p in (torch.softmax(torch.randn(K, V) * 1.5, -1), q[:K].clone(), torch.full((K, V), 1 / V)):
+    certain = torch.zeros(K, V).scatter_(1, torch.randint(V, (K, 1)), 1.0)   # prompt lookup's draft
+    for p in (torch.softmax(torch.randn(K, V) * 1.5, -1), q[:K].clone(), torch.full((K, V), 1 / V), certain):
         counts = torch.zeros(V)
         for _ in range(n):
             draft = torch.multinomial(p, 1).view(K)
             counts[gen.speculative_accept(draft, p, q, greedy=False)[0]] += 1
         freq = counts / n
         assert (freq - q[0]).abs().max() < 4 * (q[0] * (1 - q[0]) / n).sqrt().max() + 1e-3, (freq, q[0])
+
+
+def test_draft_tokens_survive_a_step_that_reuses_its_output_buffer():
+    """Under CUDA graphs a compiled step returns the same output buffers every replay: the draft loop must copy each
+    token and distribution out before the next call. A step that overwrites one buffer stands in for it on CPU."""
+    target, draft = tiny_model(0), perturbed(tiny_model(0), 0.05)
+    buffers = {}
+
+    def replayed(*a, **kw):
+        token, probs = gen.draft_one_token(*a, **kw)
+        if not buffers:
+            buffers.update(token=token.clone(), probs=probs.clone())
+        buffers["token"].copy_(token)
+        buffers["probs"].copy_(probs)
+        return buffers["token"], buffers["probs"]
+    prompts = [[5, 17, 42, 7, 99]]
+    assert gen.generate(target, prompts, 30, temperature=0, draft_model=draft, speculate_k=4,
+                        steps=gen.Steps(draft=replayed)) == gen.generate(target, prompts, 30, temperature=0)
+
+
+def test_prompt_lookup_drafts_what_followed_the_last_ngram():
+    look = gen.PromptLookup([1, 2, 3, 4, 5, 9, 2, 3], k=8)
+    draft, probs = look.propose(torch.tensor([3]), 8)
+    assert draft.tolist() == [4, 5, 9, 2, 3] and probs is None   # (2, 3) matched: its 5 followers
+    look = gen.PromptLookup([7, 1, 2, 8, 2, 6], k=3)
+    look.push(2)
+    assert look.propose(torch.tensor([2]), 7)[0].tolist() == [6, 2]   # the latest earlier 2 (not the first one)
+    look = gen.PromptLookup([1, 2, 3, 4, 5, 6, 1], k=3)
+    assert look.propose(torch.tensor([1]), 7)[0].tolist() == [2, 3, 4]   # at most k
+    assert gen.PromptLookup([1, 2, 3], k=4).propose(torch.tensor([3]), 3)[0] is None   # nothing to look up
+
+
+def test_prompt_lookup_backs_off_after_misses():
+    look = gen.PromptLookup([1, 2, 1, 2, 1, 2, 1, 2], k=8, patience=2)
+    draft, _ = look.propose(torch.tensor([2]), 8)
+    assert draft.tolist() == [1, 2]     # (2, 1, 2) last seen ending at 5: the two tokens after it
+    look.accepted(draft, 1, 8)          # one of two accepted: the next draft is one token long
+    assert look.budget == 1
+    for _ in range(2):                  # two misses running: the lookup rests for two plain steps
+        draft, _ = look.propose(torch.tensor([2]), 8)
+        assert len(draft) == 1
+        look.accepted(draft, 0, 8)
+    assert [look.propose(torch.tensor([2]), 8)[0] for _ in range(2)] == [None, None]
+    draft, _ = look.propose(torch.tensor([2]), 8)
+    look.accepted(draft, 1, 8)          # a full hit doubles the budget again
+    assert look.budget == 2
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_prompt_lookup_greedy_equals_plain_greedy(k):
+    model = tiny_model(0)
+    prompts = [[5, 17, 42, 7, 99, 5, 17, 42, 7, 99, 5, 17]]
+    stats = {}
+    assert gen.generate(model, prompts, 40, temperature=0, prompt_lookup=k, stats=stats) == \
+        gen.generate(model, prompts, 40, temperature=0)
+    assert stats["steps"] > 0 and stats["drafted"] > 0 and stats["steps"] + stats["plain"] <= 39
+
+
+def test_prompt_lookup_refuses_a_batch_and_a_draft_model():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        gen.generate(model, [[1, 2], [3, 4]], 5, temperature=0, prompt_lookup=4)
+    with pytest.raises(ValueError, match="not both"):
+        gen.generate(model, [[1, 2]], 5, temperature=0, prompt_lookup=4, draft_model=tiny_model(1))
+
+
+@torch.no_grad()
+def test_default_model_prompt_lookup_copies_in_fewer_forwards(default_checkpoint):
+    """The shipped copy task on the real model (fp32): the reply is plain greedy's, token for token, and most of it
+    comes from accepted drafts, so the target runs far fewer forwards than it emits tokens."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from benchmark_lookup import copy_task
+    from tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(default_checkpoint)
+    model = gen.load_model(default_checkpoint / "model.pth", "cpu", torch.float32)
+    prompt, stats = [copy_task(tokenizer)], {}
+    out = gen.generate(model, prompt, 96, temperature=0, prompt_lookup=8, stats=stats, stop_ids=tokenizer.stop_ids)
+    assert out == gen.generate(model, prompt, 96, temperature=0, stop_ids=tokenizer.stop_ids)
+    assert stats["accepted"] > len(out[0]) / 3 and stats["steps"] + stats["plain"] < 0.7 * len(out[0]), stats
 
 
 def test_speculative_refuses_a_batch():
