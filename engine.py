@@ -97,6 +97,7 @@ class Engine:
         if precision not in gen.PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(sorted(gen.PRECISIONS))}")
         self.device = gen.pick_device(device)
+        precision = gen.native_precision(precision, self.device)
         checkpoint = gen.find_checkpoint(checkpoint_path)
         self.tokenizer = read_tokenizer(checkpoint.parent)
         context = min(max_seq_length, read_config(checkpoint.parent).block_size)

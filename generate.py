@@ -512,6 +512,16 @@ def start_tp(device: str):
     return rank, device
 
 
+def native_precision(precision: str, device: str) -> str:
+    """bf16 where the GPU computes it (sm80+); a GPU that only emulates it (a T4, sm75) runs fp16, and says so."""
+    if precision == "bf16" and device.startswith("cuda") and \
+            not torch.cuda.is_bf16_supported(including_emulation=False):
+        print(f"{torch.cuda.get_device_name(torch.device(device))} has no native bf16: running in fp16",
+              file=sys.stderr)
+        return "fp16"
+    return precision
+
+
 def peak_memory_gb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_reserved(torch.device(device)) / 1e9   # cuda:1 is GPU 1's, not GPU 0's
@@ -620,6 +630,7 @@ def run(args):
     if draft_vocab != config.vocab_size:
         raise ValueError(f"the draft's vocabulary ({draft_vocab}) is not the target's ({config.vocab_size})")
     rank, device = start_tp(device)
+    args.precision = native_precision(args.precision, device)
     torch.manual_seed(args.seed)   # every rank draws the same samples from the same (all-reduced) logits
 
     tokenizer = cli.read_tokenizer(checkpoint.parent)

@@ -216,10 +216,21 @@ def pack_for_device(model: nn.Module):
     mapped = file_mappings()
     for m in model.modules():
         if isinstance(m, WeightOnlyInt4Linear):
+            check_int4_device(m.weight.device)
             portable = m.weight
             m.pack()
             if m.weight is not portable:
                 release(portable, mapped)
+
+
+def check_int4_device(device: torch.device):
+    """torch's int4 kernels on CUDA (tinygemm) exist only for sm80+: on a T4 or an RTX 20xx an int4 checkpoint would
+    die in a raw CUDA error at the first matmul. Refused here in one line instead."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"int4 checkpoints need a GPU of compute capability 8.0 or newer (torch's int4 kernel); "
+                         f"{name} is sm{''.join(map(str, torch.cuda.get_device_capability(device)))}: use the int8 "
+                         f"or the float checkpoint, or --device cpu")
 
 
 # ---- offline: float state dict -> quantized state dict ------------------------------------------------

@@ -223,3 +223,24 @@ def test_generate_cli_runs_quantized_compiled_as_eager(mode, default_quantized):
     assert eager.returncode == 0 and compiled.returncode == 0, eager.stderr + compiled.stderr
     assert "Paris" in eager.stdout, eager.stdout
     assert compiled.stdout == eager.stdout
+
+
+def test_int4_on_a_gpu_older_than_sm80_is_one_line(monkeypatch):
+    """torch's int4 CUDA kernel needs sm80+: a T4 is refused in one line, not in a raw CUDA error (no GPU needed:
+    the device's answers are stood in for)."""
+    import quantize as Q
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    with pytest.raises(ValueError, match="compute capability 8.0 or newer.*Tesla T4 is sm75"):
+        Q.check_int4_device(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    Q.check_int4_device(torch.device("cuda"))
+    Q.check_int4_device(torch.device("cpu"))
+
+
+def test_bf16_on_a_gpu_without_it_runs_fp16(monkeypatch, capsys):
+    import generate as gen
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    assert gen.native_precision("bf16", "cuda") == "fp16" and "no native bf16" in capsys.readouterr().err
+    assert gen.native_precision("fp32", "cuda") == "fp32" and gen.native_precision("bf16", "cpu") == "bf16"
