@@ -122,8 +122,9 @@ class Engine:
         self.busy = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)   # 1 where a request decodes
         self.waiting: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
-        self.step_fn = gen.compile_step(gen.fresh(gen.decode_logits), self.device, dynamic=False) if compile \
-            else gen.decode_logits
+        # compiled: on CPU one staged graph serves every bucket (its batch size dynamic from the second bucket on)
+        self.step_fn = gen.compiled(gen.decode_logits, self.device, **({"dynamic": False} if self.device.startswith(
+            "cuda") else {})) if compile else gen.decode_logits
         self.closed = False
         self.fatal: Optional[str] = None     # why the scheduler stopped, if it had to
         self.drain_deadline: Optional[float] = None   # drain(): stop once idle or at this time

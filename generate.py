@@ -1,6 +1,7 @@
 # Load a checkpoint, prefill the prompt, then decode one token at a time under torch.compile.
 import argparse
 import collections
+import functools
 import itertools
 import math
 import os
@@ -18,7 +19,7 @@ import torch  # noqa: E402
 import cli  # noqa: E402
 from cli import (DEFAULT_CHECKPOINT, DEFAULT_MODEL, command_line, find_checkpoint, pick_device,  # noqa: E402, F401
                  prepare_default)   # re-exported: eval.py, server.py and the scripts use them through this module
-from model import Transformer  # noqa: E402
+from model import Transformer, run_layers  # noqa: E402
 
 
 def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=False, reserve=None,
@@ -154,9 +155,9 @@ def prefill_logits(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor,
     return model(x, input_pos, rows=rows, last=last)
 
 
-def decode_logits(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """The one decode forward: x, input_pos [B, 1] -> next-token logits [B, V]."""
-    return model(x, input_pos)[:, -1]
+def decode_logits(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, stage=None) -> torch.Tensor:
+    """The one decode forward: x, input_pos [B, 1] -> next-token logits [B, V]. stage: see Transformer.forward."""
+    return model(x, input_pos, stage=stage)[:, -1]
 
 
 def prefill_forward(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor,
@@ -183,9 +184,9 @@ def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, last: 
     return sample(prefill_forward(model, x, input_pos, last, chunk, step=step), **sampling)
 
 
-def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, **sampling):
+def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, stage=None, **sampling):
     """x, input_pos [B, 1] -> the next token of each row [B, 1]."""
-    return sample(decode_logits(model, x, input_pos), **sampling)
+    return sample(decode_logits(model, x, input_pos, stage), **sampling)
 
 
 def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(), callback=None,
@@ -231,14 +232,14 @@ def to_host(t: torch.Tensor):
 # ---- speculative decoding ----------------------------------------------------------------------
 
 def draft_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, temperature: float = 0.0,
-                    top_k=None, top_p=None, vocab_size=None):
+                    top_k=None, top_p=None, vocab_size=None, stage=None):
     """A draft step: its token [1, 1] and the probabilities it was drawn from [1, V] (the logits when greedy)."""
-    return sample_with_probs(decode_logits(model, x, input_pos), temperature, top_k, top_p, vocab_size)
+    return sample_with_probs(decode_logits(model, x, input_pos, stage), temperature, top_k, top_p, vocab_size)
 
 
-def verify(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+def verify(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, stage=None) -> torch.Tensor:
     """The target scores the current token and the K draft tokens in one forward: logits [1, K + 1, V]."""
-    return model(tokens, input_pos)
+    return model(tokens, input_pos, stage=stage)
 
 
 def speculative_accept(draft_tokens, draft_probs, target_probs, greedy: bool) -> torch.Tensor:
@@ -461,11 +462,20 @@ def compile_step(fn: Callable, device: str, tree: bool = True, **kw) -> Callable
     return torch.compile(fn, fullgraph=True, options={"cpp_wrapper": True}, **kw)
 
 
+def compiled(fn: Callable, device: str, tree: bool = True, **kw) -> Callable:
+    """A forward step (decode_one_token, verify, ...) compiled. On CUDA whole: one CUDA graph replay a step. On CPU
+    in stages: its runs of model.STAGE layers go through one compiled run_layers (a graph shared by every run of the
+    same structure), the embedding, positions and head eager between them (see model.STAGE for what it buys)."""
+    if device.startswith("cuda"):
+        return compile_step(fresh(fn), device, tree, **kw)
+    return functools.partial(fn, stage=compile_step(fresh(run_layers), device, **kw))
+
+
 def compile_notice(device: str, steps: int = 1):
     """Say what --compile is about to do and roughly how long it takes, before the silent wait."""
     each = "about a minute" if device.startswith("cuda") else \
-        "1-2 minutes on a 2-core CPU in bf16 (about 30 s in fp32, int8 or int4; less with more cores)"
-    print(f"compiling {steps} decode graph{'s' * (steps > 1)} with torch.compile (Inductor): {each} each, "
+        "about 20 s on a 2-core CPU the first time, a few seconds once Inductor's cache holds it"
+    print(f"compiling {steps} forward step{'s' * (steps > 1)} with torch.compile (Inductor): {each} each, "
           f"then decoding starts", file=sys.stderr, flush=True)
 
 
@@ -483,11 +493,11 @@ def compile_steps(device: str, compile_prefill: bool = False, speculative: bool 
     prefill, with dynamic shapes, when asked). Compiling happens at the first call of each."""
     compile_notice(device, 1 + 2 * speculative + lookup)
     tree = not (tp and (speculative or lookup))
-    steps = Steps(decode=compile_step(fresh(decode_one_token), device, tree))
+    steps = Steps(decode=compiled(decode_one_token, device, tree))
     if speculative:
-        steps = steps._replace(draft=compile_step(fresh(draft_one_token), device, tree))
+        steps = steps._replace(draft=compiled(draft_one_token, device, tree))
     if speculative or lookup:   # prompt lookup's drafts vary in length: one graph for them all
-        steps = steps._replace(verify=compile_step(fresh(verify), device, tree, dynamic=lookup))
+        steps = steps._replace(verify=compiled(verify, device, tree, dynamic=lookup))
     if compile_prefill:
         steps = steps._replace(prefill=torch.compile(fresh(prefill_logits), fullgraph=True, dynamic=True))
     return steps
