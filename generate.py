@@ -462,11 +462,12 @@ def compile_step(fn: Callable, device: str, tree: bool = True, **kw) -> Callable
     return torch.compile(fn, fullgraph=True, options={"cpp_wrapper": True}, **kw)
 
 
-def compiled(fn: Callable, device: str, tree: bool = True, **kw) -> Callable:
+def compiled(fn: Callable, device: str, tree: bool = True, whole: bool = False, **kw) -> Callable:
     """A forward step (decode_one_token, verify, ...) compiled. On CUDA whole: one CUDA graph replay a step. On CPU
     in stages: its runs of model.STAGE layers go through one compiled run_layers (a graph shared by every run of the
-    same structure), the embedding, positions and head eager between them (see model.STAGE for what it buys)."""
-    if device.startswith("cuda"):
+    same structure), the embedding, positions and head eager between them (see model.STAGE for what it buys);
+    whole=True compiles the CPU step whole too: decode ~5% faster (fewer calls between graphs), 4x the compile."""
+    if device.startswith("cuda") or whole:
         return compile_step(fresh(fn), device, tree, **kw)
     return functools.partial(fn, stage=compile_step(fresh(run_layers), device, **kw))
 
@@ -488,16 +489,16 @@ def fresh(fn: Callable) -> Callable:
 
 
 def compile_steps(device: str, compile_prefill: bool = False, speculative: bool = False,
-                  lookup: bool = False, tp: bool = False) -> Steps:
+                  lookup: bool = False, tp: bool = False, whole: bool = False) -> Steps:
     """The decode step compiled (and the draft and verify steps with a draft, the verify step with prompt lookup;
     prefill, with dynamic shapes, when asked). Compiling happens at the first call of each."""
     compile_notice(device, 1 + 2 * speculative + lookup)
     tree = not (tp and (speculative or lookup))
-    steps = Steps(decode=compiled(decode_one_token, device, tree))
+    steps = Steps(decode=compiled(decode_one_token, device, tree, whole))
     if speculative:
-        steps = steps._replace(draft=compiled(draft_one_token, device, tree))
+        steps = steps._replace(draft=compiled(draft_one_token, device, tree, whole))
     if speculative or lookup:   # prompt lookup's drafts vary in length: one graph for them all
-        steps = steps._replace(verify=compiled(verify, device, tree, dynamic=lookup))
+        steps = steps._replace(verify=compiled(verify, device, tree, whole, dynamic=lookup))
     if compile_prefill:
         steps = steps._replace(prefill=torch.compile(fresh(prefill_logits), fullgraph=True, dynamic=True))
     return steps
@@ -604,6 +605,9 @@ def main(argv=None):
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile_whole", action="store_true",
+                   help="--compile with the CPU decode step as one graph, not in stages of layers: ~5%% faster "
+                        "decode, about 4x the compile time")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     p.add_argument("--prefill_chunk", type=int, default=PREFILL_CHUNK,
                    help="prompt positions a prefill forward takes at once (bounds a long prompt's memory)")
@@ -621,6 +625,7 @@ def main(argv=None):
 
 
 def run(args):
+    args.compile = args.compile or args.compile_whole
     cli.positive(args, "max_new_tokens", "num_samples", "batch_size", "top_k", "speculate_k", "prefill_chunk")
     if args.prompt_lookup < 0:
         raise ValueError(f"--prompt_lookup must be >= 0 (0: off), got {args.prompt_lookup}")
@@ -672,7 +677,8 @@ def run(args):
         draft = load_model(draft_path, device, PRECISIONS[args.precision], use_tp=rank is not None)
         print(f"draft: {draft_path}, {args.speculate_k} tokens a step", file=sys.stderr)
     steps = compile_steps(device, args.compile_prefill, speculative=draft is not None,
-                          lookup=bool(args.prompt_lookup), tp=rank is not None) if args.compile else EAGER
+                          lookup=bool(args.prompt_lookup), tp=rank is not None,
+                          whole=args.compile_whole) if args.compile else EAGER
     if args.interactive:
         return interactive(model, tokenizer, args, steps)
 
