@@ -68,7 +68,7 @@ def weight_tensors(model: Transformer):
     seen = set()
     packed = ((f"{name}.weight", m.packed) for name, m in model.named_modules() if hasattr(m, "packed"))
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers(), packed):
-        if id(t) not in seen and "cache" not in name:
+        if id(t) not in seen and "cache" not in name and not name.endswith("packed_key"):
             seen.add(id(t))
             yield name, t
 
@@ -474,9 +474,9 @@ def compiled(fn: Callable, device: str, tree: bool = True, whole: bool = False, 
 
 def compile_notice(device: str, steps: int = 1):
     """Say what --compile is about to do and roughly how long it takes, before the silent wait."""
-    each = "about a minute" if device.startswith("cuda") else \
-        "about 20 s on a 2-core CPU the first time, a few seconds once Inductor's cache holds it"
-    print(f"compiling {steps} forward step{'s' * (steps > 1)} with torch.compile (Inductor): {each} each, "
+    each = "about a minute each" if device.startswith("cuda") else \
+        "about 20 s each on a 2-core CPU the first time, a few seconds once Inductor's cache holds them"
+    print(f"compiling {steps} forward step{'s' * (steps > 1)} with torch.compile (Inductor): {each}; "
           f"then decoding starts", file=sys.stderr, flush=True)
 
 
@@ -659,8 +659,8 @@ def run(args):
     if not all(prompts):   # SmolLM2, Qwen: no BOS, so an empty prompt is no token at all
         raise ValueError("an empty --prompt gives this model no token to start from; give it some text")
     if (draft_path is not None or args.prompt_lookup) and (batch > 1 or args.interactive):
-        raise ValueError("speculative decoding (--draft_checkpoint_path, --prompt_lookup) takes one prompt at a time, not a batch "
-                         "or --interactive")
+        raise ValueError("speculative decoding (--draft_checkpoint_path, --prompt_lookup) takes one prompt at a "
+                         "time, not a batch or --interactive")
     longest = max(map(len, prompts))
     if longest + args.max_new_tokens > config.block_size:
         raise ValueError(f"prompt of {longest} tokens + --max_new_tokens {args.max_new_tokens} exceeds the "

@@ -12,7 +12,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-# Dynamo cannot trace oneDNN's opaque tensors, so a graph holds the index of a packed weight, not the weight
+# Dynamo cannot trace oneDNN's opaque tensors, so a graph takes a packed weight's key, not the weight
 _weights: dict = {}
 _next = itertools.count()
 
@@ -43,14 +43,16 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.index = next(_next)
-        self.register_buffer("key", torch.tensor(self.index), persistent=False)
+        # the graph's input that names the weight: a tensor, not an int the graph would bake in, so that layers of
+        # one shape share one compiled graph (model.STAGE)
+        self.register_buffer("packed_key", torch.tensor(self.index), persistent=False)
         # the batch-size hint picks oneDNN's blocking: 512 serves prefill's GEMMs and decode's GEMVs alike
         _weights[self.index] = self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 512)
         weakref.finalize(self, _weights.pop, self.index, None)
         self.bias = linear.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        y = packed_linear(x.reshape(-1, self.in_features), self.key, self.out_features)
+        y = packed_linear(x.reshape(-1, self.in_features), self.packed_key, self.out_features)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
