@@ -706,6 +706,12 @@ def run(args):
             prof.export_chrome_trace(str(args.profile))
             print(f"profile written to {args.profile}", file=sys.stderr)
         if warmup:
+            if args.prompt_lookup:   # the warm-up may have drafted nothing: compile the verify step now, not mid-sample
+                t0 = time.perf_counter()
+                with torch.no_grad():   # writes cache slots 0-1, which the next prefill overwrites
+                    steps.verify(model, torch.zeros(1, 2, dtype=torch.int, device=device),
+                                 torch.arange(2, device=device).view(1, 2))
+                secs += time.perf_counter() - t0
             print(f"compile time: {secs:.1f} s", file=sys.stderr)
             continue
         if stream:

@@ -302,6 +302,16 @@ def test_prompt_lookup_greedy_equals_plain_greedy(k):
     assert stats["steps"] > 0 and stats["drafted"] > 0 and stats["steps"] + stats["plain"] <= 39
 
 
+def test_compiled_prompt_lookup_equals_eager_greedy():
+    """The compiled verify step (one dynamic-length graph) and the staged decode step give plain eager greedy's tokens."""
+    model = tiny_model(0)
+    prompts = [[5, 17, 42, 7, 99, 5, 17, 42, 7, 99, 5, 17]]
+    stats = {}
+    out = gen.generate(model, prompts, 30, temperature=0, prompt_lookup=4, stats=stats,
+                       steps=gen.compile_steps("cpu", lookup=True))
+    assert out == gen.generate(model, prompts, 30, temperature=0) and stats["steps"] > 0
+
+
 def test_prompt_lookup_refuses_a_batch_and_a_draft_model():
     model = tiny_model()
     with pytest.raises(ValueError, match="one prompt at a time"):
