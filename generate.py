@@ -112,8 +112,8 @@ def logits_to_probs(logits, temperature=1.0, top_k=None, top_p=None):
     if min(ps) < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > per_row(ps, logits) if isinstance(top_p, list) \
-            else cum - sorted_logits.softmax(-1) > top_p      # keep the smallest prefix reaching top_p
+        # keep the smallest prefix reaching top_p
+        drop = cum - sorted_logits.softmax(-1) > per_row(ps if isinstance(top_p, list) else top_p, logits)
         sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
         logits = torch.full_like(logits, -float("inf")).scatter(-1, order, sorted_logits)
     return torch.softmax(logits, dim=-1)
