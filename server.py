@@ -547,11 +547,6 @@ def main(argv=None):
         engine = Engine(args.checkpoint_path, args.device, args.precision, args.max_batch_size, args.max_seq_length,
                         args.max_waiting, args.compile)
         httpd.RequestHandlerClass.engine = engine
-    print(f"serving {engine.name} on http://{args.host}:{httpd.server_address[1]} ({args.max_batch_size} slots x "
-          f"{engine.max_seq_length} positions, KV cache {engine.kv_bytes / 1e9:.2f} GB"
-          f"{', API key required' if args.api_key else ''}, ready in {time.perf_counter() - t0:.1f} s)",
-          file=sys.stderr, flush=True)
-    threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
 
     def stop_accepting():
         httpd.shutdown()
@@ -565,8 +560,14 @@ def main(argv=None):
         engine.drain(DRAIN_SECONDS)
         threading.Thread(target=stop_accepting, daemon=True).start()
 
+    # before the line that says we serve: a client (or a test) may signal as soon as it has read it
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    print(f"serving {engine.name} on http://{args.host}:{httpd.server_address[1]} ({args.max_batch_size} slots x "
+          f"{engine.max_seq_length} positions, KV cache {engine.kv_bytes / 1e9:.2f} GB"
+          f"{', API key required' if args.api_key else ''}, ready in {time.perf_counter() - t0:.1f} s)",
+          file=sys.stderr, flush=True)
+    threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
     try:
         engine.run()   # the model on the main thread; HTTP requests on their own threads
     except KeyboardInterrupt:
