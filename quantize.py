@@ -51,9 +51,26 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.vnni = False   # weight holds codes + 128 as uint8 for kernels.cpp (pack())
+
+    def pack(self):
+        """CPU bf16/fp16 where kernels.cpp builds: the codes into its layout, in place. fp32 keeps torch's exact
+        weight-only kernels (kernels.cpp quantizes the activations)."""
+        import kernels
+        if (self.weight.device.type == "cpu" and self.scales.dtype != torch.float32
+                and self.in_features % 64 == 0 and kernels.load()):
+            self.weight, self.vnni = kernels.int8_layout(self.weight), True
+            self.fp32_scales = self.scales.float()   # the kernel's (scales stays in the model's dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and few_rows(x):   # torch's weight-only int8 GEMV; Inductor lowers it to an AMX/AVX-512 template
+        if self.vnni:
+            if few_rows(x):   # activations to int8 in blocks of 32, then one VNNI dot per 64 weights
+                y = torch.ops.zoofast_kernels.int8_gemv(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
+                                                        self.fp32_scales)
+                y = y.view(*x.shape[:-1], -1)
+            else:             # codes + 128 are exact in bf16 / fp16
+                y = F.linear(x, self.weight.to(x.dtype) - 128) * self.scales
+        elif x.device.type == "cpu" and few_rows(x):   # torch's weight-only int8 GEMV
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
             y = y.view(*x.shape[:-1], -1)
         else:                        # dequantize inside the matmul: Inductor fuses the cast into the GEMV
@@ -210,11 +227,13 @@ def swap_modules(model: Transformer, state_dict: dict, record: dict):
 
 
 def pack_for_device(model: nn.Module):
-    """Each int4 linear into its device's layout, the checkpoint's pages of the portable one handed back as it goes
+    """Each int8 linear into kernels.cpp's layout where it serves (CPU bf16/fp16), each int4 linear into its device's layout, the checkpoint's pages of the portable one handed back as it goes
     (they would stay resident beside the packed copy: 2.3x the weights at 1.5B)."""
     from packed import file_mappings, release
     mapped = file_mappings()
     for m in model.modules():
+        if isinstance(m, WeightOnlyInt8Linear):
+            m.pack()
         if isinstance(m, WeightOnlyInt4Linear):
             check_int4_device(m.weight.device)
             portable = m.weight
