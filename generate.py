@@ -721,8 +721,8 @@ def run(args):
                 print(("" if args.chat else t) + tokenizer.decode([x for x in out if x not in tokenizer.stop_ids]))
                 print("-" * 40)
         n = sum(len(o) for o in outputs)
-        steps = max(map(len, outputs)) - 1        # decode steps after the prefill's token
-        tps = steps * batch / decode_secs if steps else float("nan")
+        decoded = max(map(len, outputs)) - 1      # decode steps after the prefill's token
+        tps = decoded * batch / decode_secs if decoded else float("nan")
         print(f"sample {i + 1 - int(args.compile)}: {n} tokens in {secs:.2f} s (prefill {1000 * prefill_secs:.0f} ms); "
               f"decode {tps:.1f} tokens/s, {bytes_per_token * tps / batch / 1e9:.1f} GB/s", file=sys.stderr)
         if stats.get("steps"):

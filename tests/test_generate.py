@@ -147,11 +147,11 @@ def test_cli_greedy_is_deterministic(default_checkpoint):
 
 def test_cli_compiled_chat_matches_eager(default_checkpoint):
     args = ["--checkpoint_path", str(default_checkpoint), "--prompt", "What is 2+2?", "--chat",
-            "--max_new_tokens", "24", "--temperature", "0", "--precision", "fp32"]
+            "--max_new_tokens", "24", "--temperature", "0", "--precision", "fp32", "--num_samples", "2"]
     eager, compiled = cli(*args), cli(*args, "--compile")
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
-    assert compiled.stdout == eager.stdout
-    assert "compile time" in compiled.stderr
+    assert compiled.stdout == eager.stdout   # both samples: the second reuses the compiled steps
+    assert "compile time" in compiled.stderr and "sample 2:" in compiled.stderr
 
 
 @torch.no_grad()
