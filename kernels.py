@@ -1,7 +1,8 @@
-# kernels.cpp built for this machine, once: the int8 decode GEMV with activations quantized on the fly
-# (llama.cpp's VNNI trick). Built with the system's g++ against the installed torch into ~/.cache/zoofast (about
-# 10 s the first time), loaded from there after. available() is False where the CPU lacks AVX512-VNNI, g++ is
-# missing, the build fails (one line says why) or ZOOFAST_KERNELS=0: int8 linears then use torch's own kernel.
+# kernels.cpp built for this machine, once: the int8 and int4 decode GEMVs with activations quantized on the fly
+# (llama.cpp's VNNI trick), and the bf16 one. Built with the system's g++ against the installed torch into
+# ~/.cache/zoofast (about 15 s the first time), loaded from there after. available() is False where the CPU lacks
+# AVX512-VNNI, g++ is missing, the build fails (one line says why) or ZOOFAST_KERNELS=0: linears then use torch's
+# own kernels (oneDNN's for bf16).
 import functools
 import hashlib
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
+GEMV_ROWS = 8   # inputs of up to this many rows (decode, a speculative verify, a small batch) run the GEMVs
 FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
 
@@ -51,17 +53,18 @@ def build(out: Path):
 
 @functools.cache
 def available() -> bool:
+    """The library built and loaded: its int8 and int4 GEMVs run here (the bf16 one also needs has_bf16())."""
     if os.environ.get("ZOOFAST_KERNELS", "1") == "0" or not CPU_FLAGS <= cpu_flags():
         return False
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *FLAGS]).encode()).hexdigest()[:16]
     lib = cache_dir() / f"kernels-{key}.so"
     try:
         if not lib.exists():
-            print(f"building the int8 CPU kernel into {lib.parent} (once) ...", file=sys.stderr, flush=True)
+            print(f"building the CPU kernels into {lib.parent} (once) ...", file=sys.stderr, flush=True)
             build(lib)
         torch.ops.load_library(str(lib))
     except (OSError, RuntimeError) as e:
-        print(f"note: torch's own int8 kernel (kernels.cpp did not build: {e})", file=sys.stderr, flush=True)
+        print(f"note: torch's own kernels (kernels.cpp did not build: {e})", file=sys.stderr, flush=True)
         return False
     return True
 
@@ -71,11 +74,22 @@ def _register_fakes():
     def _(x, w, scales):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("zoofast_kernels::int4_gemv")
+    def _(x, w, sz, groupsize, n_out):
+        return x.new_empty(x.shape[0], n_out)
+
+    @torch.library.register_fake("zoofast_kernels::int4_dequantize")
+    def _(w, sz, groupsize, n_out, dtype):
+        return w.new_empty(n_out, w.shape[1] * 8, dtype=dtype)
+
+    @torch.library.register_fake("zoofast_kernels::bf16_gemv")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
 
 
-def load() -> bool:
-    """available(), with the ops' shapes registered for torch.compile."""
-    if not available():
+def load(kind: str = "int") -> bool:
+    """available() (kind "bf16": and the CPU has AVX512-BF16), with the ops' shapes registered for torch.compile."""
+    if not available() or kind == "bf16" and "avx512_bf16" not in cpu_flags():
         return False
     if not getattr(load, "done", False):
         _register_fakes()
@@ -88,3 +102,16 @@ def load() -> bool:
 def int8_layout(codes: torch.Tensor) -> torch.Tensor:
     """int8 codes [N, K] -> uint8 codes + 128 (vpdpbusd multiplies unsigned by signed bytes)."""
     return (codes.to(torch.int16) + 128).to(torch.uint8)
+
+
+def int4_layout(codes: torch.Tensor, scales_and_zeros: torch.Tensor):
+    """codes [N, K] in 0..15 (K a multiple of the group size) and scales_and_zeros [K/g, N, 2] (w = (q - 8) s + z)
+    -> (w [N16/16, K/8, 64] uint8 in kernels.cpp's interleaved layout, sz [K/g, 2, N16] bf16 scales and zeros);
+    N16 is N padded to 16 with zero rows."""
+    N, K = codes.shape
+    pad = -N % 16
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad))
+    c = c.view(-1, 16, K // 8, 2, 4).permute(0, 2, 1, 3, 4)   # [N16/16, K/8, row, low/high nibble, 4 columns]
+    w = (c[..., 0, :] | c[..., 1, :] << 4).reshape(-1, K // 8, 64).contiguous()
+    sz = torch.nn.functional.pad(scales_and_zeros.to(torch.bfloat16).permute(0, 2, 1), (0, pad)).contiguous()
+    return w, sz

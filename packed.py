@@ -1,16 +1,21 @@
-# CPU bf16/fp16 linears from oneDNN's blocked weight layout. A 7B model's decode GEMVs read their weights at
-# 24 GB/s from it against 17 GB/s from the checkpoint's row-major layout (2-core Sapphire Rapids), and prefill's
-# AMX GEMMs are as fast. pack_linears() reorders each weight once, after loading, and frees the original: eager
-# prefill and every compiled graph (decode, each server bucket, speculative verify) share that one copy. Inductor's
-# freezing reaches the same kernels by prepacking inside each graph, which keeps one copy per graph plus the
-# original: 3.5x the weights' bytes at 1.5B, and no 7B bf16 model in 24 GB.
+# CPU bf16/fp16 linears. Where kernels.cpp builds with AVX512-BF16, a bf16 linear keeps the checkpoint's own
+# row-major weight (mmapped, nothing copied; a tied head is the embedding itself) and its decode GEMVs run through
+# kernels.cpp's bf16 GEMV (vdpbf16ps), prefill's GEMMs through oneDNN as nn.Linear does (as fast from this layout
+# as from a packed one at 256 rows). Elsewhere (fp16, or no kernel) each weight is reordered once into oneDNN's
+# blocked layout, which reads a 7B model's GEMVs at 24 GB/s against 17 GB/s from row-major, and the original is
+# freed: eager prefill and every compiled graph share that one copy. Inductor's freezing reaches the same kernels
+# by prepacking inside each graph, which keeps one copy per graph plus the original: 3.5x the weights' bytes at
+# 1.5B, and no 7B bf16 model in 24 GB.
 import ctypes
 import itertools
 import os
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+import kernels
 
 # Dynamo cannot trace oneDNN's opaque tensors, so a graph takes a packed weight's key, not the weight
 _weights: dict = {}
@@ -60,6 +65,31 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
 
 
+class Bf16Linear(nn.Module):
+    """nn.Linear's own weight, decode through kernels.cpp's bf16 GEMV."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // self.in_features
+        if rows > kernels.GEMV_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.zoofast_kernels.bf16_gemv(x.reshape(rows, self.in_features).contiguous(), self.weight)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernels.cpp bf16 GEMV"
+
+
+def use_kernel(linear: nn.Linear) -> bool:
+    return (linear.weight.dtype == torch.bfloat16 and linear.weight.is_contiguous() and linear.in_features % 32 == 0
+            and kernels.load("bf16"))
+
+
 def can_pack(dtype) -> bool:
     """Only where oneDNN has the kernels natively (AVX512-BF16/AMX, AVX512-FP16): elsewhere it would emulate them."""
     if not torch.backends.mkldnn.is_available():
@@ -69,14 +99,18 @@ def can_pack(dtype) -> bool:
 
 
 def pack_linears(model: nn.Module) -> nn.Module:
-    """Swap every CPU bf16/fp16 nn.Linear for a PackedLinear, one at a time, handing each original's pages back
-    (the peak is one weight over the model). A head tied to the embedding is packed too: the embedding keeps the
-    plain layout for its row lookups, and when it is mmapped from the checkpoint (bf16 run in bf16) only the rows
-    looked up are ever resident."""
+    """Swap every CPU bf16 nn.Linear for a Bf16Linear where kernels.cpp serves it; else every CPU bf16/fp16 one
+    for a PackedLinear, one at a time, handing each original's pages back (the peak is one weight over the model).
+    A head tied to the embedding is packed too: the embedding keeps the plain layout for its row lookups, and when
+    it is mmapped from the checkpoint (bf16 run in bf16) only the rows looked up are ever resident."""
     mapped = file_mappings()
     for name, m in list(model.named_modules()):
-        if type(m) is nn.Linear and m.weight.device.type == "cpu" and can_pack(m.weight.dtype):
-            parent, _, child = name.rpartition(".")
+        if type(m) is not nn.Linear or m.weight.device.type != "cpu":
+            continue
+        parent, _, child = name.rpartition(".")
+        if use_kernel(m):
+            setattr(model.get_submodule(parent) if parent else model, child, Bf16Linear(m))
+        elif can_pack(m.weight.dtype):
             setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(m))
             release(m.weight, mapped)
     return model

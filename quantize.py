@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import cli
+import kernels
 from model import ModelArgs, MOEFeedForward, Transformer
 
 MODES = ("int8", "int4", "int4-gptq")
@@ -56,7 +57,6 @@ class WeightOnlyInt8Linear(nn.Module):
     def pack(self):
         """CPU bf16/fp16 where kernels.cpp builds: the codes into its layout, in place. fp32 keeps torch's exact
         weight-only kernels (kernels.cpp quantizes the activations)."""
-        import kernels
         if (self.weight.device.type == "cpu" and self.scales.dtype != torch.float32
                 and self.in_features % 64 == 0 and kernels.load()):
             self.weight, self.vnni = kernels.int8_layout(self.weight), True
@@ -151,16 +151,22 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(self.padded_in // groupsize, out_features, 2))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed_for, self.packed_in = None, None
+        self.vnni = False   # weight and scales_and_zeros in kernels.cpp's layout (pack())
 
     def pack(self):
         """Portable layout -> the device's packed layout, padding N and K with zero groups where its kernel
-        needs (those rows and columns contribute exactly 0)."""
+        needs (those rows and columns contribute exactly 0). CPU bf16/fp16 where kernels.cpp builds: its
+        interleaved layout (VNNI decode GEMV, dequantize-then-GEMM prefill)."""
         device = self.weight.device
         if device.type == "cpu" and self.scales_and_zeros.dtype == torch.float32:   # fp32 kernel: scalar loops
             self.packed_for, self.packed_in = "cpu", None
             return
         codes = unpack_nibbles(self.weight)
         sz = self.scales_and_zeros
+        if device.type == "cpu" and kernels.load():
+            self.weight, self.scales_and_zeros = kernels.int4_layout(codes, sz)
+            self.packed_for, self.packed_in, self.vnni = "cpu", codes.shape[1], True
+            return
         k_multiple = 128 if device.type == "cuda" else self.groupsize   # tinygemm: K % (innerKTiles * 16)
         codes = pad_columns(codes, k_multiple)
         codes = F.pad(codes, (0, 0, 0, -codes.shape[0] % 16))           # N % 16 (CPU), N % 8 (CUDA)
@@ -181,8 +187,16 @@ class WeightOnlyInt4Linear(nn.Module):
             w = dequantize_int4(unpack_nibbles(self.weight), self.scales_and_zeros, self.groupsize)
             return F.linear(x, w[:, : self.in_features].to(x.dtype), self.bias)
         shape = x.shape
-        x = F.pad(x.reshape(-1, shape[-1]), (0, self.packed_in - shape[-1]))
-        if x.device.type == "cuda":
+        x = x.reshape(-1, shape[-1])
+        if self.packed_in != shape[-1]:
+            x = F.pad(x, (0, self.packed_in - shape[-1]))
+        if self.vnni and x.shape[0] <= kernels.GEMV_ROWS:   # activations to int8 in blocks of 32, VNNI dots on the nibbles
+            y = torch.ops.zoofast_kernels.int4_gemv(x.contiguous(), self.weight, self.scales_and_zeros,
+                                                    self.groupsize, self.out_features)
+        elif self.vnni:                             # prefill: the weights to x's dtype, then oneDNN's GEMM
+            y = F.linear(x, torch.ops.zoofast_kernels.int4_dequantize(self.weight, self.scales_and_zeros,
+                                                                      self.groupsize, self.out_features, x.dtype))
+        elif x.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.weight, self.groupsize,
                                                    self.scales_and_zeros).to(x.dtype)
         else:

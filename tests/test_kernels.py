@@ -1,6 +1,7 @@
-"""kernels.cpp's int8 decode GEMV: what it computes (activations quantized in blocks of 32, emulated here in torch),
-how close that stays to the float product, batched rows equal rows alone, compiled equals eager, and the fallback
-when it cannot be built. Skipped where the CPU has no AVX512-VNNI (then int8 runs torch's kernel, tested elsewhere)."""
+"""kernels.cpp's decode GEMVs (int8, int4, bf16): what each computes (int8/int4: activations quantized in blocks of 32,
+emulated here in torch), how close that stays to the float product, batched rows equal rows alone, compiled equals
+eager, and the fallback when it cannot be built. Skipped where the CPU has no AVX512-VNNI (then torch's kernels run,
+tested elsewhere); the bf16 GEMV's tests also where it has no AVX512-BF16."""
 import json
 
 import pytest
@@ -14,13 +15,31 @@ from model import ModelArgs, Transformer
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="no AVX512-VNNI CPU (or no g++): torch's int8 kernel runs")
 
 
-def emulated(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The kernel's arithmetic in fp64: x rounded to int8 per block of 32 (scale amax / 127), exact integer dots."""
+def quantized_activations(x: torch.Tensor):
+    """x rounded to int8 per block of 32 as the kernels do: (codes [M, K/32, 32], scales [M, K/32]) in fp64."""
     xb = x.float().reshape(x.shape[0], -1, 32)
     amax = xb.abs().amax(-1, keepdim=True)
     xq = torch.round(xb * torch.where(amax > 0, 127 / amax, 0)).clamp(-127, 127)
-    dots = torch.einsum("mbk,nbk->mnb", xq.double(), codes.double().reshape(codes.shape[0], -1, 32))
-    return (dots * (amax.double() / 127).squeeze(-1)[:, None, :]).sum(-1) * scales.double()
+    return xq.double(), (amax.double() / 127).squeeze(-1)
+
+
+def emulated(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The int8 kernel's arithmetic in fp64: x rounded to int8 per block of 32, exact integer dots."""
+    xq, xs = quantized_activations(x)
+    dots = torch.einsum("mbk,nbk->mnb", xq, codes.double().reshape(codes.shape[0], -1, 32))
+    return (dots * xs[:, None, :]).sum(-1) * scales.double()
+
+
+def emulated_int4(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, g: int) -> torch.Tensor:
+    """The int4 kernel's arithmetic in fp64: per block of 32, the integer dot of the codes with x's int8 codes times
+    x's scale; per group, times the group's scale, plus (zero - 8 scale) times the group's sum of x."""
+    xq, xs = quantized_activations(x)
+    N, K = codes.shape
+    dots = torch.einsum("mbk,nbk->mnb", xq, codes.double().reshape(N, -1, 32)) * xs[:, None, :]   # [M, N, K/32]
+    sums = (xq.sum(-1) * xs)[:, None, :]                                                           # [M, 1, K/32]
+    per_group = lambda t: t.reshape(t.shape[0], t.shape[1], K // g, g // 32).sum(-1)  # noqa: E731
+    s, z = (v.double().t()[None] for v in sz.to(torch.bfloat16).unbind(-1))                      # [1, N, K/g]
+    return (per_group(dots) * s + per_group(sums.expand(-1, N, -1)) * (z - 8 * s)).sum(-1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -89,7 +108,7 @@ def test_a_failed_build_is_one_line_and_falls_back(monkeypatch, tmp_path, capsys
     try:
         assert kernels.available() is False
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1] == "note: torch's own int8 kernel (kernels.cpp did not build: g++: not found)"
+        assert err[-1] == "note: torch's own kernels (kernels.cpp did not build: g++: not found)"
         assert not list(tmp_path.rglob("*.so"))
     finally:
         monkeypatch.undo()
@@ -101,3 +120,104 @@ def test_the_build_writes_through_a_temporary_file(tmp_path):
     out = tmp_path / "k" / "kernels-test.so"
     kernels.build(out)
     assert out.exists() and [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M, N, K, g", [(1, 16, 64, 32), (3, 200, 576, 32), (2, 1536, 576, 64), (5, 40, 1536, 128),
+                                        (1, 33, 96, 32), (4, 64, 512, 256)])
+def test_int4_gemv_is_the_block_quantized_product(M, N, K, g, dtype):
+    gen_ = torch.Generator().manual_seed(N + K + g)
+    w = torch.randn(N, K, generator=gen_) * 0.05
+    x = (torch.randn(M, K, generator=gen_) * torch.linspace(0.1, 4, K)).to(dtype)
+    x[0, :32] = 0                                                     # an all-zero block
+    codes, sz = Q.quantize_int4(w, g)
+    packed, packed_sz = kernels.int4_layout(codes, sz)
+    assert packed.shape == (-(-N // 16), K // 8, 64) and packed_sz.shape == (K // g, 2, -(-N // 16) * 16)
+    y = torch.ops.zoofast_kernels.int4_gemv(x, packed, packed_sz, g, N)
+    assert y.dtype == dtype and y.shape == (M, N)
+    ref = emulated_int4(x, codes, sz, g)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    else:
+        torch.testing.assert_close(y.double(), ref, rtol=8e-3, atol=8e-3 * ref.abs().max().item())
+    exact = x.double() @ Q.dequantize_int4(codes, sz.to(torch.bfloat16), g).double().t()
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 0.01   # int8 activations: under 1% off
+    rows = torch.cat([torch.ops.zoofast_kernels.int4_gemv(x[i: i + 1], packed, packed_sz, g, N) for i in range(M)])
+    assert torch.equal(y, rows)
+    for out_dtype in (torch.float32, torch.bfloat16):   # prefill's weights: the same numbers, bf16 scales applied
+        dense = torch.ops.zoofast_kernels.int4_dequantize(packed, packed_sz, g, N, out_dtype)
+        torch.testing.assert_close(dense, Q.dequantize_int4(codes, sz.to(torch.bfloat16), g).to(out_dtype),
+                                   rtol=0, atol=1e-6 if out_dtype == torch.float32 else 0)
+
+
+def test_int4_gemv_refuses_what_it_cannot_take():
+    packed, sz = kernels.int4_layout(torch.zeros(16, 64, dtype=torch.uint8), torch.ones(2, 16, 2))
+    with pytest.raises(RuntimeError, match="K % 32"):
+        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 48), packed, sz, 32, 16)
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 96), packed, sz, 32, 16)
+    with pytest.raises(RuntimeError, match="bf16 sz"):
+        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 64), packed, sz.float(), 32, 16)
+
+
+needs_bf16 = pytest.mark.skipif(not kernels.load("bf16"), reason="no AVX512-BF16: oneDNN runs bf16 linears")
+
+
+@needs_bf16
+@pytest.mark.parametrize("M, N, K", [(1, 1, 32), (1, 1536, 576), (3, 200, 96), (8, 576, 1536), (2, 49, 4096)])
+def test_bf16_gemv_is_the_product_rounded_once(M, N, K):
+    g = torch.Generator().manual_seed(N + K)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    x = (torch.randn(M, K, generator=g) * torch.linspace(0.1, 4, K)).to(torch.bfloat16)
+    y = torch.ops.zoofast_kernels.bf16_gemv(x, w)
+    exact = x.double() @ w.double().t()
+    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
+    # fp32 sums of exact bf16 products, rounded to bf16 once: within a bf16 rounding of the exact product
+    torch.testing.assert_close(y.double(), exact, rtol=2 ** -8, atol=1e-5 * exact.abs().max().item())
+    rows = torch.cat([torch.ops.zoofast_kernels.bf16_gemv(x[i: i + 1], w) for i in range(M)])
+    assert torch.equal(y, rows)
+
+
+@needs_bf16
+def test_bf16_gemv_refuses_what_it_cannot_take():
+    with pytest.raises(RuntimeError, match="K % 32"):
+        torch.ops.zoofast_kernels.bf16_gemv(torch.zeros(1, 48, dtype=torch.bfloat16), torch.zeros(4, 48, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bf16 tensors"):
+        torch.ops.zoofast_kernels.bf16_gemv(torch.zeros(1, 64), torch.zeros(4, 64, dtype=torch.bfloat16))
+
+
+@torch.no_grad()
+def test_bf16_int4_model_decodes_through_the_kernel_compiled_as_eager(tmp_path):
+    path = tiny_int8(tmp_path).parent / "model.pth"
+    int4 = Q.quantize(path, "int4", 32, log=lambda *a: None)
+    model = gen.load_model(int4, "cpu", torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, Q.WeightOnlyInt4Linear)]
+    assert linears and all(m.vnni and m.weight.dim() == 3 for m in linears)
+    prompt = [[1, 5, 9, 200, 3]]
+    eager = gen.generate(model, prompt, 12, temperature=0)
+    assert gen.generate(model, prompt, 12, temperature=0, steps=gen.compile_steps("cpu")) == eager
+    fp32 = gen.load_model(int4, "cpu", torch.float32)   # dequantized into a float GEMM
+    ids = torch.tensor([[1, 5, 9, 200, 3, 7, 11, 13, 17, 19]])   # 10 rows: prefill's dequantize-then-GEMM
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(model(ids), fp32(ids)) < 0.03
+    model.setup_caches(1, 16)
+    fp32.setup_caches(1, 16)
+    pos = torch.tensor([[0]])
+    assert rel(model(ids[:, :1], pos), fp32(ids[:, :1], pos)) < 0.03   # decode: the kernel
+
+
+@torch.no_grad()
+def test_without_the_kernels_torch_runs_each_precision(tmp_path, monkeypatch):
+    """ZOOFAST_KERNELS=0 (or a CPU without VNNI): int8 and int4 run torch's weight-only kernels, bf16 oneDNN's."""
+    path = tiny_int8(tmp_path).parent / "model.pth"
+    int4 = Q.quantize(path, "int4", 32, log=lambda *a: None)
+    monkeypatch.setattr(kernels, "load", lambda kind="int": False)
+    ids = torch.tensor([[1, 5, 9, 200, 3]])
+    for p in (tmp_path / "model_int8.pth", int4):
+        model = gen.load_model(p, "cpu", torch.bfloat16)
+        assert not any(getattr(m, "vnni", False) for m in model.modules())
+        fp32 = gen.load_model(p, "cpu", torch.float32)
+        assert ((model(ids).float() - fp32(ids)).norm() / fp32(ids).norm()).item() < 0.03
+    import packed
+    model = gen.load_model(path, "cpu", torch.bfloat16)
+    assert not any(isinstance(m, packed.Bf16Linear) for m in model.modules())

@@ -1,29 +1,74 @@
-# CPU bf16 linears from oneDNN's blocked layout (packed.py): the same logits as nn.Linear, eager and compiled, with
-# one copy of the weights.
+# CPU bf16 linears (packed.py): kernels.cpp's GEMV on the checkpoint's own weights where the CPU has AVX512-BF16,
+# else oneDNN's blocked layout; each the same logits as nn.Linear (bit for bit where the same GEMM runs), eager and
+# compiled, with one copy of the weights.
 import shutil
 
 import pytest
 import torch
 
 import generate as gen
-from packed import PackedLinear, can_pack, file_mappings
+import kernels
+import packed
+from packed import Bf16Linear, PackedLinear, can_pack, file_mappings
 
-pytestmark = pytest.mark.skipif(not can_pack(torch.bfloat16), reason="this CPU has no native oneDNN bf16")
+IDS = torch.tensor([[1, 504, 3458, 282, 260, 4981, 2003, 28, 5076, 314, 253]])
 
 
-def test_packed_model_matches_plain(default_checkpoint):
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bf16_copy(default_checkpoint, tmp_path):
+    """The default model saved in bf16: run in bf16, it stays mmapped from the file."""
+    sd = torch.load(default_checkpoint / "model.pth", weights_only=True)
+    torch.save({k: v.to(torch.bfloat16) for k, v in sd.items()}, tmp_path / "model.pth")
+    shutil.copy(default_checkpoint / "config.json", tmp_path)
+    return (tmp_path / "model.pth").resolve()
+
+
+@pytest.mark.skipif(not kernels.load("bf16"), reason="no AVX512-BF16 CPU (or no g++): oneDNN's packed layout runs")
+@torch.no_grad()
+def test_bf16_linears_run_the_kernel_on_the_checkpoints_own_weights(default_checkpoint, tmp_path):
+    path = bf16_copy(default_checkpoint, tmp_path)
+    plain = gen.load_model(path, "cpu", torch.bfloat16, pack=False)
+    model = gen.load_model(path, "cpu", torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, Bf16Linear)]
+    assert len(linears) == 5 * model.config.n_layer + 1   # wqkv wo w1 w2 w3 in each layer, and the head
+    assert model.output.weight is model.tok_embeddings.weight   # the tied head is the embedding, not a copy
+    mapped = file_mappings()
+    assert all(any(a <= m.weight.data_ptr() < b for a, b in mapped) for m in linears)   # the file's pages, no copy
+    assert gen.weight_bytes_per_token(model) == gen.weight_bytes_per_token(plain)
+    torch.testing.assert_close(model(IDS), plain(IDS), atol=0, rtol=0)   # prefill: nn.Linear's own GEMM
+    # decode: the kernel sums in another order than oneDNN; over 30 layers bf16 logits wander from fp32's by 0.5-10%
+    # a token either way, so the kernel's model must stay as close to fp32 as nn.Linear's is, on average
+    fp32 = gen.load_model(path, "cpu", torch.float32, pack=False)
+    errors = {}
+    for m in (model, plain, fp32):
+        m.setup_caches(1, 32)
+        m(IDS[:, :3], torch.arange(3).view(1, -1))
+        errors[m] = [m(IDS[:, i: i + 1], torch.tensor([[i]])).float() for i in range(3, IDS.shape[1])]
+    mean_error = lambda m: sum(rel(a, b) for a, b in zip(errors[m], errors[fp32])) / len(errors[fp32])  # noqa: E731
+    assert mean_error(model) < 1.5 * mean_error(plain)
+    prompt = IDS[0].tolist()
+    eager = gen.generate(model, [prompt], 12, temperature=0)
+    assert eager == gen.generate(plain, [prompt], 12, temperature=0)
+    assert gen.generate(model, [prompt], 12, temperature=0, steps=gen.compile_steps("cpu")) == eager
+
+
+@pytest.mark.skipif(not can_pack(torch.bfloat16), reason="this CPU has no native oneDNN bf16")
+@torch.no_grad()
+def test_packed_model_matches_plain(default_checkpoint, monkeypatch):
+    monkeypatch.setattr(packed, "use_kernel", lambda linear: False)   # as on a CPU without kernels.cpp's bf16 GEMV
     path = default_checkpoint / "model.pth"
     plain = gen.load_model(path, "cpu", torch.bfloat16, pack=False)
-    packed = gen.load_model(path, "cpu", torch.bfloat16)
-    linears = [m for m in packed.modules() if isinstance(m, PackedLinear)]
-    assert len(linears) == 5 * packed.config.n_layer + 1   # wqkv wo w1 w2 w3 in each layer, and the head
-    assert not any(type(m) is torch.nn.Linear for m in packed.modules())
-    assert gen.weight_bytes_per_token(packed) == gen.weight_bytes_per_token(plain)
-    ids = torch.tensor([[1, 504, 3458, 282, 260, 4981, 2003, 28, 5076, 314, 253]])
-    with torch.no_grad():
-        torch.testing.assert_close(packed(ids), plain(ids), atol=0, rtol=0)   # the same oneDNN GEMM, bit for bit
-    prompt = ids[0].tolist()
-    assert gen.generate(packed, [prompt], 12, temperature=0) == gen.generate(plain, [prompt], 12, temperature=0)
+    model = gen.load_model(path, "cpu", torch.bfloat16)
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(linears) == 5 * model.config.n_layer + 1
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert gen.weight_bytes_per_token(model) == gen.weight_bytes_per_token(plain)
+    torch.testing.assert_close(model(IDS), plain(IDS), atol=0, rtol=0)   # the same oneDNN GEMM, bit for bit
+    prompt = IDS[0].tolist()
+    assert gen.generate(model, [prompt], 12, temperature=0) == gen.generate(plain, [prompt], 12, temperature=0)
 
 
 def resident_bytes_of(path) -> int:
@@ -38,21 +83,18 @@ def resident_bytes_of(path) -> int:
     return total
 
 
-def test_packed_frees_the_mmapped_originals(default_checkpoint, tmp_path):
+@pytest.mark.skipif(not can_pack(torch.bfloat16), reason="this CPU has no native oneDNN bf16")
+@torch.no_grad()
+def test_packed_frees_the_mmapped_originals(default_checkpoint, tmp_path, monkeypatch):
     """A bf16 checkpoint run in bf16 stays mmapped; the pages packing read are handed back, so what stays resident
     of the file is a small part of it, where an unpacked model keeps all of it."""
-    sd = torch.load(default_checkpoint / "model.pth", weights_only=True)
-    torch.save({k: v.to(torch.bfloat16) for k, v in sd.items()}, tmp_path / "model.pth")
-    shutil.copy(default_checkpoint / "config.json", tmp_path)
-    path = (tmp_path / "model.pth").resolve()
-    ids = torch.tensor([[1, 2, 3]])
+    monkeypatch.setattr(packed, "use_kernel", lambda linear: False)
+    path = bf16_copy(default_checkpoint, tmp_path)
     model = gen.load_model(path, "cpu", torch.bfloat16)
     assert file_mappings()
-    with torch.no_grad():
-        model(ids)
-    packed = resident_bytes_of(path)
+    model(IDS[:, :3])
+    in_packed = resident_bytes_of(path)
     del model
     plain = gen.load_model(path, "cpu", torch.bfloat16, pack=False)
-    with torch.no_grad():
-        plain(ids)   # reads every page of the file
-    assert packed < 0.05 * path.stat().st_size < 0.05 * resident_bytes_of(path) * 1.1
+    plain(IDS[:, :3])   # reads every page of the file
+    assert in_packed < 0.05 * path.stat().st_size < 0.05 * resident_bytes_of(path) * 1.1

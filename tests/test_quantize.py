@@ -116,8 +116,10 @@ def test_quantized_model_computes_its_dequantized_weights(family, mode, groupsiz
     kernels = gen.load_model(path, "cpu", torch.bfloat16)
     assert all(m.packed_in is not None for m in kernels.modules() if isinstance(m, Q.WeightOnlyInt4Linear))
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
-    # int8 below 65 rows also quantizes the activations to int8 (kernels.cpp, where the CPU has VNNI): ~1% more
-    bound = 0.05 if mode == "int8" else 0.03
+    # int8 below 65 rows and int4 below 9 also quantize the activations to int8 (kernels.cpp, where the CPU has
+    # VNNI): ~1-2% more on these tiny random models; without the kernels bf16 rounding alone stays within 3%
+    import kernels as K
+    bound = 0.05 if K.load() else 0.03
     assert rel(kernels(ids), reference(ids)) < bound
     kernels.setup_caches(2, 16)
     assert rel(kernels(ids[:, :1], torch.tensor([[3], [5]])), step) < bound
