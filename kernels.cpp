@@ -6,11 +6,12 @@
 // weight to float and multiplying: weight-only int8/int4 in float is compute-bound on two cores, this is bound by
 // memory.
 //
-//   int8:  weights w + 128 as uint8 [N, K] (vpdpbusd wants one unsigned operand), one fp32 scale per row:
+//   int8:  weights w + 128 as uint8 (vpdpbusd wants one unsigned operand), one fp32 scale per row, 16 rows
+//          interleaved so that each of a VNNI dot's 16 lanes is one output row (no horizontal sums): chunk c of row
+//          block r is 64 bytes, byte 4j + t = w[16r + j, 4c + t] + 128;
 //          y[n] = s[n] * (sum_b xs_b * dot_b(w + 128, xq) - 128 * sum_b xs_b * sum_b(xq))
-//   int4:  codes q in 0..15, w = (q - 8) s + z per group of g columns (tinygemm's convention), 16 rows
-//          interleaved so that each of a VNNI dot's 16 lanes is one output row: chunk c of row block r is 64 bytes,
-//          byte 4j + t = q[16r + j, 8c + t] | q[16r + j, 8c + 4 + t] << 4. A group's scales and offsets for 16 rows
+//   int4:  codes q in 0..15, w = (q - 8) s + z per group of g columns (tinygemm's convention), interleaved as int8:
+//          byte 4j + t of chunk c = q[16r + j, 8c + t] | q[16r + j, 8c + 4 + t] << 4. A group's scales and offsets for 16 rows
 //          are then one vector each (bf16, as the model holds them), and no row needs a horizontal sum:
 //          y[n] = sum_g (s_gn * sum_{b in g} xs_b * dot_b(q, xq) + (z_gn - 8 s_gn) * sum_{b in g} xs_b * sum_b(xq))
 //   bf16:  the checkpoint's own row-major [N, K] weights (nothing copied: mmapped pages serve it), AVX512-BF16's
@@ -55,10 +56,6 @@ float quantize_row(const float* x, int64_t K, int8_t* xq, float* lane_scale, flo
   return total;
 }
 
-struct Quantized {   // x [M, K] quantized, row by row
-  Tensor xq, lane_scale, block_sum, total;
-};
-
 // x's row m as fp32 into buf (K floats)
 void row_to_float(const Tensor& x, int64_t m, float* buf) {
   int64_t K = x.size(1);
@@ -76,68 +73,32 @@ void row_to_float(const Tensor& x, int64_t m, float* buf) {
   }
 }
 
-Quantized quantize(const Tensor& x) {
+struct Quantized {   // x [M, K] quantized, row by row
+  std::vector<int8_t> xq;
+  std::vector<float> lane_scale, block_sum, total, buf;
+};
+
+// this thread's buffers, reused from call to call (a decode step makes ~150 calls: no allocations)
+const Quantized& quantize(const Tensor& x) {
+  thread_local Quantized q;
   int64_t M = x.size(0), K = x.size(1);
-  Quantized q{at::empty({M, K}, at::kChar), at::empty({M, K / 4}, at::kFloat), at::empty({M, K / BLOCK}, at::kFloat),
-              at::empty({M}, at::kFloat)};
-  std::vector<float> buf(K);
+  q.xq.resize(M * K);
+  q.lane_scale.resize(M * K / 4);
+  q.block_sum.resize(M * K / BLOCK);
+  q.total.resize(M);
+  q.buf.resize(K);
   for (int64_t m = 0; m < M; m++) {
-    row_to_float(x, m, buf.data());
-    q.total.data_ptr<float>()[m] = quantize_row(buf.data(), K, q.xq.data_ptr<int8_t>() + m * K,
-                                                q.lane_scale.data_ptr<float>() + m * K / 4,
-                                                q.block_sum.data_ptr<float>() + m * K / BLOCK);
+    row_to_float(x, m, q.buf.data());
+    q.total[m] = quantize_row(q.buf.data(), K, q.xq.data() + m * K, q.lane_scale.data() + m * K / 4,
+                              q.block_sum.data() + m * K / BLOCK);
   }
   return q;
-}
-
-// y[i] = v in y's dtype (x's)
-inline void put(const Tensor& y, int64_t i, float v) {
-  if (y.scalar_type() == at::kFloat) y.data_ptr<float>()[i] = v;
-  else if (y.scalar_type() == at::kBFloat16) y.data_ptr<at::BFloat16>()[i] = at::BFloat16(v);
-  else y.data_ptr<at::Half>()[i] = at::Half(v);
 }
 
 void check_inputs(const Tensor& x, const Tensor& w) {
   TORCH_CHECK(w.is_contiguous() && x.is_contiguous() && x.device().is_cpu(), "zoofast gemv: contiguous CPU tensors");
   auto t = x.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "zoofast gemv: fp32, bf16 or fp16 x");
-}
-
-Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales) {
-  int64_t N = w.size(0), K = w.size(1), M = x.size(0);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && K % 64 == 0, "zoofast gemv: x must be [M, K], K % 64 == 0");
-  check_inputs(x, w);
-  Quantized q = quantize(x);
-  Tensor y = at::empty({M, N}, x.options());
-  const uint8_t* W = w.data_ptr<uint8_t>();
-  TORCH_CHECK(scales.scalar_type() == at::kFloat, "zoofast int8_gemv: fp32 scales");
-  const float* S = scales.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; n++) {
-      const uint8_t* row = W + n * K;
-      for (int64_t m = 0; m < M; m++) {
-        const int8_t* xq = q.xq.data_ptr<int8_t>() + m * K;
-        const float* ls = q.lane_scale.data_ptr<float>() + m * K / 4;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        int64_t k = 0;
-        for (; k + 128 <= K; k += 128) {
-          _mm_prefetch((const char*)(row + k + PREFETCH), _MM_HINT_T2);
-          _mm_prefetch((const char*)(row + k + PREFETCH + 64), _MM_HINT_T2);
-          __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(row + k), _mm512_loadu_si512(xq + k));
-          __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(row + k + 64), _mm512_loadu_si512(xq + k + 64));
-          acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_loadu_ps(ls + k / 4), acc0);
-          acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_loadu_ps(ls + k / 4 + 16), acc1);
-        }
-        if (k < K) {
-          __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(row + k), _mm512_loadu_si512(xq + k));
-          acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_loadu_ps(ls + k / 4), acc0);
-        }
-        float dot = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - 128.f * q.total.data_ptr<float>()[m];
-        put(y, m * N + n, S[n] * dot);
-      }
-    }
-  });
-  return y;
 }
 
 // 16 floats (the first `valid` of them) into y's row at column n, in y's dtype; bf16 rounded to nearest even
@@ -156,6 +117,44 @@ inline void put16(const Tensor& y, int64_t at, __m512 v, int64_t valid) {
   }
 }
 
+// w: [N16/16, K/4, 64] uint8, codes + 128, 16 rows interleaved (byte 4j + t of chunk c = row 16r + j, column
+// 4c + t); scales: [N16] fp32
+Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t n_out) {
+  int64_t M = x.size(0), K = x.size(1), blocks = w.size(0), N16 = blocks * 16;
+  TORCH_CHECK(x.dim() == 2 && K % BLOCK == 0, "zoofast int8_gemv: x must be [M, K], K % 32 == 0");
+  check_inputs(x, w);
+  TORCH_CHECK(w.dim() == 3 && w.size(1) * 4 == K && w.size(2) == 64 && n_out <= N16,
+              "zoofast int8_gemv: weight [N/16, K/4, 64] for x's K");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N16, "zoofast int8_gemv: fp32 scales [N16]");
+  const Quantized& q = quantize(x);
+  Tensor y = at::empty({M, n_out}, x.options());
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  const float* S = scales.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      const uint8_t* rows = W + r * (K / 4) * 64;
+      for (int64_t m = 0; m < M; m++) {
+        const int32_t* xq = (const int32_t*)(q.xq.data() + m * K);
+        const float* ls = q.lane_scale.data() + m * K / 4;   // a block's scale, 8 times
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < K / BLOCK; b++) {
+          const uint8_t* chunk = rows + b * 8 * 64;
+          __m512i d0 = _mm512_setzero_si512(), d1 = d0;
+          for (int c = 0; c < 8; c += 2) {
+            d0 = _mm512_dpbusd_epi32(d0, _mm512_loadu_si512(chunk + c * 64), _mm512_set1_epi32(xq[b * 8 + c]));
+            d1 = _mm512_dpbusd_epi32(d1, _mm512_loadu_si512(chunk + c * 64 + 64), _mm512_set1_epi32(xq[b * 8 + c + 1]));
+          }
+          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), _mm512_set1_ps(ls[b * 8]), acc);
+        }
+        __m512 total = _mm512_set1_ps(128.f * q.total[m]);   // the codes' + 128, taken back
+        put16(y, m * n_out + r * 16, _mm512_mul_ps(_mm512_sub_ps(acc, total), _mm512_loadu_ps(S + r * 16)),
+              n_out - r * 16);
+      }
+    }
+  });
+  return y;
+}
+
 // 16 bf16 values at p as fp32
 inline __m512 load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -170,7 +169,7 @@ Tensor int4_gemv(const Tensor& x, const Tensor& w, const Tensor& sz, int64_t gro
               "zoofast int4_gemv: weight [N/16, K/8, 64] for x's K");
   TORCH_CHECK(groupsize % BLOCK == 0 && K % groupsize == 0 && sz.size(0) == K / groupsize && sz.size(1) == 2 &&
               sz.scalar_type() == at::kBFloat16 && sz.is_contiguous(), "zoofast int4_gemv: bf16 sz [K/g, 2, N16]");
-  Quantized q = quantize(x);
+  const Quantized& q = quantize(x);
   Tensor y = at::empty({M, n_out}, x.options());
   const uint8_t* W = w.data_ptr<uint8_t>();
   const uint16_t* SZ = (const uint16_t*)sz.data_ptr<at::BFloat16>();
@@ -180,9 +179,9 @@ Tensor int4_gemv(const Tensor& x, const Tensor& w, const Tensor& sz, int64_t gro
     for (int64_t r = r0; r < r1; r++) {
       const uint8_t* rows = W + r * (K / 8) * 64;
       for (int64_t m = 0; m < M; m++) {
-        const int8_t* xq = q.xq.data_ptr<int8_t>() + m * K;
-        const float* bs = q.block_sum.data_ptr<float>() + m * K / BLOCK;
-        const float* ls = q.lane_scale.data_ptr<float>() + m * K / 4;   // a block's scale, 8 times
+        const int8_t* xq = q.xq.data() + m * K;
+        const float* bs = q.block_sum.data() + m * K / BLOCK;
+        const float* ls = q.lane_scale.data() + m * K / 4;   // a block's scale, 8 times
         __m512 out = _mm512_setzero_ps();
         for (int64_t g = 0; g < groups; g++) {
           __m512 gacc = _mm512_setzero_ps();
@@ -288,7 +287,7 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
 #define OPS zoofast_kernels   // another name lets a benchmark load two builds side by side
 #endif
 TORCH_LIBRARY(OPS, m) {
-  m.def("int8_gemv(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor w, Tensor scales, int n_out) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor w, Tensor sz, int groupsize, int n_out) -> Tensor");
   m.def("int4_dequantize(Tensor w, Tensor sz, int groupsize, int n_out, ScalarType dtype) -> Tensor");
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-GEMV_ROWS = 8   # inputs of up to this many rows (decode, a speculative verify, a small batch) run the GEMVs
+GEMV_ROWS = 8   # bf16 inputs of up to this many rows (decode, a verify, a small batch) run the bf16 GEMV: oneDNN's GEMM wins above
 FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
 
@@ -71,8 +71,8 @@ def available() -> bool:
 
 def _register_fakes():
     @torch.library.register_fake("zoofast_kernels::int8_gemv")
-    def _(x, w, scales):
-        return x.new_empty(x.shape[0], w.shape[0])
+    def _(x, w, scales, n_out):
+        return x.new_empty(x.shape[0], n_out)
 
     @torch.library.register_fake("zoofast_kernels::int4_gemv")
     def _(x, w, sz, groupsize, n_out):
@@ -99,9 +99,14 @@ def load(kind: str = "int") -> bool:
 
 # ---- the layout the kernel takes, from quantize.py's ---------------------------------------------------------
 
-def int8_layout(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [N, K] -> uint8 codes + 128 (vpdpbusd multiplies unsigned by signed bytes)."""
-    return (codes.to(torch.int16) + 128).to(torch.uint8)
+def int8_layout(codes: torch.Tensor, scales: torch.Tensor):
+    """int8 codes [N, K] and scales [N] -> (codes + 128 as uint8 [N16/16, K/4, 64], 16 rows interleaved, fp32 scales
+    [N16]): kernels.cpp's layout (vpdpbusd multiplies unsigned by signed bytes); N16 is N padded to 16."""
+    N, K = codes.shape
+    pad = -N % 16
+    c = torch.nn.functional.pad((codes.to(torch.int16) + 128).to(torch.uint8), (0, 0, 0, pad))
+    w = c.view(-1, 16, K // 4, 4).transpose(1, 2).reshape(-1, K // 4, 64).contiguous()
+    return w, torch.nn.functional.pad(scales.float(), (0, pad)).contiguous()
 
 
 def int4_layout(codes: torch.Tensor, scales_and_zeros: torch.Tensor):

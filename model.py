@@ -261,7 +261,11 @@ class Transformer(nn.Module):
             pos = input_pos if input_pos.dim() == 2 else input_pos.expand(B, T)
         else:
             pos = torch.arange(T, device=idx.device).expand(B, T)
-        keys = torch.arange(self.max_seq_length if cached else T, device=idx.device)
+        # a prefill chunk attends to the cache's filled part only (half the attention's time at 256 tokens); a decode
+        # step's graph keeps the whole cache (its length is part of the compiled graph), as does compiled prefill
+        S = T if not cached else self.max_seq_length if T == 1 or torch.compiler.is_compiling() else \
+            min(self.max_seq_length, int(pos.max()) + 1)
+        keys = torch.arange(S, device=idx.device)
         mask = keys <= pos.unsqueeze(-1)                       # [B, T, S]: causal by position
         if self.config.sliding_window is not None:
             mask = mask & (keys > pos.unsqueeze(-1) - self.config.sliding_window)
@@ -326,7 +330,7 @@ class Transformer(nn.Module):
 class Positions(NamedTuple):
     """Where a forward's tokens are, computed once (Transformer.positions) and read by every layer."""
     rope: Tensor                   # cos/sin [B, T, r/2, 2] (GLM's two: [B, T, 2, r/4, 2])
-    mask: Tensor                   # bool [B, 1, T, S], or an additive ALiBi bias [B, H, T, S]
+    mask: Tensor                   # bool [B, 1, T, S], or an additive ALiBi bias [B, H, T, S]; S: keys attended
     cache_pos: Optional[Tensor]    # [B, T]: where k and v go in the KV cache; None: a plain forward, no cache
     rows: Optional[Tensor]         # [B]: the cache rows (None: rows 0..B-1)
     q_scale: Optional[Tensor]      # Qwen's logn query scale [B, T, 1, 1], or None
@@ -386,6 +390,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # [B, H, T, D]
         if p.cache_pos is not None:
             k, v = self.kv_cache.update(p.cache_pos, k, v, p.rows)
+            S = mask.shape[-1]   # the positions attended: the cache's filled part (Transformer.positions)
+            k, v = k[:, :, :S], v[:, :, :S]
         if T == 1:
             y = attend_one(q, k, v, mask)
         else:

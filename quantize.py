@@ -52,24 +52,22 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.vnni = False   # weight holds codes + 128 as uint8 for kernels.cpp (pack())
+        self.vnni = False   # weight holds kernels.cpp's layout of the codes (pack())
 
     def pack(self):
-        """CPU bf16/fp16 where kernels.cpp builds: the codes into its layout, in place. fp32 keeps torch's exact
-        weight-only kernels (kernels.cpp quantizes the activations)."""
+        """CPU bf16/fp16 where kernels.cpp builds: the codes into its layout (+ 128, 16 rows interleaved). fp32 keeps
+        torch's exact weight-only kernels (kernels.cpp quantizes the activations)."""
         if (self.weight.device.type == "cpu" and self.scales.dtype != torch.float32
-                and self.in_features % 64 == 0 and kernels.load()):
-            self.weight, self.vnni = kernels.int8_layout(self.weight), True
-            self.fp32_scales = self.scales.float()   # the kernel's (scales stays in the model's dtype)
+                and self.in_features % 32 == 0 and kernels.load()):
+            self.weight, self.fp32_scales = kernels.int8_layout(self.weight, self.scales)   # scales: the model's dtype
+            self.vnni = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.vnni:
-            if few_rows(x):   # activations to int8 in blocks of 32, then one VNNI dot per 64 weights
-                y = torch.ops.zoofast_kernels.int8_gemv(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
-                                                        self.fp32_scales)
-                y = y.view(*x.shape[:-1], -1)
-            else:             # codes + 128 are exact in bf16 / fp16
-                y = F.linear(x, self.weight.to(x.dtype) - 128) * self.scales
+        if self.vnni:   # activations to int8 in blocks of 32, one VNNI dot per 64 weights: for prefill too, where
+            # 256 rows take what oneDNN's bf16 GEMM takes (each block of 16 weight rows meets every row from L1)
+            y = torch.ops.zoofast_kernels.int8_gemv(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
+                                                    self.fp32_scales, self.out_features)
+            y = y.view(*x.shape[:-1], -1)
         elif x.device.type == "cpu" and few_rows(x):   # torch's weight-only int8 GEMV
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
             y = y.view(*x.shape[:-1], -1)
@@ -190,10 +188,10 @@ class WeightOnlyInt4Linear(nn.Module):
         x = x.reshape(-1, shape[-1])
         if self.packed_in != shape[-1]:
             x = F.pad(x, (0, self.packed_in - shape[-1]))
-        if self.vnni and x.shape[0] <= kernels.GEMV_ROWS:   # activations to int8 in blocks of 32, VNNI dots on the nibbles
+        if self.vnni and few_rows(x):   # activations to int8 in blocks of 32, VNNI dots on the nibbles (to 64 rows)
             y = torch.ops.zoofast_kernels.int4_gemv(x.contiguous(), self.weight, self.scales_and_zeros,
                                                     self.groupsize, self.out_features)
-        elif self.vnni:                             # prefill: the weights to x's dtype, then oneDNN's GEMM
+        elif self.vnni:                 # longer prefill: the weights to x's dtype, then oneDNN's GEMM
             y = F.linear(x, torch.ops.zoofast_kernels.int4_dequantize(self.weight, self.scales_and_zeros,
                                                                       self.groupsize, self.out_features, x.dtype))
         elif x.device.type == "cuda":

@@ -43,14 +43,16 @@ def emulated_int4(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, g: int
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M, N, K", [(1, 48, 64), (3, 200, 576), (1, 1536, 576), (5, 576, 1536)])
+@pytest.mark.parametrize("M, N, K", [(1, 48, 64), (3, 200, 576), (1, 1536, 576), (5, 576, 1536), (2, 33, 96)])
 def test_int8_gemv_is_the_block_quantized_product(M, N, K, dtype):
     g = torch.Generator().manual_seed(N + K)
     w = torch.randn(N, K, generator=g) * 0.05
     x = (torch.randn(M, K, generator=g) * torch.linspace(0.1, 4, K)).to(dtype)   # uneven blocks, as activations
     x[0, :32] = 0                                                               # an all-zero block
     codes, scales = Q.quantize_int8(w)
-    y = torch.ops.zoofast_kernels.int8_gemv(x, kernels.int8_layout(codes), scales)
+    packed, packed_scales = kernels.int8_layout(codes, scales)
+    assert packed.shape == (-(-N // 16), K // 4, 64) and packed_scales.shape == (-(-N // 16) * 16,)
+    y = torch.ops.zoofast_kernels.int8_gemv(x, packed, packed_scales, N)
     assert y.dtype == dtype and y.shape == (M, N)
     ref = emulated(x, codes, scales)
     if dtype == torch.float32:
@@ -59,18 +61,18 @@ def test_int8_gemv_is_the_block_quantized_product(M, N, K, dtype):
         torch.testing.assert_close(y.double(), ref, rtol=8e-3, atol=8e-3 * ref.abs().max().item())
     exact = x.double() @ Q.dequantize_int8(codes, scales).double().t()
     assert ((y.double() - exact).norm() / exact.norm()).item() < 0.01   # int8 activations: under 1% off
-    rows = torch.cat([torch.ops.zoofast_kernels.int8_gemv(x[i: i + 1], kernels.int8_layout(codes), scales)
-                      for i in range(M)])
+    rows = torch.cat([torch.ops.zoofast_kernels.int8_gemv(x[i: i + 1], packed, packed_scales, N) for i in range(M)])
     assert torch.equal(y, rows)   # a batch row is computed as it would be alone
 
 
 def test_int8_gemv_refuses_what_it_cannot_take():
-    w = kernels.int8_layout(torch.zeros(8, 96, dtype=torch.int8))
-    with pytest.raises(RuntimeError, match="K % 64"):
-        torch.ops.zoofast_kernels.int8_gemv(torch.zeros(1, 96), w, torch.ones(8))
-    w = kernels.int8_layout(torch.zeros(8, 64, dtype=torch.int8))
+    w, s = kernels.int8_layout(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16))
+    with pytest.raises(RuntimeError, match="K % 32"):
+        torch.ops.zoofast_kernels.int8_gemv(torch.zeros(1, 48), w, s, 16)
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.zoofast_kernels.int8_gemv(torch.zeros(1, 96), w, s, 16)
     with pytest.raises(RuntimeError, match="fp32 scales"):
-        torch.ops.zoofast_kernels.int8_gemv(torch.zeros(1, 64), w, torch.ones(8, dtype=torch.bfloat16))
+        torch.ops.zoofast_kernels.int8_gemv(torch.zeros(1, 64), w, s.to(torch.bfloat16), 16)
 
 
 def tiny_int8(tmp_path):
@@ -86,7 +88,7 @@ def tiny_int8(tmp_path):
 def test_bf16_int8_model_decodes_through_the_kernel_compiled_as_eager(tmp_path):
     model = gen.load_model(tiny_int8(tmp_path), "cpu", torch.bfloat16)
     linears = [m for m in model.modules() if isinstance(m, Q.WeightOnlyInt8Linear)]
-    assert linears and all(m.vnni and m.weight.dtype == torch.uint8 for m in linears)
+    assert linears and all(m.vnni and m.weight.dtype == torch.uint8 and m.weight.dim() == 3 for m in linears)
     prompt = [[1, 5, 9, 200, 3]]
     eager = gen.generate(model, prompt, 12, temperature=0)
     assert gen.generate(model, prompt, 12, temperature=0, steps=gen.compile_steps("cpu")) == eager
@@ -197,9 +199,11 @@ def test_bf16_int4_model_decodes_through_the_kernel_compiled_as_eager(tmp_path):
     eager = gen.generate(model, prompt, 12, temperature=0)
     assert gen.generate(model, prompt, 12, temperature=0, steps=gen.compile_steps("cpu")) == eager
     fp32 = gen.load_model(int4, "cpu", torch.float32)   # dequantized into a float GEMM
-    ids = torch.tensor([[1, 5, 9, 200, 3, 7, 11, 13, 17, 19]])   # 10 rows: prefill's dequantize-then-GEMM
+    ids = torch.tensor([[1, 5, 9, 200, 3, 7, 11, 13, 17, 19]])
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(model(ids), fp32(ids)) < 0.03
+    long = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))   # 80 rows: dequantize + GEMM
+    assert rel(model(long), fp32(long)) < 0.03
     model.setup_caches(1, 16)
     fp32.setup_caches(1, 16)
     pos = torch.tensor([[0]])
