@@ -1,6 +1,6 @@
-# CPU bf16/fp16 linears. Where kernels.cpp builds with AVX512-BF16, a bf16 linear keeps the checkpoint's own
+# CPU bf16/fp16 linears. Where cpu_kernels.cpp builds with AVX512-BF16, a bf16 linear keeps the checkpoint's own
 # row-major weight (mmapped, nothing copied; a tied head is the embedding itself) and its decode GEMVs run through
-# kernels.cpp's bf16 GEMV (vdpbf16ps), prefill's GEMMs through oneDNN as nn.Linear does (as fast from this layout
+# cpu_kernels.cpp's bf16 GEMV (vdpbf16ps), prefill's GEMMs through oneDNN as nn.Linear does (as fast from this layout
 # as from a packed one at 256 rows). Elsewhere (fp16, or no kernel) each weight is reordered once into oneDNN's
 # blocked layout, which reads a 7B model's GEMVs at 24 GB/s against 17 GB/s from row-major, and the original is
 # freed: eager prefill and every compiled graph share that one copy. Inductor's freezing reaches the same kernels
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels
+import cpu_kernels
 
 # Dynamo cannot trace oneDNN's opaque tensors, so a graph takes a packed weight's key, not the weight
 _weights: dict = {}
@@ -66,7 +66,7 @@ class PackedLinear(nn.Module):
 
 
 class Bf16Linear(nn.Module):
-    """nn.Linear's own weight, decode through kernels.cpp's bf16 GEMV."""
+    """nn.Linear's own weight, decode through cpu_kernels.cpp's bf16 GEMV."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -75,19 +75,19 @@ class Bf16Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if rows > kernels.GEMV_ROWS:
+        if rows > cpu_kernels.GEMV_ROWS:
             return F.linear(x, self.weight, self.bias)
         y = torch.ops.zoofast_kernels.bf16_gemv(x.reshape(rows, self.in_features).contiguous(), self.weight)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernels.cpp bf16 GEMV"
+        return f"in_features={self.in_features}, out_features={self.out_features}, cpu_kernels.cpp bf16 GEMV"
 
 
 def use_kernel(linear: nn.Linear) -> bool:
     return (linear.weight.dtype == torch.bfloat16 and linear.weight.is_contiguous() and linear.in_features % 32 == 0
-            and kernels.load("bf16"))
+            and cpu_kernels.load("bf16"))
 
 
 def can_pack(dtype) -> bool:
@@ -99,7 +99,7 @@ def can_pack(dtype) -> bool:
 
 
 def pack_linears(model: nn.Module) -> nn.Module:
-    """Swap every CPU bf16 nn.Linear for a Bf16Linear where kernels.cpp serves it; else every CPU bf16/fp16 one
+    """Swap every CPU bf16 nn.Linear for a Bf16Linear where cpu_kernels.cpp serves it; else every CPU bf16/fp16 one
     for a PackedLinear, one at a time, handing each original's pages back (the peak is one weight over the model).
     A head tied to the embedding is packed too: the embedding keeps the plain layout for its row lookups, and when
     it is mmapped from the checkpoint (bf16 run in bf16) only the rows looked up are ever resident."""

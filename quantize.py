@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import cli
-import kernels
+import cpu_kernels
 from model import ModelArgs, MOEFeedForward, Transformer
 
 MODES = ("int8", "int4", "int4-gptq")
@@ -52,14 +52,14 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self.vnni = False   # weight holds kernels.cpp's layout of the codes (pack())
+        self.vnni = False   # weight holds cpu_kernels.cpp's layout of the codes (pack())
 
     def pack(self):
-        """CPU bf16/fp16 where kernels.cpp builds: the codes into its layout (+ 128, 16 rows interleaved). fp32 keeps
-        torch's exact weight-only kernels (kernels.cpp quantizes the activations)."""
+        """CPU bf16/fp16 where cpu_kernels.cpp builds: the codes into its layout (+ 128, 16 rows interleaved). fp32 keeps
+        torch's exact weight-only kernels (cpu_kernels.cpp quantizes the activations)."""
         if (self.weight.device.type == "cpu" and self.scales.dtype != torch.float32
-                and self.in_features % 32 == 0 and kernels.load()):
-            self.weight, self.fp32_scales = kernels.int8_layout(self.weight, self.scales)   # scales: the model's dtype
+                and self.in_features % 32 == 0 and cpu_kernels.load()):
+            self.weight, self.fp32_scales = cpu_kernels.int8_layout(self.weight, self.scales)   # scales: the model's dtype
             self.vnni = True
 
     def forward(self, x: Tensor) -> Tensor:
@@ -149,11 +149,11 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(self.padded_in // groupsize, out_features, 2))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed_for, self.packed_in = None, None
-        self.vnni = False   # weight and scales_and_zeros in kernels.cpp's layout (pack())
+        self.vnni = False   # weight and scales_and_zeros in cpu_kernels.cpp's layout (pack())
 
     def pack(self):
         """Portable layout -> the device's packed layout, padding N and K with zero groups where its kernel
-        needs (those rows and columns contribute exactly 0). CPU bf16/fp16 where kernels.cpp builds: its
+        needs (those rows and columns contribute exactly 0). CPU bf16/fp16 where cpu_kernels.cpp builds: its
         interleaved layout (VNNI decode GEMV, dequantize-then-GEMM prefill)."""
         device = self.weight.device
         if device.type == "cpu" and self.scales_and_zeros.dtype == torch.float32:   # fp32 kernel: scalar loops
@@ -161,8 +161,8 @@ class WeightOnlyInt4Linear(nn.Module):
             return
         codes = unpack_nibbles(self.weight)
         sz = self.scales_and_zeros
-        if device.type == "cpu" and kernels.load():
-            self.weight, self.scales_and_zeros = kernels.int4_layout(codes, sz)
+        if device.type == "cpu" and cpu_kernels.load():
+            self.weight, self.scales_and_zeros = cpu_kernels.int4_layout(codes, sz)
             self.packed_for, self.packed_in, self.vnni = "cpu", codes.shape[1], True
             return
         k_multiple = 128 if device.type == "cuda" else self.groupsize   # tinygemm: K % (innerKTiles * 16)
@@ -239,7 +239,7 @@ def swap_modules(model: Transformer, state_dict: dict, record: dict):
 
 
 def pack_for_device(model: nn.Module):
-    """Each int8 linear into kernels.cpp's layout where it serves (CPU bf16/fp16), each int4 linear into its device's layout, the checkpoint's pages of the portable one handed back as it goes
+    """Each int8 linear into cpu_kernels.cpp's layout where it serves (CPU bf16/fp16), each int4 linear into its device's layout, the checkpoint's pages of the portable one handed back as it goes
     (they would stay resident beside the packed copy: 2.3x the weights at 1.5B)."""
     from packed import file_mappings, release
     mapped = file_mappings()

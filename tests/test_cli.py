@@ -361,3 +361,12 @@ def test_ctrl_c_while_converting_leaves_the_folder_as_it_was(tmp_path, monkeypat
         assert e.value.code == 130
         assert folder_state(ckpt) == before
     assert not (tmp_path / "new").exists()   # a folder the converter made is gone again
+
+
+def test_no_script_shadows_an_installed_package():
+    """Our flat scripts sit first on sys.path: one named like an installed package (transformers imports the `kernels`
+    package from the hub, which a kernels.py of ours once shadowed) would break that package for every run here."""
+    import importlib.metadata
+    ours = {p.stem for p in REPO.glob("*.py")}
+    installed = set(importlib.metadata.packages_distributions())
+    assert "transformers" in installed and not ours & installed, ours & installed

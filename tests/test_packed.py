@@ -1,4 +1,4 @@
-# CPU bf16 linears (packed.py): kernels.cpp's GEMV on the checkpoint's own weights where the CPU has AVX512-BF16,
+# CPU bf16 linears (packed.py): cpu_kernels.cpp's GEMV on the checkpoint's own weights where the CPU has AVX512-BF16,
 # else oneDNN's blocked layout; each the same logits as nn.Linear (bit for bit where the same GEMM runs), eager and
 # compiled, with one copy of the weights.
 import shutil
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import generate as gen
-import kernels
+import cpu_kernels as kernels
 import packed
 from packed import Bf16Linear, PackedLinear, can_pack, file_mappings
 
@@ -59,7 +59,7 @@ def test_bf16_linears_run_the_kernel_on_the_checkpoints_own_weights(default_chec
 @pytest.mark.skipif(not can_pack(torch.bfloat16), reason="this CPU has no native oneDNN bf16")
 @torch.no_grad()
 def test_packed_model_matches_plain(default_checkpoint, monkeypatch):
-    monkeypatch.setattr(packed, "use_kernel", lambda linear: False)   # as on a CPU without kernels.cpp's bf16 GEMV
+    monkeypatch.setattr(packed, "use_kernel", lambda linear: False)   # as on a CPU without cpu_kernels.cpp's bf16 GEMV
     path = default_checkpoint / "model.pth"
     plain = gen.load_model(path, "cpu", torch.bfloat16, pack=False)
     model = gen.load_model(path, "cpu", torch.bfloat16)

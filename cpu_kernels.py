@@ -1,4 +1,4 @@
-# kernels.cpp built for this machine, once: the int8 and int4 decode GEMVs with activations quantized on the fly
+# cpu_kernels.cpp built for this machine, once: the int8 and int4 decode GEMVs with activations quantized on the fly
 # (llama.cpp's VNNI trick), and the bf16 one. Built with the system's g++ against the installed torch into
 # ~/.cache/zoofast (about 15 s the first time), loaded from there after. available() is False where the CPU lacks
 # AVX512-VNNI, g++ is missing, the build fails (one line says why) or ZOOFAST_KERNELS=0: linears then use torch's
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 GEMV_ROWS = 8   # bf16 inputs of up to this many rows (decode, a verify, a small batch) run the bf16 GEMV: oneDNN's GEMM wins above
 FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
@@ -32,7 +32,7 @@ def cache_dir() -> Path:
 
 
 def build(out: Path):
-    """g++ kernels.cpp -> out, through a temporary file renamed into place (a killed build leaves nothing)."""
+    """g++ cpu_kernels.cpp -> out, through a temporary file renamed into place (a killed build leaves nothing)."""
     torch_dir = Path(torch.__file__).parent
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -57,14 +57,14 @@ def available() -> bool:
     if os.environ.get("ZOOFAST_KERNELS", "1") == "0" or not CPU_FLAGS <= cpu_flags():
         return False
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *FLAGS]).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"kernels-{key}.so"
+    lib = cache_dir() / f"cpu_kernels-{key}.so"
     try:
         if not lib.exists():
             print(f"building the CPU kernels into {lib.parent} (once) ...", file=sys.stderr, flush=True)
             build(lib)
         torch.ops.load_library(str(lib))
     except (OSError, RuntimeError) as e:
-        print(f"note: torch's own kernels (kernels.cpp did not build: {e})", file=sys.stderr, flush=True)
+        print(f"note: torch's own kernels (cpu_kernels.cpp did not build: {e})", file=sys.stderr, flush=True)
         return False
     return True
 
@@ -101,7 +101,7 @@ def load(kind: str = "int") -> bool:
 
 def int8_layout(codes: torch.Tensor, scales: torch.Tensor):
     """int8 codes [N, K] and scales [N] -> (codes + 128 as uint8 [N16/16, K/4, 64], 16 rows interleaved, fp32 scales
-    [N16]): kernels.cpp's layout (vpdpbusd multiplies unsigned by signed bytes); N16 is N padded to 16."""
+    [N16]): cpu_cpu_kernels.cpp's layout (vpdpbusd multiplies unsigned by signed bytes); N16 is N padded to 16."""
     N, K = codes.shape
     pad = -N % 16
     c = torch.nn.functional.pad((codes.to(torch.int16) + 128).to(torch.uint8), (0, 0, 0, pad))
@@ -111,7 +111,7 @@ def int8_layout(codes: torch.Tensor, scales: torch.Tensor):
 
 def int4_layout(codes: torch.Tensor, scales_and_zeros: torch.Tensor):
     """codes [N, K] in 0..15 (K a multiple of the group size) and scales_and_zeros [K/g, N, 2] (w = (q - 8) s + z)
-    -> (w [N16/16, K/8, 64] uint8 in kernels.cpp's interleaved layout, sz [K/g, 2, N16] bf16 scales and zeros);
+    -> (w [N16/16, K/8, 64] uint8 in cpu_kernels.cpp's interleaved layout, sz [K/g, 2, N16] bf16 scales and zeros);
     N16 is N padded to 16 with zero rows."""
     N, K = codes.shape
     pad = -N % 16

@@ -1,4 +1,4 @@
-"""kernels.cpp's decode GEMVs (int8, int4, bf16): what each computes (int8/int4: activations quantized in blocks of 32,
+"""cpu_kernels.cpp's decode GEMVs (int8, int4, bf16): what each computes (int8/int4: activations quantized in blocks of 32,
 emulated here in torch), how close that stays to the float product, batched rows equal rows alone, compiled equals
 eager, and the fallback when it cannot be built. Skipped where the CPU has no AVX512-VNNI (then torch's kernels run,
 tested elsewhere); the bf16 GEMV's tests also where it has no AVX512-BF16."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import generate as gen
-import kernels
+import cpu_kernels as kernels
 import quantize as Q
 from model import ModelArgs, Transformer
 
@@ -110,7 +110,7 @@ def test_a_failed_build_is_one_line_and_falls_back(monkeypatch, tmp_path, capsys
     try:
         assert kernels.available() is False
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1] == "note: torch's own kernels (kernels.cpp did not build: g++: not found)"
+        assert err[-1] == "note: torch's own kernels (cpu_kernels.cpp did not build: g++: not found)"
         assert not list(tmp_path.rglob("*.so"))
     finally:
         monkeypatch.undo()

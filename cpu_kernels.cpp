@@ -1,4 +1,4 @@
-// The CPU decode GEMVs (a few rows of activations against a whole weight matrix), AVX-512. kernels.py builds this once
+// The CPU decode GEMVs (a few rows of activations against a whole weight matrix), AVX-512. cpu_kernels.py builds this once
 // per machine and torch version; quantize.py routes int8 and int4 linears here, packed.py bf16 ones.
 //
 // llama.cpp's trick for int8 and int4: the activations are quantized on the fly to int8 in blocks of 32 (one fp32
@@ -266,7 +266,7 @@ void bf16_rows(const uint16_t* X, const uint16_t* W, uint16_t* Y, int64_t M, int
   }
 }
 
-// y[m, n] = x[m] . w[n]; kernels.py calls it only where the CPU has AVX512-BF16
+// y[m, n] = x[m] . w[n]; cpu_kernels.py calls it only where the CPU has AVX512-BF16
 Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
   int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == K && K % 32 == 0,
