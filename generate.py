@@ -45,7 +45,7 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
         pack_for_device(model)  # int4: the portable layout on disk -> this device's packed layout
     if pack:
         from packed import pack_linears
-        pack_linears(model)     # CPU bf16/fp16: oneDNN's blocked layout, one copy for eager and compiled alike
+        pack_linears(model)     # CPU bf16: cpu_kernels.cpp on the mmapped weights, else oneDNN's blocked layout
     return model.eval()
 
 
