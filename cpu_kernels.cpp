@@ -117,6 +117,34 @@ inline void put16(const Tensor& y, int64_t at, __m512 v, int64_t valid) {
   }
 }
 
+// One block of 16 weight rows (r) against MT rows of x (m0...): each block of 32 columns is loaded once and meets
+// every one of the MT rows
+template <int MT>
+void int8_tile(const Quantized& q, const uint8_t* rows, const float* S, int64_t K, int64_t r, int64_t m0,
+               const Tensor& y, int64_t n_out) {
+  __m512 acc[MT];
+  for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / BLOCK; b++) {
+    __m512i v[8];
+    for (int c = 0; c < 8; c++) v[c] = _mm512_loadu_si512(rows + (b * 8 + c) * 64);
+    for (int i = 0; i < MT; i++) {
+      const int32_t* xq = (const int32_t*)(q.xq.data() + (m0 + i) * K) + b * 8;
+      __m512i d0 = _mm512_setzero_si512(), d1 = d0;
+      for (int c = 0; c < 8; c += 2) {
+        d0 = _mm512_dpbusd_epi32(d0, v[c], _mm512_set1_epi32(xq[c]));
+        d1 = _mm512_dpbusd_epi32(d1, v[c + 1], _mm512_set1_epi32(xq[c + 1]));
+      }
+      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)),
+                               _mm512_set1_ps(q.lane_scale[(m0 + i) * K / 4 + b * 8]), acc[i]);
+    }
+  }
+  for (int i = 0; i < MT; i++) {
+    __m512 total = _mm512_set1_ps(128.f * q.total[m0 + i]);   // the codes' + 128, taken back
+    put16(y, (m0 + i) * n_out + r * 16, _mm512_mul_ps(_mm512_sub_ps(acc[i], total), _mm512_loadu_ps(S + r * 16)),
+          n_out - r * 16);
+  }
+}
+
 // w: [N16/16, K/4, 64] uint8, codes + 128, 16 rows interleaved (byte 4j + t of chunk c = row 16r + j, column
 // 4c + t); scales: [N16] fp32
 Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t n_out) {
@@ -133,22 +161,12 @@ Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t
   at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
       const uint8_t* rows = W + r * (K / 4) * 64;
-      for (int64_t m = 0; m < M; m++) {
-        const int32_t* xq = (const int32_t*)(q.xq.data() + m * K);
-        const float* ls = q.lane_scale.data() + m * K / 4;   // a block's scale, 8 times
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t b = 0; b < K / BLOCK; b++) {
-          const uint8_t* chunk = rows + b * 8 * 64;
-          __m512i d0 = _mm512_setzero_si512(), d1 = d0;
-          for (int c = 0; c < 8; c += 2) {
-            d0 = _mm512_dpbusd_epi32(d0, _mm512_loadu_si512(chunk + c * 64), _mm512_set1_epi32(xq[b * 8 + c]));
-            d1 = _mm512_dpbusd_epi32(d1, _mm512_loadu_si512(chunk + c * 64 + 64), _mm512_set1_epi32(xq[b * 8 + c + 1]));
-          }
-          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), _mm512_set1_ps(ls[b * 8]), acc);
-        }
-        __m512 total = _mm512_set1_ps(128.f * q.total[m]);   // the codes' + 128, taken back
-        put16(y, m * n_out + r * 16, _mm512_mul_ps(_mm512_sub_ps(acc, total), _mm512_loadu_ps(S + r * 16)),
-              n_out - r * 16);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) int8_tile<4>(q, rows, S, K, r, m, y, n_out);
+      switch (M - m) {
+        case 3: int8_tile<3>(q, rows, S, K, r, m, y, n_out); break;
+        case 2: int8_tile<2>(q, rows, S, K, r, m, y, n_out); break;
+        case 1: int8_tile<1>(q, rows, S, K, r, m, y, n_out); break;
       }
     }
   });
@@ -158,6 +176,47 @@ Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t
 // 16 bf16 values at p as fp32
 inline __m512 load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// One block of 16 weight rows (r) against MT rows of x (m0...): each block of 32 columns is unpacked once and meets
+// every one of the MT rows (high nibbles as v & 0xF0, i.e. 16 q, shifted back once a block)
+template <int MT>
+void int4_tile(const Quantized& q, const uint8_t* rows, const uint16_t* SZ, int64_t N16, int64_t K, int64_t groupsize,
+               int64_t r, int64_t m0, const Tensor& y, int64_t n_out) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const int64_t per_group = groupsize / BLOCK;
+  __m512 out[MT];
+  for (int i = 0; i < MT; i++) out[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < K / groupsize; g++) {
+    __m512 gacc[MT];
+    float xsum[MT];
+    for (int i = 0; i < MT; i++) gacc[i] = _mm512_setzero_ps(), xsum[i] = 0;
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) {
+      __m512i lo[4], hi[4];
+      for (int c = 0; c < 4; c++) {
+        __m512i v = _mm512_loadu_si512(rows + (b * 4 + c) * 64);
+        lo[c] = _mm512_and_si512(v, low);
+        hi[c] = _mm512_andnot_si512(low, v);
+      }
+      for (int i = 0; i < MT; i++) {
+        const int64_t m = m0 + i;
+        const int32_t* xb = (const int32_t*)(q.xq.data() + m * K + b * BLOCK);
+        __m512i L = _mm512_setzero_si512(), H = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+          L = _mm512_dpbusd_epi32(L, lo[c], _mm512_set1_epi32(xb[2 * c]));
+          H = _mm512_dpbusd_epi32(H, hi[c], _mm512_set1_epi32(xb[2 * c + 1]));
+        }
+        __m512i sum = _mm512_add_epi32(L, _mm512_srai_epi32(H, 4));
+        gacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(q.lane_scale[m * K / 4 + b * 8]), gacc[i]);
+        xsum[i] += q.block_sum[m * K / BLOCK + b];
+      }
+    }
+    const uint16_t* p = SZ + (g * 2) * N16 + r * 16;
+    __m512 s = load_bf16(p), z8 = _mm512_fmadd_ps(s, _mm512_set1_ps(-8.f), load_bf16(p + N16));   // z - 8 s
+    for (int i = 0; i < MT; i++)
+      out[i] = _mm512_fmadd_ps(z8, _mm512_set1_ps(xsum[i]), _mm512_fmadd_ps(gacc[i], s, out[i]));
+  }
+  for (int i = 0; i < MT; i++) put16(y, (m0 + i) * n_out + r * 16, out[i], n_out - r * 16);
 }
 
 // w: [N16/16, K/8, 64] uint8 (the layout above); sz: [K/g, 2, N16] bf16 scales and zeros, w = (q - 8) s + z
@@ -173,72 +232,19 @@ Tensor int4_gemv(const Tensor& x, const Tensor& w, const Tensor& sz, int64_t gro
   Tensor y = at::empty({M, n_out}, x.options());
   const uint8_t* W = w.data_ptr<uint8_t>();
   const uint16_t* SZ = (const uint16_t*)sz.data_ptr<at::BFloat16>();
-  const int64_t per_group = groupsize / BLOCK, groups = K / groupsize;
   at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
-    const __m512i low = _mm512_set1_epi8(0x0F);
     for (int64_t r = r0; r < r1; r++) {
       const uint8_t* rows = W + r * (K / 8) * 64;
-      for (int64_t m = 0; m < M; m++) {
-        const int8_t* xq = q.xq.data() + m * K;
-        const float* bs = q.block_sum.data() + m * K / BLOCK;
-        const float* ls = q.lane_scale.data() + m * K / 4;   // a block's scale, 8 times
-        __m512 out = _mm512_setzero_ps();
-        for (int64_t g = 0; g < groups; g++) {
-          __m512 gacc = _mm512_setzero_ps();
-          float xsum = 0;
-          for (int64_t b = g * per_group; b < (g + 1) * per_group; b++) {
-            const uint8_t* chunk = rows + b * 4 * 64;
-            const int32_t* xb = (const int32_t*)(xq + b * BLOCK);
-            // high nibbles as v & 0xF0 (16 q), shifted back once a block: 8 ANDs and 8 dots for 512 weights
-            __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
-            for (int c = 0; c < 4; c++) {
-              __m512i v = _mm512_loadu_si512(chunk + c * 64);
-              lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(v, low), _mm512_set1_epi32(xb[2 * c]));
-              hi = _mm512_dpbusd_epi32(hi, _mm512_andnot_si512(low, v), _mm512_set1_epi32(xb[2 * c + 1]));
-            }
-            __m512i sum = _mm512_add_epi32(lo, _mm512_srai_epi32(hi, 4));
-            gacc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(ls[b * 8]), gacc);
-            xsum += bs[b];
-          }
-          const uint16_t* p = SZ + (g * 2) * N16 + r * 16;
-          __m512 s = load_bf16(p), z = load_bf16(p + N16);
-          out = _mm512_fmadd_ps(gacc, s, out);                                               // s * sum q x
-          out = _mm512_fmadd_ps(_mm512_fmadd_ps(s, _mm512_set1_ps(-8.f), z), _mm512_set1_ps(xsum), out);  // + (z - 8 s) sum x
-        }
-        put16(y, m * n_out + r * 16, out, n_out - r * 16);
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) int4_tile<4>(q, rows, SZ, N16, K, groupsize, r, m, y, n_out);
+      switch (M - m) {
+        case 3: int4_tile<3>(q, rows, SZ, N16, K, groupsize, r, m, y, n_out); break;
+        case 2: int4_tile<2>(q, rows, SZ, N16, K, groupsize, r, m, y, n_out); break;
+        case 1: int4_tile<1>(q, rows, SZ, N16, K, groupsize, r, m, y, n_out); break;
       }
     }
   });
   return y;
-}
-
-// the int4 layout back to dense [n_out, K] weights in dtype: prefill's GEMM runs on them
-Tensor int4_dequantize(const Tensor& w, const Tensor& sz, int64_t groupsize, int64_t n_out, at::ScalarType dtype) {
-  int64_t blocks = w.size(0), K = w.size(1) * 8, N16 = sz.size(2);
-  TORCH_CHECK(w.is_contiguous() && sz.is_contiguous() && sz.scalar_type() == at::kBFloat16 && N16 == blocks * 16 &&
-              K % groupsize == 0 && sz.size(0) == K / groupsize, "zoofast int4_dequantize: bad layout");
-  Tensor out = at::empty({n_out, K}, at::TensorOptions().dtype(dtype));
-  const uint8_t* W = w.data_ptr<uint8_t>();
-  const at::BFloat16* SZ = sz.data_ptr<at::BFloat16>();
-  at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(K);
-    for (int64_t r = r0; r < r1; r++) {
-      for (int64_t j = 0; j < 16 && r * 16 + j < n_out; j++) {
-        int64_t n = r * 16 + j;
-        for (int64_t c = 0; c < K / 8; c++) {
-          const uint8_t* bytes = W + (r * (K / 8) + c) * 64 + 4 * j;
-          const at::BFloat16* p = SZ + (8 * c / groupsize) * 2 * N16 + n;
-          float s = p[0], m = (float)p[N16] - 8 * s;
-          for (int t = 0; t < 4; t++) {
-            row[8 * c + t] = (bytes[t] & 15) * s + m;
-            row[8 * c + 4 + t] = (bytes[t] >> 4) * s + m;
-          }
-        }
-        for (int64_t k = 0; k < K; k += 16) put16(out, n * K + k, _mm512_loadu_ps(row.data() + k), 16);
-      }
-    }
-  });
-  return out;
 }
 
 // rows n0..n1-1 of y = x w^T for bf16 x [M, K] and row-major bf16 w [N, K], a row at a time: one sequential stream
@@ -289,13 +295,11 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
 TORCH_LIBRARY(OPS, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scales, int n_out) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor w, Tensor sz, int groupsize, int n_out) -> Tensor");
-  m.def("int4_dequantize(Tensor w, Tensor sz, int groupsize, int n_out, ScalarType dtype) -> Tensor");
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(OPS, CPU, m) {
   m.impl("int8_gemv", int8_gemv);
   m.impl("int4_gemv", int4_gemv);
-  m.impl("int4_dequantize", int4_dequantize);
   m.impl("bf16_gemv", bf16_gemv);
 }

@@ -78,10 +78,6 @@ def _register_fakes():
     def _(x, w, sz, groupsize, n_out):
         return x.new_empty(x.shape[0], n_out)
 
-    @torch.library.register_fake("zoofast_kernels::int4_dequantize")
-    def _(w, sz, groupsize, n_out, dtype):
-        return w.new_empty(n_out, w.shape[1] * 8, dtype=dtype)
-
     @torch.library.register_fake("zoofast_kernels::bf16_gemv")
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])

@@ -127,7 +127,8 @@ def sample_with_probs(logits, temperature=0.0, top_k=None, top_p=None, vocab_siz
     top_p and generator may each be a list of one per row (temperatures then > 0): the server's slots in one pass."""
     logits = logits[..., :vocab_size]
     if not isinstance(temperature, list) and temperature <= 0:   # no fp32 copy of [B, V]: argmax is exact in bf16
-        return torch.argmax(logits, dim=-1, keepdim=True).to(dtype=torch.int), logits
+        # max's index is argmax's (the first maximum) at a quarter of its time on CPU (49152 bf16 logits: 50 us, 190)
+        return logits.max(dim=-1, keepdim=True).indices.to(dtype=torch.int), logits
     probs = logits_to_probs(logits.float(), temperature, top_k, top_p)
     return multinomial_sample_one_no_sync(probs, generator), probs
 

