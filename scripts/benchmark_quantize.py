@@ -1,17 +1,21 @@
-# Quantized modes on the default model: perplexity on the shipped held-out text, and compiled decode speed
-# next to our bf16 and to llama.cpp on the same GGUF (when llama-cpp-python is installed: pip install
-# llama-cpp-python). Speed variants run in interleaved rounds; medians are reported. Writes a markdown table.
-#   python scripts/benchmark_quantize.py [--rounds 3] [--tokens 128] [--out benchmarks/quantize.md]
+# Quantized modes on the default model: perplexity on the shipped held-out text, and compiled decode and prefill
+# speed next to our bf16 and to llama.cpp on the same GGUF (requantized to BF16, Q8_0, Q4_0 by llama-quantize), each
+# variant in its own process (torch and llama.cpp in one process crash: two OpenMP runtimes; benchmark_scale.py's
+# runners). Speed variants run in interleaved rounds; medians are reported. Writes a markdown table.
+#   python scripts/benchmark_quantize.py [--rounds 3] [--tokens 128] [--prefill 256] [--llama_cpp LLAMA_CPP_DIR]
+#       [--out benchmarks/quantize.md]
 # Quantize first: quantize.py --mode int8; --mode int4 --groupsize 32|128; --mode int4-gptq --groupsize 32|128
+# LLAMA_CPP_DIR: llama.cpp's source tree with build/bin/llama-bench and llama-quantize built (never committed here).
 import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import PROMPT, Ours, timed_rounds, write_table  # noqa: E402
+import benchmark_scale as scale  # noqa: E402
+from benchmark import read_bandwidth, write_table  # noqa: E402
 from perplexity import HELD_OUT, cli, gen, perplexity  # noqa: E402
 
 FILES = {"float": "model.pth", "int8": "model_int8.pth", "int4 g32": "model_int4.g32.pth",
@@ -20,35 +24,17 @@ FILES = {"float": "model.pth", "int8": "model_int8.pth", "int4 g32": "model_int4
 SPEED = ("float", "int8", "int4 g32", "int4 g128")   # GPTQ files decode exactly like int4 files of their group size
 
 
-class LlamaCpp:
-    """llama.cpp through llama-cpp-python, 2 threads, greedy; the GGUF requantized to `ftype` when asked."""
-
-    def __init__(self, gguf: Path, ftype=None, threads=2):
-        import ctypes
-
-        import llama_cpp
-        if ftype is not None:
-            out = gguf.with_name(f"{gguf.stem}.ftype{ftype}.gguf")
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype, params.allow_requantize, params.nthread = ftype, True, threads
-
-            def requantize(f):   # llama.cpp writes by path: into the temp file's own name, renamed when whole
-                if llama_cpp.llama_model_quantize(str(gguf).encode(), f.name.encode(), ctypes.byref(params)):
-                    raise RuntimeError(f"llama.cpp could not quantize {gguf} to ftype {ftype}")
-            if not out.exists():   # an interrupted run leaves no half file to be taken for a whole one
-                cli.write_atomic({out: requantize})
-            gguf = out
-        self.llm = llama_cpp.Llama(str(gguf), n_threads=threads, n_ctx=1024, verbose=False)
-        self.bytes = gguf.stat().st_size
-
-    def decode_seconds(self, prompt_ids, n):
-        """As Ours.decode_seconds: the GGUF's vocabulary is ours, so the same prompt ids."""
-        t0 = None
-        for i, _ in enumerate(self.llm.generate(prompt_ids, temp=0, reset=True)):
-            if i == 0:
-                t0 = time.perf_counter()   # after the prompt's evaluation and the first token
-            if i == n:
-                return time.perf_counter() - t0
+def requantized(gguf: Path, ftype: str, llama_cpp: Path) -> Path:
+    """The default GGUF requantized to ftype by llama-quantize (speed does not depend on the values), made once,
+    through a temporary name renamed when whole."""
+    out = gguf.parent / "bench" / f"{gguf.stem}.{ftype}.gguf"
+    if not out.exists():
+        out.parent.mkdir(exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        scale.run_sampled([str(llama_cpp / "build" / "bin" / "llama-quantize"), "--allow-requantize", str(gguf),
+                           str(tmp), ftype])
+        tmp.replace(out)
+    return out
 
 
 def main():
@@ -56,6 +42,8 @@ def main():
     p.add_argument("--checkpoint_path", default=str(gen.DEFAULT_CHECKPOINT), help="the float model.pth")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--prefill", type=int, default=256, help="prompt tokens of the prefill measurement")
+    p.add_argument("--llama_cpp", type=Path, default=None, help="llama.cpp's source tree, built (build/bin/llama-bench)")
     p.add_argument("--ppl_tokens", type=int, default=None, help="score only the first N held-out tokens")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -64,7 +52,9 @@ def main():
 
 
 def benchmark(args):
-    cli.positive(args, "rounds", "tokens", "ppl_tokens")
+    cli.positive(args, "rounds", "tokens", "ppl_tokens", "prefill")
+    if args.llama_cpp is not None and not (args.llama_cpp / "build/bin/llama-bench").is_file():
+        raise ValueError("--llama_cpp must be a llama.cpp tree with build/bin/llama-bench built")
     if args.out is not None:
         cli.writable_file(args.out)   # before the rounds, not after them
     folder = gen.find_checkpoint(args.checkpoint_path).parent
@@ -81,28 +71,40 @@ def benchmark(args):
         acc.append(f"| {name} | {(folder / f).stat().st_size / 1e6:.0f} | {ppl[0]:.3f} | {ppl[1]:.3f} |")
         print(acc[-1], file=sys.stderr)
 
-    prompt_ids = tok.encode(PROMPT)
-    variants = {f"zoofast compiled {'bf16' if k == 'float' else k}": Ours(folder / FILES[k], torch.bfloat16, True)
-                for k in SPEED}
-    try:
-        gguf = next(g for g in (folder / "gguf").glob("*.gguf") if ".ftype" not in g.name)   # not one we made
-        variants.update({"llama.cpp Q8_0": LlamaCpp(gguf, 7), "llama.cpp Q4_1": LlamaCpp(gguf),
-                         "llama.cpp BF16": LlamaCpp(gguf, 32)})
-    except (ImportError, StopIteration) as e:
-        print(f"no llama.cpp comparison: {e}", file=sys.stderr)
-    tps, bandwidth = timed_rounds(variants, prompt_ids, args.tokens, args.rounds)
-    base = tps["zoofast compiled bf16"]
-    speed = ["| variant | decode tok/s | x our bf16 | weight GB/s |", "|---|---:|---:|---:|"]
-    for k, v in variants.items():
-        t = tps[k]
-        gbs = f"{v.bytes * t / 1e9:.1f}" if not isinstance(v, LlamaCpp) else f"({v.bytes * t / 1e9:.1f})"
-        speed.append(f"| {k} | {t:.1f} | {t / base:.2f} | {gbs} |")
+    runs = {f"zoofast compiled {'bf16' if k == 'float' else k}": (scale.ours, folder / FILES[k]) for k in SPEED}
+    gguf = next((g for g in (folder / "gguf").glob("*.gguf")), None)
+    if args.llama_cpp is not None and gguf is not None:
+        bin_dir = args.llama_cpp / "build" / "bin"
+        runs |= {f"llama.cpp {t}": (lambda path, n, p, cache, b=bin_dir: scale.llama(path, b, n, p),
+                                    requantized(gguf, t, args.llama_cpp)) for t in ("BF16", "Q8_0", "Q4_0")}
+    else:
+        print("no llama.cpp comparison (--llama_cpp, and the default model's GGUF in its checkpoint folder)",
+              file=sys.stderr)
+    results, bandwidth = {k: [] for k in runs}, []
+    with tempfile.TemporaryDirectory() as cache:   # one Inductor cache for our runs: round 1 compiles cold
+        for r in range(args.rounds):
+            bandwidth.append(read_bandwidth())
+            for k, (run, path) in runs.items():
+                results[k].append(run(path, args.tokens, [args.prefill], Path(cache)))
+                print(f"round {r + 1}: {k}: {results[k][-1]['decode_tps']:.1f} tok/s, prefill "
+                      f"{results[k][-1]['prefill'][args.prefill]:.0f} tok/s", file=sys.stderr)
+    median = lambda k, f: statistics.median(f(res) for res in results[k])  # noqa: E731
+    base = median("zoofast compiled bf16", lambda res: res["decode_tps"])
+    speed = [f"| variant | decode tok/s | x our bf16 | weight GB/s | prefill {args.prefill} tok/s |",
+             "|---|---:|---:|---:|---:|"]
+    for k in runs:
+        t = median(k, lambda res: res["decode_tps"])
+        nbytes = results[k][0].get("bytes_per_token")
+        gbs = f"{nbytes * t / 1e9:.1f}" if nbytes else f"({results[k][0]['weights'] * t / 1e9:.1f})"
+        speed.append(f"| {k} | {t:.1f} | {t / base:.2f} | {gbs} | "
+                     f"{median(k, lambda res: res['prefill'][args.prefill]):.0f} |")
     table = "\n".join([
         f"Perplexity: {HELD_OUT.name} (shipped, held out from GPTQ's calibration text), {len(held_out)} tokens, "
         "windows of 1024.", ""] + acc + ["",
-        f"Decode: {args.tokens} greedy tokens after a {len(prompt_ids)}-token prompt, batch 1, "
-        f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds; read bandwidth "
-        f"{statistics.median(bandwidth):.1f} GB/s. llama.cpp's GB/s (in brackets) counts its whole GGUF file.", ""]
+        f"Decode: {args.tokens} greedy tokens after a 16-token prompt (llama-bench: after none), batch 1, then a "
+        f"{args.prefill}-token prefill; {torch.get_num_threads()} threads, each variant in its own process, median "
+        f"of {args.rounds} interleaved rounds; read bandwidth {statistics.median(bandwidth):.1f} GB/s. llama.cpp's "
+        "GB/s (in brackets) counts its whole GGUF file.", ""]
         + speed)
     write_table(table, args.out)
 
