@@ -100,7 +100,8 @@ def int8_layout(codes: torch.Tensor, scales: torch.Tensor):
     [N16]): cpu_cpu_kernels.cpp's layout (vpdpbusd multiplies unsigned by signed bytes); N16 is N padded to 16."""
     N, K = codes.shape
     pad = -N % 16
-    c = torch.nn.functional.pad((codes.to(torch.int16) + 128).to(torch.uint8), (0, 0, 0, pad))
+    c = codes.contiguous().view(torch.uint8) ^ 0x80   # + 128 is the sign bit flipped: one byte a weight, no int16
+    c = torch.nn.functional.pad(c, (0, 0, 0, pad)) if pad else c
     w = c.view(-1, 16, K // 4, 4).transpose(1, 2).reshape(-1, K // 4, 64).contiguous()
     return w, torch.nn.functional.pad(scales.float(), (0, pad)).contiguous()
 

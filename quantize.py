@@ -237,15 +237,15 @@ def swap_modules(model: Transformer, state_dict: dict, record: dict):
 
 
 def pack_for_device(model: nn.Module):
-    """Each int8 linear into cpu_kernels.cpp's layout where it serves (CPU bf16/fp16), each int4 linear into its device's layout, the checkpoint's pages of the portable one handed back as it goes
-    (they would stay resident beside the packed copy: 2.3x the weights at 1.5B)."""
+    """Each int8 linear into cpu_kernels.cpp's layout where it serves (CPU bf16/fp16), each int4 linear into its
+    device's layout, the checkpoint's pages of the portable one handed back as it goes (they would stay resident
+    beside the packed copy: 2.3x the weights at 1.5B)."""
     from packed import file_mappings, release
     mapped = file_mappings()
     for m in model.modules():
-        if isinstance(m, WeightOnlyInt8Linear):
-            m.pack()
-        if isinstance(m, WeightOnlyInt4Linear):
-            check_int4_device(m.weight.device)
+        if isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
+            if isinstance(m, WeightOnlyInt4Linear):
+                check_int4_device(m.weight.device)
             portable = m.weight
             m.pack()
             if m.weight is not portable:
