@@ -1,5 +1,5 @@
-// The CPU decode GEMVs (a few rows of activations against a whole weight matrix), AVX-512. cpu_kernels.py builds this once
-// per machine and torch version; quantize.py routes int8 and int4 linears here, packed.py bf16 ones.
+// The CPU decode GEMVs (a few rows of activations against a whole weight matrix), AVX-512. cpu_kernels.py builds this
+// once per machine and torch version; quantize.py routes int8 and int4 linears here, packed.py bf16 ones.
 //
 // llama.cpp's trick for int8 and int4: the activations are quantized on the fly to int8 in blocks of 32 (one fp32
 // scale each), so the inner loop is one VNNI dot (64 byte products) per 64 weights instead of converting every
@@ -11,8 +11,8 @@
 //          block r is 64 bytes, byte 4j + t = w[16r + j, 4c + t] + 128;
 //          y[n] = s[n] * (sum_b xs_b * dot_b(w + 128, xq) - 128 * sum_b xs_b * sum_b(xq))
 //   int4:  codes q in 0..15, w = (q - 8) s + z per group of g columns (tinygemm's convention), interleaved as int8:
-//          byte 4j + t of chunk c = q[16r + j, 8c + t] | q[16r + j, 8c + 4 + t] << 4. A group's scales and offsets for 16 rows
-//          are then one vector each (bf16, as the model holds them), and no row needs a horizontal sum:
+//          byte 4j + t of chunk c = q[16r + j, 8c + t] | q[16r + j, 8c + 4 + t] << 4. A group's scales and zeros
+//          for 16 rows are then one vector each (bf16, as the model holds them), and no row needs a horizontal sum:
 //          y[n] = sum_g (s_gn * sum_{b in g} xs_b * dot_b(q, xq) + (z_gn - 8 s_gn) * sum_{b in g} xs_b * sum_b(xq))
 //   bf16:  the checkpoint's own row-major [N, K] weights (nothing copied: mmapped pages serve it), AVX512-BF16's
 //          vdpbf16ps (32 products an instruction).
@@ -28,18 +28,13 @@
 
 using at::Tensor;
 
-
-
 namespace {
 
 constexpr int64_t BLOCK = 32;
-#ifndef PREFETCH
-#define PREFETCH 4096
-#endif
 
-// one row of x (K floats) -> xq (int8), lane_scale (K/4: the scale of the block each vpdpbusd lane sums),
-// block_sum (K/32: xs_b * sum_b(xq)); returns sum of block_sum
-float quantize_row(const float* x, int64_t K, int8_t* xq, float* lane_scale, float* block_sum) {
+// one row of x (K floats) -> xq (int8), scale (K/32: xs_b, each block's), block_sum (K/32: xs_b * sum_b(xq));
+// returns the sum of block_sum
+float quantize_row(const float* x, int64_t K, int8_t* xq, float* scale, float* block_sum) {
   float total = 0;
   for (int64_t b = 0; b < K / BLOCK; b++) {
     __m512 v0 = _mm512_loadu_ps(x + b * BLOCK), v1 = _mm512_loadu_ps(x + b * BLOCK + 16);
@@ -49,7 +44,7 @@ float quantize_row(const float* x, int64_t K, int8_t* xq, float* lane_scale, flo
     __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
     _mm_storeu_si128((__m128i*)(xq + b * BLOCK), _mm512_cvtsepi32_epi8(q0));
     _mm_storeu_si128((__m128i*)(xq + b * BLOCK + 16), _mm512_cvtsepi32_epi8(q1));
-    _mm256_storeu_ps(lane_scale + b * 8, _mm256_set1_ps(s));
+    scale[b] = s;
     block_sum[b] = s * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     total += block_sum[b];
   }
@@ -75,7 +70,7 @@ void row_to_float(const Tensor& x, int64_t m, float* buf) {
 
 struct Quantized {   // x [M, K] quantized, row by row
   std::vector<int8_t> xq;
-  std::vector<float> lane_scale, block_sum, total, buf;
+  std::vector<float> scale, block_sum, total, buf;
 };
 
 // this thread's buffers, reused from call to call (a decode step makes ~150 calls: no allocations)
@@ -83,13 +78,13 @@ const Quantized& quantize(const Tensor& x) {
   thread_local Quantized q;
   int64_t M = x.size(0), K = x.size(1);
   q.xq.resize(M * K);
-  q.lane_scale.resize(M * K / 4);
+  q.scale.resize(M * K / BLOCK);
   q.block_sum.resize(M * K / BLOCK);
   q.total.resize(M);
   q.buf.resize(K);
   for (int64_t m = 0; m < M; m++) {
     row_to_float(x, m, q.buf.data());
-    q.total[m] = quantize_row(q.buf.data(), K, q.xq.data() + m * K, q.lane_scale.data() + m * K / 4,
+    q.total[m] = quantize_row(q.buf.data(), K, q.xq.data() + m * K, q.scale.data() + m * K / BLOCK,
                               q.block_sum.data() + m * K / BLOCK);
   }
   return q;
@@ -101,7 +96,7 @@ void check_inputs(const Tensor& x, const Tensor& w) {
   TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "zoofast gemv: fp32, bf16 or fp16 x");
 }
 
-// 16 floats (the first `valid` of them) into y's row at column n, in y's dtype; bf16 rounded to nearest even
+// 16 floats (the first `valid` of them) into y at flat index `at`, in y's dtype; bf16 rounded to nearest even
 inline void put16(const Tensor& y, int64_t at, __m512 v, int64_t valid) {
   __mmask16 k = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
   if (y.scalar_type() == at::kFloat) {
@@ -135,7 +130,7 @@ void int8_tile(const Quantized& q, const uint8_t* rows, const float* S, int64_t 
         d1 = _mm512_dpbusd_epi32(d1, v[c + 1], _mm512_set1_epi32(xq[c + 1]));
       }
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)),
-                               _mm512_set1_ps(q.lane_scale[(m0 + i) * K / 4 + b * 8]), acc[i]);
+                               _mm512_set1_ps(q.scale[(m0 + i) * K / BLOCK + b]), acc[i]);
     }
   }
   for (int i = 0; i < MT; i++) {
@@ -207,7 +202,7 @@ void int4_tile(const Quantized& q, const uint8_t* rows, const uint16_t* SZ, int6
           H = _mm512_dpbusd_epi32(H, hi[c], _mm512_set1_epi32(xb[2 * c + 1]));
         }
         __m512i sum = _mm512_add_epi32(L, _mm512_srai_epi32(H, 4));
-        gacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(q.lane_scale[m * K / 4 + b * 8]), gacc[i]);
+        gacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(q.scale[m * K / BLOCK + b]), gacc[i]);
         xsum[i] += q.block_sum[m * K / BLOCK + b];
       }
     }

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-GEMV_ROWS = 8   # bf16 inputs of up to this many rows (decode, a verify, a small batch) run the bf16 GEMV: oneDNN's GEMM wins above
+# bf16 inputs of up to this many rows (decode, a verify, a small batch) run the bf16 GEMV; oneDNN's GEMM wins above
+GEMV_ROWS = 8
 FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
 

@@ -55,11 +55,12 @@ class WeightOnlyInt8Linear(nn.Module):
         self.vnni = False   # weight holds cpu_kernels.cpp's layout of the codes (pack())
 
     def pack(self):
-        """CPU bf16/fp16 where cpu_kernels.cpp builds: the codes into its layout (+ 128, 16 rows interleaved). fp32 keeps
-        torch's exact weight-only kernels (cpu_kernels.cpp quantizes the activations)."""
+        """CPU bf16/fp16 where cpu_kernels.cpp builds: the codes into its layout (+ 128, 16 rows interleaved); fp32
+        keeps torch's exact weight-only kernels (cpu_kernels.cpp quantizes the activations)."""
         if (self.weight.device.type == "cpu" and self.scales.dtype != torch.float32
                 and self.in_features % 32 == 0 and cpu_kernels.load()):
-            self.weight, self.fp32_scales = cpu_kernels.int8_layout(self.weight, self.scales)   # scales: the model's dtype
+            # the kernel's fp32 scales beside `scales`, which stays in the model's dtype
+            self.weight, self.fp32_scales = cpu_kernels.int8_layout(self.weight, self.scales)
             self.vnni = True
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
-"""cpu_kernels.cpp's decode GEMVs (int8, int4, bf16): what each computes (int8/int4: activations quantized in blocks of 32,
-emulated here in torch), how close that stays to the float product, batched rows equal rows alone, compiled equals
+"""cpu_kernels.cpp's decode GEMVs (int8, int4, bf16): what each computes (int8/int4: activations quantized in blocks of
+32, emulated here in torch), how close that stays to the float product, batched rows equal rows alone, compiled equals
 eager, and the fallback when it cannot be built. Skipped where the CPU has no AVX512-VNNI (then torch's kernels run,
 tested elsewhere); the bf16 GEMV's tests also where it has no AVX512-BF16."""
 import json
@@ -43,7 +43,8 @@ def emulated_int4(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, g: int
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("M, N, K", [(1, 48, 64), (3, 200, 576), (1, 1536, 576), (5, 576, 1536), (2, 33, 96), (11, 40, 128)])
+@pytest.mark.parametrize("M, N, K", [(1, 48, 64), (3, 200, 576), (1, 1536, 576), (5, 576, 1536), (2, 33, 96),
+                                     (11, 40, 128)])
 def test_int8_gemv_is_the_block_quantized_product(M, N, K, dtype):
     g = torch.Generator().manual_seed(N + K)
     w = torch.randn(N, K, generator=g) * 0.05
@@ -179,7 +180,8 @@ def test_bf16_gemv_is_the_product_rounded_once(M, N, K):
 @needs_bf16
 def test_bf16_gemv_refuses_what_it_cannot_take():
     with pytest.raises(RuntimeError, match="K % 32"):
-        torch.ops.zoofast_kernels.bf16_gemv(torch.zeros(1, 48, dtype=torch.bfloat16), torch.zeros(4, 48, dtype=torch.bfloat16))
+        torch.ops.zoofast_kernels.bf16_gemv(torch.zeros(1, 48, dtype=torch.bfloat16),
+                                            torch.zeros(4, 48, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="bf16 tensors"):
         torch.ops.zoofast_kernels.bf16_gemv(torch.zeros(1, 64), torch.zeros(4, 64, dtype=torch.bfloat16))
 
