@@ -8,10 +8,11 @@ import hashlib
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+import cli
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # bf16 inputs of up to this many rows (decode, a verify, a small batch) run the bf16 GEMV; oneDNN's GEMM wins above
@@ -20,12 +21,15 @@ FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", 
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
 
 
-def cpu_flags() -> set:
+@functools.cache
+def cpu_flags() -> frozenset:
+    """This CPU's feature flags, read once (load("bf16") asks for every linear a model swaps)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+            return next((frozenset(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")),
+                        frozenset())
     except OSError:
-        return set()
+        return frozenset()
 
 
 def cache_dir() -> Path:
@@ -36,25 +40,21 @@ def build(out: Path):
     """g++ cpu_kernels.cpp -> out, through a temporary file renamed into place (a killed build leaves nothing)."""
     torch_dir = Path(torch.__file__).parent
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = ["g++", "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", *FLAGS,
-           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{torch_dir / 'include'}",
-           str(SOURCE), "-o", tmp, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
-           f"-Wl,-rpath,{torch_dir / 'lib'}"]   # libgomp.so.1: torch's own OpenMP runtime, already loaded
-    try:
+
+    def compile_into(f):
+        cmd = ["g++", "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", *FLAGS,
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{torch_dir / 'include'}",
+               str(SOURCE), "-o", f.name, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
+               f"-Wl,-rpath,{torch_dir / 'lib'}"]   # libgomp.so.1: torch's own OpenMP runtime, already loaded
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"g++ exit {r.returncode}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    cli.write_atomic({out: compile_into})
 
 
 @functools.cache
 def available() -> bool:
-    """The library built and loaded: its int8 and int4 GEMVs run here (the bf16 one also needs has_bf16())."""
+    """The library built and loaded: its int8 and int4 GEMVs run here (the bf16 one also needs load("bf16"))."""
     if os.environ.get("ZOOFAST_KERNELS", "1") == "0" or not CPU_FLAGS <= cpu_flags():
         return False
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *FLAGS]).encode()).hexdigest()[:16]
@@ -98,7 +98,7 @@ def load(kind: str = "int") -> bool:
 
 def int8_layout(codes: torch.Tensor, scales: torch.Tensor):
     """int8 codes [N, K] and scales [N] -> (codes + 128 as uint8 [N16/16, K/4, 64], 16 rows interleaved, fp32 scales
-    [N16]): cpu_cpu_kernels.cpp's layout (vpdpbusd multiplies unsigned by signed bytes); N16 is N padded to 16."""
+    [N16]): cpu_kernels.cpp's layout (vpdpbusd multiplies unsigned by signed bytes); N16 is N padded to 16."""
     N, K = codes.shape
     pad = -N % 16
     c = codes.contiguous().view(torch.uint8) ^ 0x80   # + 128 is the sign bit flipped: one byte a weight, no int16

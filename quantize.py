@@ -244,9 +244,9 @@ def pack_for_device(model: nn.Module):
     from packed import file_mappings, release
     mapped = file_mappings()
     for m in model.modules():
+        if isinstance(m, WeightOnlyInt4Linear):
+            check_int4_device(m.weight.device)
         if isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
-            if isinstance(m, WeightOnlyInt4Linear):
-                check_int4_device(m.weight.device)
             portable = m.weight
             m.pack()
             if m.weight is not portable:

@@ -30,10 +30,8 @@ def requantized(gguf: Path, ftype: str, llama_cpp: Path) -> Path:
     out = gguf.parent / "bench" / f"{gguf.stem}.{ftype}.gguf"
     if not out.exists():
         out.parent.mkdir(exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        scale.run_sampled([str(llama_cpp / "build" / "bin" / "llama-quantize"), "--allow-requantize", str(gguf),
-                           str(tmp), ftype])
-        tmp.replace(out)
+        cli.write_atomic({out: lambda f: scale.run_sampled([str(llama_cpp / "build" / "bin" / "llama-quantize"),
+                                                            "--allow-requantize", str(gguf), f.name, ftype])})
     return out
 
 
@@ -43,7 +41,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prefill", type=int, default=256, help="prompt tokens of the prefill measurement")
-    p.add_argument("--llama_cpp", type=Path, default=None, help="llama.cpp's source tree, built (build/bin/llama-bench)")
+    p.add_argument("--llama_cpp", type=Path, default=None,
+                   help="llama.cpp's source tree, built (build/bin/llama-bench, llama-quantize)")
     p.add_argument("--ppl_tokens", type=int, default=None, help="score only the first N held-out tokens")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()

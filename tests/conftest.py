@@ -18,7 +18,7 @@ TINY = dict(n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128,
 
 
 @pytest.fixture(scope="session", autouse=True)
-def int8_kernel_built():
+def cpu_kernels_built():
     """cpu_kernels.cpp built (once per machine) before any test runs a command whose stderr it reads: the first build
     says so in a line of its own."""
     import cpu_kernels as kernels

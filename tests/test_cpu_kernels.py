@@ -12,7 +12,7 @@ import cpu_kernels as kernels
 import quantize as Q
 from model import ModelArgs, Transformer
 
-pytestmark = pytest.mark.skipif(not kernels.load(), reason="no AVX512-VNNI CPU (or no g++): torch's int8 kernel runs")
+pytestmark = pytest.mark.skipif(not kernels.load(), reason="no AVX512-VNNI CPU (or no g++): torch's kernels run")
 
 
 def quantized_activations(x: torch.Tensor):

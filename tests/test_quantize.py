@@ -116,7 +116,7 @@ def test_quantized_model_computes_its_dequantized_weights(family, mode, groupsiz
     kernels = gen.load_model(path, "cpu", torch.bfloat16)
     assert all(m.packed_in is not None for m in kernels.modules() if isinstance(m, Q.WeightOnlyInt4Linear))
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
-    # int8 (any rows) and int4 (to 64 rows) also quantize the activations to int8 (cpu_kernels.cpp, where the CPU has
+    # int8 and int4 also quantize the activations to int8 (cpu_kernels.cpp, where the CPU has
     # VNNI): ~1-2% more on these tiny random models; without the kernels bf16 rounding alone stays within 3%
     import cpu_kernels as K
     bound = 0.05 if K.load() else 0.03
