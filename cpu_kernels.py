@@ -76,7 +76,7 @@ def _register_fakes():
         return x.new_empty(x.shape[0], n_out)
 
     @torch.library.register_fake("zoofast_kernels::int4_gemv")
-    def _(x, w, sz, groupsize, n_out):
+    def _(x, w, groupsize, n_out):
         return x.new_empty(x.shape[0], n_out)
 
     @torch.library.register_fake("zoofast_kernels::bf16_gemv")
@@ -107,14 +107,15 @@ def int8_layout(codes: torch.Tensor, scales: torch.Tensor):
     return w, torch.nn.functional.pad(scales.float(), (0, pad)).contiguous()
 
 
-def int4_layout(codes: torch.Tensor, scales_and_zeros: torch.Tensor):
-    """codes [N, K] in 0..15 (K a multiple of the group size) and scales_and_zeros [K/g, N, 2] (w = (q - 8) s + z)
-    -> (w [N16/16, K/8, 64] uint8 in cpu_kernels.cpp's interleaved layout, sz [K/g, 2, N16] bf16 scales and zeros);
-    N16 is N padded to 16 with zero rows."""
+def int4_layout(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] in 0..15 (K a multiple of the group size g) and scales_and_zeros [K/g, N, 2] (w = (q - 8) s + z)
+    -> uint8 [N16/16, K/g, 64 + 8g], cpu_kernels.cpp's layout: for each block of 16 rows, group after group, the 16
+    rows' scales then zeros (bf16), then the group's codes interleaved; N16 is N padded to 16 with zero rows."""
     N, K = codes.shape
-    pad = -N % 16
+    G, pad = scales_and_zeros.shape[0], -N % 16
     c = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad))
     c = c.view(-1, 16, K // 8, 2, 4).permute(0, 2, 1, 3, 4)   # [N16/16, K/8, row, low/high nibble, 4 columns]
-    w = (c[..., 0, :] | c[..., 1, :] << 4).reshape(-1, K // 8, 64).contiguous()
-    sz = torch.nn.functional.pad(scales_and_zeros.to(torch.bfloat16).permute(0, 2, 1), (0, pad)).contiguous()
-    return w, sz
+    w = (c[..., 0, :] | c[..., 1, :] << 4).reshape(-1, G, K // G * 8)
+    sz = torch.nn.functional.pad(scales_and_zeros.to(torch.bfloat16), (0, 0, 0, pad))   # [G, N16, 2]
+    sz = sz.view(G, -1, 16, 2).permute(1, 0, 3, 2).reshape(-1, G, 32).view(torch.uint8)   # [N16/16, G, s | z]
+    return torch.cat([sz, w], -1)

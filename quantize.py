@@ -162,8 +162,8 @@ class WeightOnlyInt4Linear(nn.Module):
             return
         codes = unpack_nibbles(self.weight)
         sz = self.scales_and_zeros
-        if device.type == "cpu" and cpu_kernels.load():
-            self.weight, self.scales_and_zeros = cpu_kernels.int4_layout(codes, sz)
+        if device.type == "cpu" and cpu_kernels.load():   # the scales live inside the kernel's weight layout
+            self.weight, self.scales_and_zeros = cpu_kernels.int4_layout(codes, sz), torch.empty(0)
             self.packed_for, self.packed_in, self.vnni = "cpu", codes.shape[1], True
             return
         k_multiple = 128 if device.type == "cuda" else self.groupsize   # tinygemm: K % (innerKTiles * 16)
@@ -191,8 +191,7 @@ class WeightOnlyInt4Linear(nn.Module):
             x = F.pad(x, (0, self.packed_in - shape[-1]))
         if self.vnni:   # activations to int8 in blocks of 32, VNNI dots on the nibbles, each unpacked once for 4 rows:
             # prefill too (256 rows: 0.8-0.9x the time of oneDNN's bf16 GEMM on the same shapes)
-            y = torch.ops.zoofast_kernels.int4_gemv(x.contiguous(), self.weight, self.scales_and_zeros,
-                                                    self.groupsize, self.out_features)
+            y = torch.ops.zoofast_kernels.int4_gemv(x.contiguous(), self.weight, self.groupsize, self.out_features)
         elif x.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.weight, self.groupsize,
                                                    self.scales_and_zeros).to(x.dtype)

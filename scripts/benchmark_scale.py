@@ -293,7 +293,7 @@ def main():
                                                            (args.llama_cpp / "build/bin/llama-bench").is_file()):
             raise ValueError("--llama_cpp must be a llama.cpp tree with build/bin/llama-bench built")
         cli.positive(args, "rounds", "tokens")
-        args.work = args.work or args.hf.parent / "bench"
+        args.work = (args.work or args.hf.parent / "bench").resolve()   # the workers run in the repo's folder
         if args.out:
             cli.writable_file(args.out)
         benchmark(args)

@@ -134,9 +134,9 @@ def test_int4_gemv_is_the_block_quantized_product(M, N, K, g, dtype):
     x = (torch.randn(M, K, generator=gen_) * torch.linspace(0.1, 4, K)).to(dtype)
     x[0, :32] = 0                                                     # an all-zero block
     codes, sz = Q.quantize_int4(w, g)
-    packed, packed_sz = kernels.int4_layout(codes, sz)
-    assert packed.shape == (-(-N // 16), K // 8, 64) and packed_sz.shape == (K // g, 2, -(-N // 16) * 16)
-    y = torch.ops.zoofast_kernels.int4_gemv(x, packed, packed_sz, g, N)
+    packed = kernels.int4_layout(codes, sz)
+    assert packed.shape == (-(-N // 16), K // g, 64 + 8 * g) and packed.dtype == torch.uint8
+    y = torch.ops.zoofast_kernels.int4_gemv(x, packed, g, N)
     assert y.dtype == dtype and y.shape == (M, N)
     ref = emulated_int4(x, codes, sz, g)
     if dtype == torch.float32:
@@ -145,18 +145,20 @@ def test_int4_gemv_is_the_block_quantized_product(M, N, K, g, dtype):
         torch.testing.assert_close(y.double(), ref, rtol=8e-3, atol=8e-3 * ref.abs().max().item())
     exact = x.double() @ Q.dequantize_int4(codes, sz.to(torch.bfloat16), g).double().t()
     assert ((y.double() - exact).norm() / exact.norm()).item() < 0.01   # int8 activations: under 1% off
-    rows = torch.cat([torch.ops.zoofast_kernels.int4_gemv(x[i: i + 1], packed, packed_sz, g, N) for i in range(M)])
+    rows = torch.cat([torch.ops.zoofast_kernels.int4_gemv(x[i: i + 1], packed, g, N) for i in range(M)])
     assert torch.equal(y, rows)
 
 
 def test_int4_gemv_refuses_what_it_cannot_take():
-    packed, sz = kernels.int4_layout(torch.zeros(16, 64, dtype=torch.uint8), torch.ones(2, 16, 2))
+    packed = kernels.int4_layout(torch.zeros(16, 64, dtype=torch.uint8), torch.ones(2, 16, 2))
     with pytest.raises(RuntimeError, match="K % 32"):
-        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 48), packed, sz, 32, 16)
+        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 48), packed, 32, 16)
     with pytest.raises(RuntimeError, match="weight"):
-        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 96), packed, sz, 32, 16)
-    with pytest.raises(RuntimeError, match="bf16 sz"):
-        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 64), packed, sz.float(), 32, 16)
+        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 96), packed, 32, 16)
+    with pytest.raises(RuntimeError, match="groupsize"):
+        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 64), packed, 48, 16)
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 64), packed.view(torch.int8), 32, 16)
 
 
 needs_bf16 = pytest.mark.skipif(not kernels.load("bf16"), reason="no AVX512-BF16: oneDNN runs bf16 linears")
