@@ -20,6 +20,8 @@ from tokenizer import StreamDecoder
 
 MAX_STOP = 4             # stop strings a request may give (OpenAI's limit)
 MAX_STOP_CHARS = 500     # and each one's length: they are scanned on the thread that decodes for everyone
+MAX_TOP_LOGPROBS = 20    # OpenAI's limits
+MAX_LOGIT_BIAS = 300
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)   # what torch.Generator.manual_seed takes
 STEP_FAILURES = 3        # consecutive failures of the shared decode step that make the engine give up
 
@@ -48,22 +50,35 @@ class Request:
     ("text", piece) and finally ("done", finish_reason). finish_reason "error" comes with `error` (an APIError)."""
 
     def __init__(self, ids: list, max_tokens: int, temperature: float = 1.0, top_p: Optional[float] = None,
-                 top_k: Optional[int] = None, stop=(), seed: Optional[int] = None):
+                 top_k: Optional[int] = None, stop=(), seed: Optional[int] = None, logprobs: Optional[int] = None,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: Optional[dict] = None):
         self.ids, self.max_tokens, self.stop = ids, max_tokens, [s for s in stop if s]
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.seed = seed
+        self.logprobs = logprobs          # None: off; k: each token's log-probability and the k likeliest
+        self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
+        self.logit_bias = logit_bias or {}
+        self.counts: Optional[torch.Tensor] = None   # how often each token was generated (the penalties')
+        self.logprob_entries: list = []   # (token, logprob, [(token, logprob)] * k) for each token of the reply
         self.events: queue.Queue = queue.Queue()
         self.cancelled = False
         self.tokens: list = []
         self.text, self.sent = "", 0      # decoded reply so far; how much of it has gone out
         self.finish_reason: Optional[str] = None
         self.error: Optional[APIError] = None
+        self.cached = 0       # prompt positions whose keys and values were already in a cache (prefix caching)
+        self.prefilled = 0    # prompt positions in its slot's cache so far (chunked prefill)
 
     def cancel(self):
         self.cancelled = True
 
+    def adjusts(self) -> bool:
+        """Its logits change before sampling (penalties, logit_bias)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
-def check_sampling(temperature=1.0, top_p=None, top_k=None, stop=(), seed=None):
+
+def check_sampling(temperature=1.0, top_p=None, top_k=None, stop=(), seed=None, logprobs=None, presence_penalty=0.0,
+                   frequency_penalty=0.0, logit_bias=None, vocab_size=None):
     """Range checks of the sampling settings (the HTTP layer has checked their JSON types): APIError 400."""
     def bad(param, what):
         raise APIError(400, f"{param} must be {what}", param=param)
@@ -81,6 +96,16 @@ def check_sampling(temperature=1.0, top_p=None, top_k=None, stop=(), seed=None):
         bad("stop", f"a string or a list of up to {MAX_STOP} strings of up to {MAX_STOP_CHARS} characters")
     if seed is not None and not (isinstance(seed, int) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
         bad("seed", f"an integer in [-2**63, 2**64 - 1], {got(seed)}")
+    if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        bad("top_logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}], {got(logprobs)}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not (isinstance(value, (int, float)) and -2 <= value <= 2):
+            bad(name, f"a number in [-2, 2], {got(value)}")
+    bias = logit_bias or {}
+    if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS or not all(
+            isinstance(k, int) and not isinstance(k, bool) and 0 <= k < (vocab_size or 1 << 62) and
+            isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100 for k, v in bias.items()):
+        bad("logit_bias", f"at most {MAX_LOGIT_BIAS} token ids of this vocabulary mapped to numbers in [-100, 100]")
 
 
 class Engine:
@@ -91,9 +116,12 @@ class Engine:
 
     def __init__(self, checkpoint_path=gen.DEFAULT_CHECKPOINT, device: str = "auto", precision: str = "bf16",
                  max_batch_size: int = 8, max_seq_length: int = 2048, max_waiting: Optional[int] = None,
-                 compile: bool = False, background: bool = False):
-        if max_batch_size <= 0 or max_seq_length <= 1 or (max_waiting is not None and max_waiting < 0):
-            raise ValueError("max_batch_size must be positive, max_seq_length above 1 and max_waiting at least 0")
+                 compile: bool = False, background: bool = False, prefill_chunk: int = gen.PREFILL_CHUNK,
+                 prefix_cache: bool = True):
+        if max_batch_size <= 0 or max_seq_length <= 1 or (max_waiting is not None and max_waiting < 0) or \
+                prefill_chunk <= 0:
+            raise ValueError("max_batch_size and prefill_chunk must be positive, max_seq_length above 1 and "
+                             "max_waiting at least 0")
         if precision not in gen.PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(sorted(gen.PRECISIONS))}")
         self.device = gen.pick_device(device)
@@ -111,14 +139,26 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_seq_length = min(max_seq_length, config.block_size)
         self.max_waiting = max_batch_size if max_waiting is None else max_waiting
-        self.prefill_chunk = gen.PREFILL_CHUNK   # a long prompt's prefill in chunks: memory stays bounded
+        # a long prompt's prefill goes in chunks, one between two decode steps: memory stays bounded, and the other
+        # streams wait at most one chunk's time for their next token
+        self.prefill_chunk = prefill_chunk
+        # prefix caching: each row's cache holds the keys and values of these tokens at positions 0, 1, ... (its
+        # current or last request's prompt and reply); a new prompt reuses the longest prefix any row holds. Not
+        # where a prefill depends on the whole prompt (GLM's prefix-LM mask, Qwen's dynamic NTK)
+        self.reuse = prefix_cache and config.position != "rope_2d" and not config.rope_dynamic_ntk
+        self.cached: list = [[] for _ in range(max_batch_size)]
+        self.used = [0.0] * max_batch_size   # when each row last took a request: a new prompt goes to the oldest
+        self.pending: list = []              # taken off `waiting`, not yet in a slot
         with torch.no_grad():
             self.model.setup_caches(max_batch_size, self.max_seq_length)
         self.kv_bytes = sum(b.numel() * b.element_size() for n, b in self.model.named_buffers()
                             if n.endswith(("k_cache", "v_cache")))
         self.slots: list = [None] * max_batch_size           # the Request decoding in each cache row
         self.cur = torch.zeros(max_batch_size, 1, dtype=torch.int, device=self.device)     # each slot's last token
-        self.pos = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)    # and its position
+        # and its position. A row that is free or still prefilling rides along in a decode step (its bucket covers
+        # it) at the last position, which no request ever writes (the last token sampled is never fed) or reads:
+        # its dummy keys and values land there, never on a cached prefix
+        self.pos = torch.full((max_batch_size, 1), self.max_seq_length - 1, dtype=torch.long, device=self.device)
         self.busy = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)   # 1 where a request decodes
         self.waiting: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
@@ -131,6 +171,7 @@ class Engine:
         self.peak_busy = 0   # the most requests that have decoded together
         self.in_flight = 0   # submitted and not yet finished
         self.steps = 0       # decode steps run (each reads the weights once)
+        self.prompt_tokens = self.cached_tokens = 0   # prompt tokens admitted, and of those found in a cache
         self.step_failures = 0
         self.weight_bytes = gen.weight_bytes_per_token(self.model)   # what one decode step reads
         self.buckets = bucket_sizes(max_batch_size)
@@ -156,7 +197,7 @@ class Engine:
             raise APIError(400, "the prompt is empty", param="prompt")
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size for i in ids):
             raise APIError(400, f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
-        check_sampling(**sampling)
+        check_sampling(**sampling, vocab_size=self.vocab_size)
         room = self.max_seq_length - len(ids)
         if room < 1:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this server's context is {self.max_seq_length} "
@@ -235,11 +276,12 @@ class Engine:
     # ---- the scheduler -----------------------------------------------------------------------------
 
     def tick(self, block: bool) -> bool:
-        """Admit what waits (block: wait a moment for a request if none is busy), then one decode step. False once
-        closed."""
+        """Admit what waits (block: wait a moment for a request if none is busy), one prefill chunk, one decode step.
+        False once closed."""
         if not self.admit(block=block and all(s is None for s in self.slots)):
             return False
-        if any(s is not None for s in self.slots):
+        self.prefill_chunk_step()
+        if any(decoding(s) for s in self.slots):
             self.step()
         return True
 
@@ -257,49 +299,111 @@ class Engine:
             self.closed = True
         error = server_error(RuntimeError(self.fatal)) if self.fatal else \
             APIError(503, "the server shut down before this request finished", kind="server_error")
-        for r in [s for s in self.slots if s is not None] + [r for r in list(self.waiting.queue) if r is not None]:
+        for r in [s for s in self.slots if s is not None] + self.pending + \
+                [r for r in list(self.waiting.queue) if r is not None]:
             self.finish(r, "error", error)
 
-    @torch.no_grad()
     def admit(self, block: bool) -> bool:
-        """Prefill waiting requests into free slots, one at a time (a prompt's logits are [T, vocab]: a batch of
-        long prompts would hold several of those at once). False once the engine is closed."""
-        for row in [i for i, s in enumerate(self.slots) if s is None]:
+        """Move waiting requests into free slots, in order, each where the longest prefix of its prompt is cached
+        (the prefill itself runs chunk by chunk in prefill_chunk_step). False once the engine is closed."""
+        while True:
             try:   # the timeout lets run() notice a drain while idle
-                r = self.waiting.get(block=block, timeout=0.5 if block else None)
+                r = self.waiting.get(block=block and not self.pending, timeout=0.5 if block else None)
             except queue.Empty:
                 break
             if r is None:
                 return False
+            self.pending.append(r)
             block = False
+        while self.pending and None in self.slots:
+            r = self.pending[0]
             if r.cancelled:
+                self.pending.pop(0)
                 self.finish(r, "cancelled")
                 continue
+            place = self.place(r.ids)
+            if place is None:   # a prompt being prefilled now shares more of it: wait for that prefill
+                break
+            self.pending.pop(0)
+            row, source, n = place
             try:
-                T = len(r.ids)
-                logits = gen.prefill_forward(self.model, torch.tensor([r.ids], dtype=torch.int, device=self.device),
-                                             torch.arange(T, device=self.device).view(1, T),
-                                             torch.tensor([T - 1], device=self.device), self.prefill_chunk,
-                                             rows=torch.tensor([row], device=self.device))
-                self.slots[row] = r
-                r.generator = torch.Generator(self.device)
-                r.generator.manual_seed(r.seed if r.seed is not None else torch.seed())
-                r.decoder = StreamDecoder(self.tokenizer)
-                self.pos[row], self.busy[row] = T, 1
-                self.emit(row, r, self.pick(r, logits[0]))
-            except Exception as e:   # out of memory in a long prefill, say: this request fails, the others go on
+                if source not in (None, row):
+                    self.copy_prefix(source, row, n)
+            except Exception as e:
                 self.fail(r, e)
+                continue
+            self.slots[row], self.used[row] = r, time.monotonic()
+            self.cached[row] = r.ids[:n]
+            r.cached = r.prefilled = n
+            self.prompt_tokens += len(r.ids)
+            self.cached_tokens += n
+            r.generator = torch.Generator(self.device)
+            r.generator.manual_seed(r.seed if r.seed is not None else torch.seed())
+            r.decoder = StreamDecoder(self.tokenizer)
         self.peak_busy = max(self.peak_busy, sum(s is not None for s in self.slots))
         return True
+
+    def place(self, ids: list):
+        """(free row, row whose cache holds the longest prefix of ids, its length) for a new prompt; None when a
+        prompt still being prefilled shares a longer prefix (n requests of one prompt, a common system prompt
+        arriving at once: the later ones copy the first one's cache when it is done). At least the prompt's last
+        token is always prefilled again: its logits give the first token."""
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        if not self.reuse:
+            return min(free, key=lambda i: self.used[i]), None, 0
+        most = len(ids) - 1
+        hits = [(common_prefix(self.cached[i], ids, most), i) for i in range(self.max_batch_size)]
+        n, source = max(hits, key=lambda h: (h[0], self.slots[h[1]] is None))
+        coming = max((common_prefix(s.ids, ids, most) for s in self.slots if s is not None and not decoding(s)),
+                     default=0)
+        if coming > max(n, 0) and coming >= 16:
+            return None
+        if n == 0:
+            return min(free, key=lambda i: (len(self.cached[i]) > 0, self.used[i])), None, 0
+        row = source if self.slots[source] is None else min(free, key=lambda i: self.used[i])
+        return row, source, n
+
+    def copy_prefix(self, source: int, row: int, n: int):
+        """Row `row`'s cache positions 0..n-1 <- row `source`'s (every layer's keys and values)."""
+        with torch.no_grad():
+            for layer in self.model.layers:
+                kv = layer.attention.kv_cache
+                kv.k_cache[row, :, :n] = kv.k_cache[source, :, :n]
+                kv.v_cache[row, :, :n] = kv.v_cache[source, :, :n]
+
+    @torch.no_grad()
+    def prefill_chunk_step(self):
+        """The next chunk of the oldest prompt still being prefilled (all of it where the family needs the whole
+        prompt at once); its last chunk gives the request its first token, and the row joins the decode steps."""
+        rows = [i for i, s in enumerate(self.slots) if s is not None and not decoding(s)]
+        if not rows:
+            return
+        row = min(rows, key=lambda i: self.used[i])
+        r = self.slots[row]
+        T, start = len(r.ids), r.prefilled
+        end = min(T, start + gen.chunk_size(self.model.config, T, self.prefill_chunk))
+        try:
+            logits = gen.prefill_logits(self.model, torch.tensor([r.ids[start:end]], dtype=torch.int,
+                                                                 device=self.device),
+                                        torch.arange(start, end, device=self.device).view(1, -1),
+                                        torch.tensor([end - start - 1], device=self.device),
+                                        torch.tensor([row], device=self.device))
+            self.cached[row] += r.ids[start:end]
+            r.prefilled = end
+            if end == T:
+                self.pos[row], self.busy[row] = T, 1
+                self.emit(row, r, *self.pick(r, logits[0]))
+        except Exception as e:   # out of memory in a long prefill, say: this request fails, the others go on
+            self.fail(r, e)
 
     @torch.no_grad()
     def step(self):
         """One decode step for the first n slots (n: the bucket that covers every busy slot)."""
-        busy = max(i for i, s in enumerate(self.slots) if s is not None) + 1
+        busy = max(i for i, s in enumerate(self.slots) if decoding(s)) + 1
         n = next(b for b in self.buckets if b >= busy)
         try:
             logits = self.step_fn(self.model, self.cur[:n], self.pos[:n])[:, : self.vocab_size]
-            tokens = self.sample_slots(logits[:busy])
+            tokens = self.sample_rows(logits[:busy], [s if decoding(s) else None for s in self.slots[:busy]])
         except Exception as e:   # no row can go on: each busy request fails; again and again, the engine gives up
             self.step_failures += 1
             if self.step_failures >= STEP_FAILURES:
@@ -309,41 +413,68 @@ class Engine:
             return
         self.step_failures = 0
         self.steps += 1
-        self.pos[:n] += self.busy[:n]   # a free slot in the bucket decodes a dummy row at position 0, never read
+        self.pos[:n] += self.busy[:n]
         for row in range(busy):
             r = self.slots[row]
-            if r is None:
+            if not decoding(r):
                 continue
+            self.cached[row].append(r.tokens[-1])   # the token this step took in: its keys and values are cached
             if r.cancelled:
                 self.finish(r, "cancelled")
                 continue
             try:
-                self.emit(row, r, tokens[row])
+                self.emit(row, r, *tokens[row])
             except Exception as e:
                 self.fail(r, e)
 
-    def sample_slots(self, logits: torch.Tensor) -> list:
-        """Every slot's next token in one batched pass and one copy to the host: argmax where greedy, and the
-        sampled rows' own temperature, top_k, top_p and seeded stream where not (gen.sample, given lists)."""
-        tokens = torch.argmax(logits, dim=-1)
-        rows = [i for i, r in enumerate(self.slots[: len(logits)]) if r is not None and r.temperature > 0]
+    def sample_rows(self, logits: torch.Tensor, requests: list) -> list:
+        """The next token of each row of logits [R, vocab] for requests[i] (None: a row nobody reads), in one batched
+        pass and one copy to the host: penalties and logit_bias applied where asked, argmax where greedy, the sampled
+        rows' own temperature, top_k, top_p and seeded stream where not (gen.sample, given lists). Where logprobs are
+        asked, each (token, logprob, top) comes along, from the model's own distribution (before any adjustment)."""
+        asked = [i for i, r in enumerate(requests) if r is not None and r.logprobs is not None]
+        logprobs = torch.log_softmax(logits[asked].float(), -1) if asked else None
+        adjusted = [i for i, r in enumerate(requests) if r is not None and r.adjusts()]
+        if adjusted:
+            logits = logits.clone()
+            for i in adjusted:
+                adjust(requests[i], logits[i])
+        tokens = logits.max(-1).indices
+        rows = [i for i, r in enumerate(requests) if r is not None and r.temperature > 0]
         if rows:
-            picked = [self.slots[i] for i in rows]
+            picked = [requests[i] for i in rows]
             index = torch.tensor(rows, device=logits.device)
             tokens[index] = gen.sample(logits[index], [r.temperature for r in picked], [r.top_k for r in picked],
                                        [r.top_p for r in picked], generator=[r.generator for r in picked]
                                        ).view(-1).to(tokens.dtype)
-        return tokens.tolist()
+        tokens = tokens.tolist()
+        entries = [None] * len(requests)
+        if asked:
+            k = max(requests[i].logprobs for i in asked)
+            chosen = logprobs.gather(-1, torch.tensor([[tokens[i]] for i in asked], device=logits.device))
+            top = torch.topk(logprobs, k, -1) if k else None
+            chosen, top_values, top_ids = chosen.view(-1).tolist(), *((top.values.tolist(), top.indices.tolist())
+                                                                        if k else ([[]] * len(asked),) * 2)
+            for j, i in enumerate(asked):
+                n = requests[i].logprobs
+                entries[i] = (tokens[i], chosen[j], list(zip(top_ids[j][:n], top_values[j][:n])))
+        return list(zip(tokens, entries))
 
-    def pick(self, r: Request, logits: torch.Tensor) -> int:
-        return int(gen.sample(logits.unsqueeze(0), r.temperature, r.top_k, r.top_p, self.vocab_size, r.generator))
+    def pick(self, r: Request, logits: torch.Tensor):
+        return self.sample_rows(logits[None, : self.vocab_size], [r])[0]
 
-    def emit(self, row: int, r: Request, token: int):
+    def emit(self, row: int, r: Request, token: int, entry=None):
         """Record a sampled token: send the text that is safe to send, end the request if it is done."""
         self.cur[row] = token
         r.tokens.append(token)
         if token in self.tokenizer.stop_ids:
             return self.finish(r, "stop")
+        if entry is not None:
+            r.logprob_entries.append(entry)
+        if r.presence_penalty or r.frequency_penalty:
+            if r.counts is None:
+                r.counts = torch.zeros(self.vocab_size, device=self.device)
+            r.counts[token] += 1
         start = len(r.text)
         r.text += r.decoder.push(token)
         # a stop string can only end in the new text: search from where it could start (each scan O(new + stop))
@@ -373,13 +504,39 @@ class Engine:
         if r in self.slots:
             row = self.slots.index(r)
             self.slots[row] = None
-            self.pos[row], self.busy[row] = 0, 0
+            self.pos[row], self.busy[row] = self.max_seq_length - 1, 0   # see self.pos
         r.finish_reason, r.error = reason, error
         with self.lock:
             self.in_flight -= 1
         if error is None:
             self.send(r, len(r.text))
         r.events.put(("done", reason))
+
+
+def adjust(r: Request, logits: torch.Tensor):
+    """OpenAI's penalties on the tokens generated so far, and logit_bias, on one row of logits (in place)."""
+    if r.counts is not None:
+        logits -= r.presence_penalty * (r.counts > 0) + r.frequency_penalty * r.counts
+    if r.logit_bias:
+        ids = torch.tensor(list(r.logit_bias), device=logits.device)
+        logits[ids] += torch.tensor(list(r.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+
+
+def decoding(r: Optional[Request]) -> bool:
+    """A slot's request is past its prefill, in the decode steps."""
+    return r is not None and r.prefilled == len(r.ids)
+
+
+def common_prefix(a: list, b: list, most: int) -> int:
+    """How many leading tokens a and b share, at most `most`."""
+    n = min(len(a), len(b), most)
+    if a[:n] == b[:n]:   # the common case (a whole cached prompt reused) at C speed
+        return n
+    lo, hi = 0, n        # a[:lo] == b[:lo], a[:hi] != b[:hi]: halve (each comparison runs at C speed)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
+    return lo
 
 
 def held_back(text: str, stops: list) -> int:

@@ -29,6 +29,7 @@ from cli import ArgumentParser, command_line, positive
 from engine import APIError, Engine, Request, server_error, what  # noqa: F401  (Request: the Python API's)
 
 DRAIN_SECONDS = 20
+MAX_N = 16   # choices a request may ask for (each takes a slot)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
          list: "an array"}
@@ -128,24 +129,33 @@ def sampling_params(body: dict, chat: bool) -> dict:
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise APIError(400, f"stop must be a string or a list of strings, got {short(body.get('stop'))}", param="stop")
-    if get(body, "n", int, 1) != 1:
-        unsupported("n", "must be 1 (several choices a request are not supported yet)")
-    for penalty in ("presence_penalty", "frequency_penalty"):
-        if get(body, penalty, float, 0) != 0:
-            unsupported(penalty, "other than 0 is not supported by this server yet")
-    if get(body, "logit_bias", dict, {}):
-        unsupported("logit_bias")
-    if chat and get(body, "logprobs", bool, False) or not chat and get(body, "logprobs", int) is not None:
-        unsupported("logprobs")
-    if get(body, "top_logprobs", int, 0):
-        unsupported("top_logprobs")
+    n = get(body, "n", int, 1)
+    if not 1 <= n <= MAX_N:
+        raise APIError(400, f"n must be an integer in [1, {MAX_N}], got {short(n)}", param="n")
+    if chat:   # chat: logprobs true/false, top_logprobs k; completions: logprobs k
+        logprobs = get(body, "top_logprobs", int, 0) if get(body, "logprobs", bool, False) else None
+        if logprobs is None and get(body, "top_logprobs", int) is not None:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    else:
+        logprobs = get(body, "logprobs", int)
+        if logprobs is not None and not 0 <= logprobs <= 5:
+            raise APIError(400, f"logprobs must be an integer in [0, 5], got {short(logprobs)}", param="logprobs")
+    bias = {}
+    for key, value in get(body, "logit_bias", dict, {}).items():
+        if not key.isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise APIError(400, f"logit_bias maps token ids (as strings) to numbers, got {short(key)}: {short(value)}",
+                           param="logit_bias")
+        bias[int(key)] = value
     if not chat and (get(body, "echo", bool, False) or get(body, "suffix", str) or get(body, "best_of", int, 1) != 1):
         unsupported("echo, suffix and best_of", "are not supported by this server")
     fmt = get(body, "response_format", dict)
     if fmt is not None and fmt.get("type") != "text":
         unsupported("response_format", f"{short(fmt.get('type'))} is not supported yet (only \"text\")")
-    return dict(max_tokens=max_tokens, temperature=get(body, "temperature", float, 1.0),
-                top_p=get(body, "top_p", float), top_k=get(body, "top_k", int), stop=stop, seed=get(body, "seed", int))
+    return n, dict(max_tokens=max_tokens, temperature=get(body, "temperature", float, 1.0),
+                   top_p=get(body, "top_p", float), top_k=get(body, "top_k", int), stop=stop,
+                   seed=get(body, "seed", int), logprobs=logprobs, logit_bias=bias,
+                   presence_penalty=get(body, "presence_penalty", float, 0.0),
+                   frequency_penalty=get(body, "frequency_penalty", float, 0.0))
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------------
@@ -314,7 +324,7 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/health":   # no key needed: load balancers ask it
                 return self.send_json(503 if e.closed else 200, {
                     "status": "shutting_down" if e.closed else "ok", "busy": sum(s is not None for s in e.slots),
-                    "waiting": e.waiting.qsize(), "decode_steps": e.steps, "weight_bytes_per_step": e.weight_bytes})
+                    "waiting": e.waiting.qsize() + len(e.pending), "decode_steps": e.steps, "weight_bytes_per_step": e.weight_bytes})
             self.check_auth()
             if path == "/v1/models":
                 return self.send_json(200, {"object": "list", "data": [
@@ -336,11 +346,19 @@ class Handler(BaseHTTPRequestHandler):
                                param="model", code="model_not_found")
             chat = path == "/v1/chat/completions"
             ids = self.engine.chat_ids(chat_messages(body)) if chat else completion_ids(body, self.engine.tokenizer)
-            params = sampling_params(body, chat)
+            n, params = sampling_params(body, chat)
             stream = get(body, "stream", bool, False)
             options = get(body, "stream_options", dict, {})
             usage = get(options, "include_usage", bool, False, param="stream_options.include_usage")
-            request = self.engine.submit(ids, **params)
+            requests = []
+            try:   # n choices: n requests of one prompt (the later ones copy the first one's prefill); seeds differ
+                for i in range(n):
+                    seed = params["seed"]
+                    requests.append(self.engine.submit(ids, **params | {"seed": None if seed is None else seed + i}))
+            except APIError:
+                for r in requests:
+                    r.cancel()
+                raise
         except APIError as e:
             return self.send_json(e.status, e.body())
         except Exception as e:   # a bug of ours: the client still gets an answer, and the server goes on
@@ -348,52 +366,84 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(500, server_error(e).body())
         try:
             self.server.responding += 1
-            self.reply(request, chat, stream, usage)
+            self.reply(requests, chat, stream, usage)
         except Exception as e:   # the client went away (or a bug of ours): its request ends, the connection too
-            request.cancel()
+            for r in requests:
+                r.cancel()
             self.close_connection = True
             if not isinstance(e, OSError):
                 print(f"error: {what(e)} replying to POST {path[:100]}", file=sys.stderr, flush=True)
         finally:
             self.server.responding -= 1
 
-    def reply(self, request: Request, chat: bool, stream: bool, include_usage: bool):
+    def reply(self, requests: list, chat: bool, stream: bool, include_usage: bool):
+        """The reply to one request's n choices (one Request each), whole or as server-sent events (the choices one
+        after another, each chunk naming its index)."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.engine.name}
+        ids = requests[0].ids
 
         def usage():
-            n = len(request.tokens)
-            return {"prompt_tokens": len(request.ids), "completion_tokens": n, "total_tokens": len(request.ids) + n}
+            n = sum(len(r.tokens) for r in requests)
+            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
+                    "prompt_tokens_details": {"cached_tokens": requests[0].cached}}
 
-        def choice(text, finish, delta=False):
+        def choice(i, text, finish, entries=None, delta=False):
+            lp = None if requests[i].logprobs is None else logprobs(self.engine.tokenizer, entries or [], chat)
             if not chat:
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
             if delta:
-                return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
-            return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                return {"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": finish}
+            return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                    "finish_reason": finish}
 
         if not stream:
             try:
-                text = "".join(self.pieces(request))
+                texts = ["".join(self.pieces(r)) for r in requests]
             except APIError as e:
                 return self.send_json(e.status, e.body())
-            return self.send_json(200, dict(head, choices=[choice(text, request.finish_reason)], usage=usage()))
+            return self.send_json(200, dict(head, choices=[choice(i, t, r.finish_reason, r.logprob_entries)
+                                                           for i, (t, r) in enumerate(zip(texts, requests))],
+                                            usage=usage()))
         chunk = dict(head, object="chat.completion.chunk" if chat else "text_completion")
         self.start_events()
-        if chat:
-            self.send_event(dict(chunk, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                  "finish_reason": None}]))
-        try:
-            for piece in self.pieces(request):
-                self.send_event(dict(chunk, choices=[choice(piece, None, delta=True)]))
-        except APIError as e:   # after the headers: the error is an event of its own, as OpenAI's streams do
-            self.send_event(e.body())
-            return self.end_events()
-        self.send_event(dict(chunk, choices=[choice("", request.finish_reason, delta=True)]))
+        for i, r in enumerate(requests):
+            if chat:
+                self.send_event(dict(chunk, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                      "logprobs": None, "finish_reason": None}]))
+            sent = 0   # logprob entries sent so far (the scheduler appends while we read)
+            try:
+                for piece in self.pieces(r):
+                    entries = r.logprob_entries[sent:]
+                    sent += len(entries)
+                    self.send_event(dict(chunk, choices=[choice(i, piece, None, entries, delta=True)]))
+            except APIError as e:   # after the headers: the error is an event of its own, as OpenAI's streams do
+                self.send_event(e.body())
+                return self.end_events()
+            self.send_event(dict(chunk, choices=[choice(i, "", r.finish_reason, r.logprob_entries[sent:],
+                                                        delta=True)]))
         if include_usage:
             self.send_event(dict(chunk, choices=[], usage=usage()))
         self.end_events()
+
+
+def logprobs(tokenizer, entries: list, chat: bool) -> dict:
+    """OpenAI's logprobs object for (token, logprob, [(token, logprob)]) entries: chat's `content` list, or the
+    completions API's parallel lists."""
+    def text(t):
+        return tokenizer.token_bytes(t).decode("utf-8", errors="replace")
+
+    if chat:
+        def one(t, lp):
+            return {"token": text(t), "logprob": lp, "bytes": list(tokenizer.token_bytes(t))}
+        return {"content": [one(t, lp) | {"top_logprobs": [one(u, v) for u, v in top]} for t, lp, top in entries]}
+    offsets, at = [], 0
+    for t, _, _ in entries:
+        offsets.append(at)
+        at += len(text(t))
+    return {"tokens": [text(t) for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{text(u): v for u, v in top} for _, _, top in entries], "text_offset": offsets}
 
 
 class Server(ThreadingHTTPServer):
@@ -524,6 +574,10 @@ def main(argv=None):
     p.add_argument("--max_seq_length", type=int, default=2048, help="prompt + reply tokens a request may use")
     p.add_argument("--max_waiting", type=int, default=None, help="queued requests beyond the batch (default: batch size)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (one graph per batch bucket)")
+    p.add_argument("--prefill_chunk", type=int, default=gen.PREFILL_CHUNK,
+                   help="prompt tokens prefilled between two decode steps (a long prompt stalls other streams this long)")
+    p.add_argument("--no_prefix_cache", action="store_true",
+                   help="prefill every prompt whole (default: reuse the longest prefix some slot's cache holds)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="bf16", choices=sorted(gen.PRECISIONS))
     p.add_argument("--api_key", default=os.environ.get("ZOOFAST_API_KEY"),
@@ -536,7 +590,7 @@ def main(argv=None):
     with command_line():
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be in 0..65535, got {args.port}")
-        positive(args, "max_connections", "max_body_mb", "timeout", "request_timeout")
+        positive(args, "max_connections", "max_body_mb", "timeout", "request_timeout", "prefill_chunk")
         t0 = time.perf_counter()
         try:   # bind first: a port in use fails now, not after the model has loaded (and compiled)
             httpd = serve(None, args.host, args.port, args.api_key, args.max_connections,
@@ -545,7 +599,8 @@ def main(argv=None):
             raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pick another --port "
                              f"or --host") from None
         engine = Engine(args.checkpoint_path, args.device, args.precision, args.max_batch_size, args.max_seq_length,
-                        args.max_waiting, args.compile)
+                        args.max_waiting, args.compile, prefill_chunk=args.prefill_chunk,
+                        prefix_cache=not args.no_prefix_cache)
         httpd.RequestHandlerClass.engine = engine
 
     def stop_accepting():

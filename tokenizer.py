@@ -99,6 +99,10 @@ class Tokenizer:
         out.append(self._decode_ordinary(run))
         return "".join(out)
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for (a special token: its surface form), as OpenAI's logprobs report them."""
+        return self.special_ids[i].encode() if i in self.special_ids else self._token_bytes(i)
+
     def apply_chat(self, messages: list, add_generation_prompt: bool = True) -> list:
         """A message history as the model's chat format encodes it. A message's content is text: a special token's
         spelling inside it stays text (a user typing "<|im_end|><|im_start|>system" forges no turn)."""
@@ -173,6 +177,10 @@ class SentencePieceTokenizer(Tokenizer):
     def _decode_ordinary(self, ids):
         return self.sp.decode(ids) if ids else ""
 
+    def _token_bytes(self, i):
+        piece = self.sp.id_to_piece(i)
+        return bytes([int(piece[3:5], 16)]) if self.sp.is_byte(i) else piece.replace("\u2581", " ").encode()
+
 
 class TiktokenTokenizer(Tokenizer):
     def __init__(self, ranks_file, meta: dict, chat_format: str = ""):
@@ -203,6 +211,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def _decode_ordinary(self, ids):
         return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def _token_bytes(self, i):
+        return self.enc.decode_single_token_bytes(i)
 
 
 class StreamDecoder:
