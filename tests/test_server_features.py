@@ -1,0 +1,200 @@
+# server.py beyond plain replies: prefix caching, chunked prefill, logprobs, n, penalties and logit_bias, through
+# the official `openai` client where a client sees it. The default model in fp32, so that a reply is deterministic
+# and can be compared with the model's own forward.
+import threading
+import time
+
+import pytest
+import torch
+
+import engine as eng
+import generate as gen
+import server
+
+openai = pytest.importorskip("openai")
+SYSTEM = ("You are a careful assistant for a small bakery. You answer questions about bread, opening hours and "
+          "prices, briefly and politely, and you never make up a price you were not told.")
+
+
+@pytest.fixture(scope="module")
+def engine(default_checkpoint):
+    e = server.Engine(default_checkpoint / "model.pth", "cpu", "fp32", max_batch_size=4, max_seq_length=512,
+                      background=True)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    httpd = server.serve(engine, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="unused", max_retries=0,
+                        timeout=300)
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def model(default_checkpoint):
+    return gen.load_model(default_checkpoint / "model.pth", "cpu", torch.float32)
+
+
+def chat(client, engine, messages, **kw):
+    return client.chat.completions.create(model=engine.name, messages=messages, temperature=0, **kw)
+
+
+def test_a_shared_system_prompt_is_cached(client, engine):
+    first = chat(client, engine, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi!"}],
+                 max_tokens=8)
+    second = chat(client, engine, [{"role": "system", "content": SYSTEM},
+                                   {"role": "user", "content": "When do you open?"}], max_tokens=8)
+    system_ids = engine.tokenizer.apply_chat([{"role": "system", "content": SYSTEM}], add_generation_prompt=False)
+    assert first.choices[0].message.content
+    assert second.usage.prompt_tokens_details.cached_tokens >= len(system_ids) - 2 > 30
+    assert second.usage.prompt_tokens == len(engine.tokenizer.apply_chat(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "When do you open?"}]))
+
+
+def test_a_conversation_prefills_only_its_new_turn(client, engine):
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Do you sell rye bread?"}]
+    first = chat(client, engine, messages, max_tokens=24)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And on Sundays?"}]
+    before = engine.prompt_tokens - engine.cached_tokens
+    second = chat(client, engine, messages, max_tokens=8)
+    prefilled = engine.prompt_tokens - engine.cached_tokens - before
+    ids = engine.tokenizer.apply_chat(messages)
+    turn = len(ids) - len(engine.tokenizer.apply_chat(messages[:3], add_generation_prompt=False))
+    assert second.usage.prompt_tokens == len(ids)
+    assert prefilled == len(ids) - second.usage.prompt_tokens_details.cached_tokens
+    # what was cached: the first prompt and the reply (as the model wrote it); prefilled: the new turn, and at most
+    # the reply's closing tokens, which the model sampled but never fed back
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens + \
+        first.usage.completion_tokens - 2
+    assert turn <= prefilled <= turn + 3, (turn, prefilled)
+
+
+def run_alone(default_checkpoint, prompt_ids, **engine_kw):
+    e = server.Engine(default_checkpoint / "model.pth", "cpu", "fp32", max_batch_size=2, max_seq_length=512,
+                      **engine_kw)
+    try:   # twice: the second finds the whole prompt but its last token in the first one's slot
+        return ["".join(e.stream(e.submit(prompt_ids, max_tokens=16, temperature=0))) for _ in range(2)]
+    finally:
+        e.close()
+
+
+def test_chunked_and_cached_prefill_equal_one_shot(default_checkpoint, engine):
+    ids = engine.tokenizer.encode(" ".join(f"item {i} costs {i * 3} euros;" for i in range(40)), bos=True)
+    assert len(ids) > 200
+    one_shot = run_alone(default_checkpoint, ids, prefill_chunk=4096, prefix_cache=False)
+    chunked = run_alone(default_checkpoint, ids, prefill_chunk=7, prefix_cache=False)
+    cached = run_alone(default_checkpoint, ids, prefill_chunk=64)   # the second reply reuses all but one token
+    assert one_shot[0] == one_shot[1] == chunked[0] == chunked[1] == cached[0] == cached[1] != ""
+
+
+def test_a_long_prompt_does_not_freeze_other_streams(default_checkpoint):
+    """While a 400-token prompt is prefilled 16 tokens at a time, a running stream keeps getting tokens: one
+    between every two chunks. Unchunked, it would get none until the whole prompt is in."""
+    e = server.Engine(default_checkpoint / "model.pth", "cpu", "fp32", max_batch_size=2, max_seq_length=512,
+                      prefill_chunk=16, background=True)
+    try:
+        running = e.submit(e.tokenizer.encode("Once upon a time", bos=True), max_tokens=200, temperature=0)
+        while len(running.tokens) < 2:
+            time.sleep(0.01)
+        long = e.submit(e.tokenizer.encode("word " * 400, bos=True), max_tokens=1, temperature=0)
+        at_submit = len(running.tokens)
+        while not long.tokens and long.finish_reason is None:
+            time.sleep(0.001)
+        during = len(running.tokens) - at_submit
+        assert long.finish_reason != "error" and during >= 20, during   # 25 chunks
+        assert "".join(e.stream(running))
+    finally:
+        e.close()
+
+
+def test_logprobs_are_the_models_own(client, engine, model):
+    prompt = "The capital of France is"
+    reply = client.completions.create(model=engine.name, prompt=prompt, temperature=0, max_tokens=6, logprobs=3)
+    lp = reply.choices[0].logprobs
+    ids = engine.tokenizer.encode(prompt, bos=True)
+    chat_reply = chat(client, engine, [{"role": "user", "content": "Say hello."}], max_tokens=6, logprobs=True,
+                      top_logprobs=4)
+    content = chat_reply.choices[0].logprobs.content
+    assert len(content) == chat_reply.usage.completion_tokens or len(content) == chat_reply.usage.completion_tokens - 1
+    assert all(len(c.top_logprobs) == 4 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
+    # the model's own log-softmax over the prompt and the greedy reply
+    r = engine.submit(ids, max_tokens=6, temperature=0, logprobs=3)
+    "".join(engine.stream(r))
+    full = torch.tensor([ids + r.tokens])
+    with torch.no_grad():
+        own = torch.log_softmax(model(full)[0].float(), -1)
+    for k, (token, logprob, top) in enumerate(r.logprob_entries):
+        row = own[len(ids) - 1 + k]
+        assert abs(row[token].item() - logprob) < 1e-4
+        values, order = row.topk(3)
+        assert [t for t, _ in top] == order.tolist() and max(abs(v - w) for (_, v), w in zip(top, values.tolist())) < 1e-4
+    assert lp.tokens == [engine.tokenizer.token_bytes(t).decode("utf-8", "replace") for t, _, _ in r.logprob_entries]
+    assert lp.token_logprobs == pytest.approx([e[1] for e in r.logprob_entries], abs=1e-4)   # another batch
+    assert "".join(lp.tokens) == reply.choices[0].text
+
+
+def test_n_choices(client, engine):
+    before = engine.cached_tokens
+    sampled = client.completions.create(model=engine.name, prompt="Once upon a time, in a land far away,", n=3,
+                                        max_tokens=16, temperature=1.0, seed=11)
+    texts = [c.text for c in sampled.choices]
+    assert [c.index for c in sampled.choices] == [0, 1, 2] and len(set(texts)) == 3
+    again = client.completions.create(model=engine.name, prompt="Once upon a time, in a land far away,", n=3,
+                                      max_tokens=16, temperature=1.0, seed=11)
+    assert [c.text for c in again.choices] == texts   # seeded: reproducible
+    greedy = client.chat.completions.create(model=engine.name, messages=[{"role": "user", "content": "Count to 5."}],
+                                            n=3, max_tokens=12, temperature=0)
+    assert len({c.message.content for c in greedy.choices}) == 1
+    assert greedy.usage.completion_tokens % 3 == 0 and greedy.usage.prompt_tokens == len(
+        engine.tokenizer.apply_chat([{"role": "user", "content": "Count to 5."}]))   # the prompt counted once
+    assert engine.cached_tokens - before > 0   # the later choices copied the first one's prefill
+    stream = client.completions.create(model=engine.name, prompt="1, 2, 3,", n=2, max_tokens=6, temperature=0,
+                                       stream=True)
+    parts = {0: "", 1: ""}
+    for c in stream:
+        for choice in c.choices:
+            parts[choice.index] += choice.text
+    assert parts[0] == parts[1] != ""
+
+
+def greedy_with(model, ids, steps, presence=0.0, frequency=0.0, bias=None):
+    """Reference: full forward each step, OpenAI's penalties over the generated tokens, logit_bias."""
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + out]))[0, -1].float()
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).float() if out else \
+            torch.zeros_like(logits)
+        logits -= presence * (counts > 0) + frequency * counts
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        out.append(int(logits.argmax()))
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(presence_penalty=1.5), dict(frequency_penalty=0.8),
+                                dict(logit_bias={"198": -100, "30": 8.0})])
+def test_penalties_and_logit_bias_match_a_reference(engine, model, kw):
+    ids = engine.tokenizer.encode("My favourite things are", bos=True)
+    bias = {int(k): v for k, v in kw.get("logit_bias", {}).items()}
+    expected = greedy_with(model, ids, 12, kw.get("presence_penalty", 0.0), kw.get("frequency_penalty", 0.0), bias)
+    plain = greedy_with(model, ids, 12)
+    r = engine.submit(ids, max_tokens=12, temperature=0, **(kw | ({"logit_bias": bias} if bias else {})))
+    "".join(engine.stream(r))
+    stops = engine.tokenizer.stop_ids
+    assert r.tokens == expected[: len(r.tokens)] and (len(r.tokens) == 12 or r.tokens[-1] in stops)
+    assert expected != plain   # the setting changed something
+
+
+def test_sampling_settings_are_checked(engine):
+    with pytest.raises(eng.APIError, match="presence_penalty"):
+        engine.submit([1, 2], presence_penalty=2.5)
+    with pytest.raises(eng.APIError, match="logit_bias"):
+        engine.submit([1, 2], logit_bias={engine.vocab_size: 1})
+    with pytest.raises(eng.APIError, match="top_logprobs"):
+        engine.submit([1, 2], logprobs=21)
