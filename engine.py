@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 import torch
 
 import generate as gen
+import structured
 from cli import first_line, read_config, read_tokenizer
 from tokenizer import StreamDecoder
 
@@ -51,13 +52,15 @@ class Request:
 
     def __init__(self, ids: list, max_tokens: int, temperature: float = 1.0, top_p: Optional[float] = None,
                  top_k: Optional[int] = None, stop=(), seed: Optional[int] = None, logprobs: Optional[int] = None,
-                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: Optional[dict] = None):
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logit_bias: Optional[dict] = None,
+                 grammar=None):
         self.ids, self.max_tokens, self.stop = ids, max_tokens, [s for s in stop if s]
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.seed = seed
         self.logprobs = logprobs          # None: off; k: each token's log-probability and the k likeliest
         self.presence_penalty, self.frequency_penalty = presence_penalty, frequency_penalty
         self.logit_bias = logit_bias or {}
+        self.grammar = grammar            # a structured.Matcher: the reply must be a document of its schema
         self.counts: Optional[torch.Tensor] = None   # how often each token was generated (the penalties')
         self.logprob_entries: list = []   # (token, logprob, [(token, logprob)] * k) for each token of the reply
         self.events: queue.Queue = queue.Queue()
@@ -73,8 +76,8 @@ class Request:
         self.cancelled = True
 
     def adjusts(self) -> bool:
-        """Its logits change before sampling (penalties, logit_bias)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        """Its logits change before sampling (penalties, logit_bias, a grammar's mask)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.grammar)
 
 
 def check_sampling(temperature=1.0, top_p=None, top_k=None, stop=(), seed=None, logprobs=None, presence_penalty=0.0,
@@ -191,8 +194,10 @@ class Engine:
 
     # ---- the Python API ----------------------------------------------------------------------------
 
-    def submit(self, ids: list, max_tokens: Optional[int] = None, **sampling) -> Request:
-        """Queue a generation of token ids; raises APIError (4xx, 503 once closed) for what cannot run."""
+    def submit(self, ids: list, max_tokens: Optional[int] = None, schema: Optional[dict] = None,
+               **sampling) -> Request:
+        """Queue a generation of token ids (schema: a JSON schema its reply must satisfy); raises APIError (4xx, 503
+        once closed) for what cannot run."""
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size for i in ids):
@@ -211,7 +216,13 @@ class Engine:
             raise APIError(400, f"{len(ids)} prompt tokens + max_tokens {str(max_tokens)[:40]} exceed this server's "
                                 f"context of {self.max_seq_length} tokens", param="max_tokens",
                            code="context_length_exceeded")
-        request = Request(ids, max_tokens, **sampling)
+        grammar = None
+        if schema is not None:
+            try:
+                grammar = structured.Matcher(self.tokenizer, self.vocab_size, schema)
+            except ValueError as e:
+                raise APIError(400, f"response_format: {first_line(e)}", param="response_format") from None
+        request = Request(ids, max_tokens, grammar=grammar, **sampling)
         with self.lock:
             if self.closed:
                 raise APIError(503, "the server is shutting down", kind="server_error")
@@ -475,6 +486,7 @@ class Engine:
             if r.counts is None:
                 r.counts = torch.zeros(self.vocab_size, device=self.device)
             r.counts[token] += 1
+        complete = r.grammar is not None and r.grammar.advance(token)
         start = len(r.text)
         r.text += r.decoder.push(token)
         # a stop string can only end in the new text: search from where it could start (each scan O(new + stop))
@@ -482,9 +494,9 @@ class Engine:
         if cut >= 0:
             r.text = r.text[:cut]
             return self.finish(r, "stop")
-        if len(r.tokens) >= r.max_tokens:   # submit() keeps prompt + max_tokens within the cache
+        if len(r.tokens) >= r.max_tokens or complete:   # submit() keeps prompt + max_tokens within the cache
             r.text += r.decoder.flush()
-            return self.finish(r, "length")
+            return self.finish(r, "stop" if complete else "length")
         self.send(r, len(r.text) - held_back(r.text, r.stop))   # a possible start of a stop string waits
 
     def send(self, r: Request, upto: int):
@@ -520,6 +532,8 @@ def adjust(r: Request, logits: torch.Tensor):
     if r.logit_bias:
         ids = torch.tensor(list(r.logit_bias), device=logits.device)
         logits[ids] += torch.tensor(list(r.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+    if r.grammar is not None:
+        r.grammar.mask(logits)
 
 
 def decoding(r: Optional[Request]) -> bool:

@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator, Optional
 
 import generate as gen
+import structured
 from cli import ArgumentParser, command_line, positive
 from engine import APIError, Engine, Request, server_error, what  # noqa: F401  (Request: the Python API's)
 
@@ -148,14 +149,15 @@ def sampling_params(body: dict, chat: bool) -> dict:
         bias[int(key)] = value
     if not chat and (get(body, "echo", bool, False) or get(body, "suffix", str) or get(body, "best_of", int, 1) != 1):
         unsupported("echo, suffix and best_of", "are not supported by this server")
-    fmt = get(body, "response_format", dict)
-    if fmt is not None and fmt.get("type") != "text":
-        unsupported("response_format", f"{short(fmt.get('type'))} is not supported yet (only \"text\")")
+    try:
+        schema = structured.schema_of(get(body, "response_format", dict, {}))
+    except ValueError as e:
+        raise APIError(400, f"response_format: {e}", param="response_format") from None
     return n, dict(max_tokens=max_tokens, temperature=get(body, "temperature", float, 1.0),
                    top_p=get(body, "top_p", float), top_k=get(body, "top_k", int), stop=stop,
                    seed=get(body, "seed", int), logprobs=logprobs, logit_bias=bias,
                    presence_penalty=get(body, "presence_penalty", float, 0.0),
-                   frequency_penalty=get(body, "frequency_penalty", float, 0.0))
+                   frequency_penalty=get(body, "frequency_penalty", float, 0.0), schema=schema)
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------------

@@ -168,7 +168,10 @@ BAD_BODIES = {
     "stream a string": (CHAT, {"messages": MSG, "stream": "yes"}, 400),
     "stream_options a string": (CHAT, {"messages": MSG, "stream": True, "stream_options": "x"}, 400),
     "include_usage a string": (CHAT, {"messages": MSG, "stream": True, "stream_options": {"include_usage": "y"}}, 400),
-    "response_format json_object": (CHAT, {"messages": MSG, "response_format": {"type": "json_object"}}, 400),
+    "response_format xml": (CHAT, {"messages": MSG, "response_format": {"type": "xml"}}, 400),
+    "json_schema a string": (CHAT, {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": "x"}}, 400),
+    "json_schema unusable": (CHAT, {"messages": MSG, "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"$ref": "#/nowhere"}}}}, 400),
     "response_format a string": (CHAT, {"messages": MSG, "response_format": "json"}, 400),
     "logprobs a number (chat)": (CHAT, {"messages": MSG, "logprobs": 3}, 400),
     "top_logprobs 21": (CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}, 400),

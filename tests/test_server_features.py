@@ -1,6 +1,7 @@
 # server.py beyond plain replies: prefix caching, chunked prefill, logprobs, n, penalties and logit_bias, through
 # the official `openai` client where a client sees it. The default model in fp32, so that a reply is deterministic
 # and can be compared with the model's own forward.
+import json
 import threading
 import time
 
@@ -198,3 +199,48 @@ def test_sampling_settings_are_checked(engine):
         engine.submit([1, 2], logit_bias={engine.vocab_size: 1})
     with pytest.raises(eng.APIError, match="top_logprobs"):
         engine.submit([1, 2], logprobs=21)
+
+
+SCHEMAS = {
+    "flat": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                              "age": {"type": "integer", "minimum": 0, "maximum": 130}},
+             "required": ["name", "age"], "additionalProperties": False},
+    "enum and boolean": {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                                          "bright": {"type": "boolean"}},
+                         "required": ["colour", "bright"], "additionalProperties": False},
+    "nested with an array": {
+        "type": "object", "additionalProperties": False, "required": ["shop", "items"],
+        "properties": {"shop": {"type": "object", "additionalProperties": False, "required": ["city"],
+                                "properties": {"city": {"type": "string", "maxLength": 12}}},
+                       "items": {"type": "array", "minItems": 1, "maxItems": 3,
+                                 "items": {"type": "object", "additionalProperties": False,
+                                           "required": ["what", "price"],
+                                           "properties": {"what": {"type": "string", "maxLength": 10},
+                                                          "price": {"type": "number", "minimum": 0,
+                                                                    "maximum": 100}}}}}},
+    "an array of enums": {"type": "array", "items": {"enum": ["a", "b", 3, None]}, "minItems": 2, "maxItems": 4},
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_json_schema_replies_parse_and_validate(client, engine, name):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = SCHEMAS[name]
+    messages = [{"role": "user", "content": "Describe something as JSON."}]
+    replies = [chat(client, engine, messages, max_tokens=120,
+                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})]
+    replies += [client.chat.completions.create(
+        model=engine.name, messages=messages, max_tokens=120, temperature=1.0, seed=seed,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}) for seed in (1, 2)]
+    for reply in replies:
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_json_object_replies_are_objects(client, engine):
+    reply = client.chat.completions.create(model=engine.name, messages=[{"role": "user", "content": "A cat, as JSON"}],
+                                           max_tokens=200, temperature=0.7, seed=3, n=2,
+                                           response_format={"type": "json_object"})
+    for choice in reply.choices:   # (seeds 3 and 4 end their objects; free-form, others can nest past max_tokens)
+        assert choice.finish_reason == "stop" and isinstance(json.loads(choice.message.content), dict)
