@@ -16,6 +16,7 @@ import torch
 
 import generate as gen
 import structured
+from metrics import Metrics
 from cli import first_line, read_config, read_tokenizer
 from tokenizer import StreamDecoder
 
@@ -70,6 +71,7 @@ class Request:
         self.finish_reason: Optional[str] = None
         self.error: Optional[APIError] = None
         self.cached = 0       # prompt positions whose keys and values were already in a cache (prefix caching)
+        self.created, self.last_token_at = time.monotonic(), None
         self.prefilled = 0    # prompt positions in its slot's cache so far (chunked prefill)
 
     def cancel(self):
@@ -177,6 +179,7 @@ class Engine:
         self.prompt_tokens = self.cached_tokens = 0   # prompt tokens admitted, and of those found in a cache
         self.step_failures = 0
         self.weight_bytes = gen.weight_bytes_per_token(self.model)   # what one decode step reads
+        self.metrics = Metrics(self)
         self.buckets = bucket_sizes(max_batch_size)
         if compile:   # one graph per batch bucket, compiled now rather than on the first users' time
             gen.compile_notice(self.device, len(self.buckets))
@@ -348,6 +351,8 @@ class Engine:
             r.cached = r.prefilled = n
             self.prompt_tokens += len(r.ids)
             self.cached_tokens += n
+            self.metrics.prompt_tokens.inc(len(r.ids))
+            self.metrics.cached_tokens.inc(n)
             r.generator = torch.Generator(self.device)
             r.generator.manual_seed(r.seed if r.seed is not None else torch.seed())
             r.decoder = StreamDecoder(self.tokenizer)
@@ -393,6 +398,7 @@ class Engine:
         r = self.slots[row]
         T, start = len(r.ids), r.prefilled
         end = min(T, start + gen.chunk_size(self.model.config, T, self.prefill_chunk))
+        t0 = time.perf_counter()
         try:
             logits = gen.prefill_logits(self.model, torch.tensor([r.ids[start:end]], dtype=torch.int,
                                                                  device=self.device),
@@ -401,6 +407,7 @@ class Engine:
                                         torch.tensor([row], device=self.device))
             self.cached[row] += r.ids[start:end]
             r.prefilled = end
+            self.metrics.prefill_seconds.inc(time.perf_counter() - t0)
             if end == T:
                 self.pos[row], self.busy[row] = T, 1
                 self.emit(row, r, *self.pick(r, logits[0]))
@@ -412,6 +419,7 @@ class Engine:
         """One decode step for the first n slots (n: the bucket that covers every busy slot)."""
         busy = max(i for i, s in enumerate(self.slots) if decoding(s)) + 1
         n = next(b for b in self.buckets if b >= busy)
+        t0 = time.perf_counter()
         try:
             logits = self.step_fn(self.model, self.cur[:n], self.pos[:n])[:, : self.vocab_size]
             tokens = self.sample_rows(logits[:busy], [s if decoding(s) else None for s in self.slots[:busy]])
@@ -424,6 +432,7 @@ class Engine:
             return
         self.step_failures = 0
         self.steps += 1
+        self.metrics.decode_seconds.inc(time.perf_counter() - t0)
         self.pos[:n] += self.busy[:n]
         for row in range(busy):
             r = self.slots[row]
@@ -478,6 +487,7 @@ class Engine:
         """Record a sampled token: send the text that is safe to send, end the request if it is done."""
         self.cur[row] = token
         r.tokens.append(token)
+        self.metrics.token(r)
         if token in self.tokenizer.stop_ids:
             return self.finish(r, "stop")
         if entry is not None:
@@ -518,6 +528,7 @@ class Engine:
             self.slots[row] = None
             self.pos[row], self.busy[row] = self.max_seq_length - 1, 0   # see self.pos
         r.finish_reason, r.error = reason, error
+        self.metrics.requests.labels(reason).inc()
         with self.lock:
             self.in_flight -= 1
         if error is None:

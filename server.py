@@ -24,6 +24,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator, Optional
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
 import generate as gen
 import structured
 from cli import ArgumentParser, command_line, positive
@@ -208,11 +210,13 @@ class Handler(BaseHTTPRequestHandler):
                                            headers.get("Content-Length", "").strip() not in ("", "0"))
 
     def send_json(self, status: int, body: dict):
+        self.send_bytes(status, json.dumps(body).encode(), "application/json")
+
+    def send_bytes(self, status: int, data: bytes, content_type: str):
         if self.has_unread_body():   # it would be read as the next request: close instead
             self.close_connection = True
-        data = json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         if self.close_connection:
             self.send_header("Connection", "close")
@@ -327,10 +331,13 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_json(503 if e.closed else 200, {
                     "status": "shutting_down" if e.closed else "ok", "busy": sum(s is not None for s in e.slots),
                     "waiting": e.waiting.qsize() + len(e.pending), "decode_steps": e.steps, "weight_bytes_per_step": e.weight_bytes})
+            if path == "/metrics":   # Prometheus' text format; no key needed, as /health
+                return self.send_bytes(200, e.metrics.text(), CONTENT_TYPE_LATEST)
             self.check_auth()
             if path == "/v1/models":
                 return self.send_json(200, {"object": "list", "data": [
-                    {"id": e.name, "object": "model", "created": 0, "owned_by": "zoofast"}]})
+                    {"id": e.name, "object": "model", "created": 0, "owned_by": "zoofast",
+                     "context_length": e.max_seq_length, "max_model_len": e.max_seq_length}]})
             raise APIError(404, f"no route GET {path[:100]}")
         except APIError as err:
             self.send_json(err.status, err.body())

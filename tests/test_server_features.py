@@ -244,3 +244,33 @@ def test_json_object_replies_are_objects(client, engine):
                                            response_format={"type": "json_object"})
     for choice in reply.choices:   # (seeds 3 and 4 end their objects; free-form, others can nest past max_tokens)
         assert choice.finish_reason == "stop" and isinstance(json.loads(choice.message.content), dict)
+
+
+def test_metrics_parse_and_count(client, engine):
+    from prometheus_client.parser import text_string_to_metric_families
+    base = client.base_url.copy_with(path="/metrics")
+
+    def scrape():
+        import urllib.request
+        with urllib.request.urlopen(str(base)) as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+
+    before = scrape()
+    reply = client.completions.create(model=engine.name, prompt="1, 2, 3,", temperature=0, max_tokens=5)
+    after = scrape()
+
+    def delta(name, labels=()):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert delta("zoofast_generation_tokens_total") == reply.usage.completion_tokens
+    assert delta("zoofast_prompt_tokens_total") == reply.usage.prompt_tokens
+    assert delta("zoofast_requests_total", (("finish_reason", reply.choices[0].finish_reason),)) == 1
+    assert delta("zoofast_time_to_first_token_seconds_count") == 1
+    assert delta("zoofast_inter_token_latency_seconds_count") == reply.usage.completion_tokens - 1
+    assert delta("zoofast_decode_seconds_total") > 0 and delta("zoofast_prefill_seconds_total") > 0
+    assert after[("zoofast_slots", ())] == engine.max_batch_size and after[("zoofast_kv_cache_bytes", ())] > 0
+    assert ("zoofast_waiting_requests", ()) in after and ("zoofast_busy_slots", ()) in after
+    model = client.models.list().data[0]
+    assert model.id == engine.name and model.context_length == engine.max_seq_length
