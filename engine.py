@@ -161,9 +161,9 @@ class Engine:
         self.slots: list = [None] * max_batch_size           # the Request decoding in each cache row
         self.cur = torch.zeros(max_batch_size, 1, dtype=torch.int, device=self.device)     # each slot's last token
         # and its position. A row that is free or still prefilling rides along in a decode step (its bucket covers
-        # it) at the last position, which no request ever writes (the last token sampled is never fed) or reads:
-        # its dummy keys and values land there, never on a cached prefix
-        self.pos = torch.full((max_batch_size, 1), self.max_seq_length - 1, dtype=torch.long, device=self.device)
+        # it) at position -1, the model's placeholder: its keys and values land on the cache's last position, which
+        # no request ever writes (the last token sampled is never fed) or reads, never on a cached prefix
+        self.pos = torch.full((max_batch_size, 1), -1, dtype=torch.long, device=self.device)
         self.busy = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)   # 1 where a request decodes
         self.waiting: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
@@ -526,7 +526,7 @@ class Engine:
         if r in self.slots:
             row = self.slots.index(r)
             self.slots[row] = None
-            self.pos[row], self.busy[row] = self.max_seq_length - 1, 0   # see self.pos
+            self.pos[row], self.busy[row] = -1, 0   # see self.pos
         r.finish_reason, r.error = reason, error
         self.metrics.requests.labels(reason).inc()
         with self.lock:

@@ -160,6 +160,11 @@ def resolve_name(name: str) -> str:
 # compile 19 s against 85 s for the whole step, warm 3.5 s against 6.6 s, decode within 2% (135M, bf16, 2-core
 # Sapphire Rapids); runs of 5 layers keep the calls between graphs few.
 STAGE = 5
+ATTEND_STEP = 128   # a decode step attends to a multiple of this many cache positions (Transformer.positions)
+
+
+def round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 def run_layers(layers, x: Tensor, p) -> Tensor:
@@ -261,12 +266,15 @@ class Transformer(nn.Module):
             pos = input_pos if input_pos.dim() == 2 else input_pos.expand(B, T)
         else:
             pos = torch.arange(T, device=idx.device).expand(B, T)
-        # a prefill chunk attends to the cache's filled part only (half the attention's time at 256 tokens); a decode
-        # step's graph keeps the whole cache (its length is part of the compiled graph), as does compiled prefill
-        S = T if not cached else self.max_seq_length if T == 1 or torch.compiler.is_compiling() else \
-            min(self.max_seq_length, int(pos.max()) + 1)
+        # Attention reads the cache's filled part only: S positions, the furthest row's position + 1 (a decode step
+        # rounds it up to ATTEND_STEP, so a compiled stage sees few lengths: its graph takes S as a dynamic size). A
+        # graph compiled whole (CUDA graphs, --compile_whole) keeps the whole cache. A row at position -1 is a
+        # placeholder (a server's free slot riding along in a batch): it writes the cache's last position, which no
+        # request uses, and attends to position 0 alone
+        S = T if not cached else self.max_seq_length if torch.compiler.is_compiling() else \
+            min(self.max_seq_length, round_up(max(int(pos.max()) + 1, 1), ATTEND_STEP if T == 1 else 1))
         keys = torch.arange(S, device=idx.device)
-        mask = keys <= pos.unsqueeze(-1)                       # [B, T, S]: causal by position
+        mask = keys <= pos.clamp(min=0).unsqueeze(-1)          # [B, T, S]: causal by position
         if self.config.sliding_window is not None:
             mask = mask & (keys > pos.unsqueeze(-1) - self.config.sliding_window)
         mask = mask.unsqueeze(1)                               # [B, 1, T, S]
@@ -286,6 +294,8 @@ class Transformer(nn.Module):
         if self.config.logn_attn:
             n = float(self.config.train_seq_length)
             q_scale = torch.where(pos + 1 > n, torch.log(pos + 1.0) / math.log(n), 1.0)[..., None, None]
+        if cached and T == 1:   # a compiled stage takes the attended length as a dynamic size: one graph for all
+            torch._dynamo.maybe_mark_dynamic(mask, -1)
         return Positions(rope, mask, pos if cached else None, rows, q_scale)
 
     def prefix_lm(self, idx: Tensor, cached: bool, rows: Optional[Tensor] = None):
