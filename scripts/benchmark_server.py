@@ -1,10 +1,21 @@
-# Total throughput of server.py under concurrent clients: tokens/s at each concurrency, against concurrency 1
-# measured in the same run (rounds interleaved: this machine's bandwidth swings minute to minute).
-# The server runs in its own process; clients are threads streaming /v1/completions over HTTP.
-#   python scripts/benchmark_server.py [--concurrency 1 4 16] [--rounds 3] [--max_tokens 64] [--compile]
-#                                      [--out benchmarks/server.md]
+# server.py next to llama.cpp's llama-server under concurrent streaming clients: total tok/s, time to first token,
+# inter-token latency (p50 / p99), for three kinds of prompt: short ones, a shared ~1k-token system prompt (prefix
+# caching: every request after the first of a slot finds it cached), and a ~1k-token prompt unique to each request
+# (nothing to reuse: the uncached time to first token). Each engine runs in its own process (torch and llama.cpp in
+# one process crash: two OpenMP runtimes) with as many slots as clients (llama-server: -np, continuous batching on),
+# one server per engine and concurrency, rounds interleaved (this machine's bandwidth swings minute to minute); the
+# same client drives both over HTTP (/v1/completions, streamed).
+#   python scripts/benchmark_server.py [--llama_cpp LLAMA_CPP_DIR] [--concurrency 1 4 16 32] [--rounds 2]
+#       [--kinds short shared unique] [--max_tokens 64] [--checkpoint_path C/model.pth --gguf M.gguf]
+#       [--compile] [--out benchmarks/server.md]
+# The default model's GGUF is requantized to BF16 by llama-quantize (the same values as our bf16 model.pth, both
+# from the shipped Q4_1 GGUF); another model needs --gguf with the same weights (benchmark_scale.py makes both).
 import http.client
 import json
+import os
+import platform
+import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -14,109 +25,237 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 import cli  # noqa: E402
+from benchmark_quantize import requantized  # noqa: E402
 
-PROMPTS = ["Once upon a time", "The history of the printing press begins", "1, 2, 3, 4, 5,",
-           "The three primary colors are", "def quicksort(items):", "Dear Sir or Madam,", "In 1969, astronauts",
-           "The recipe for bread:"]
-
-
-def start_server(args) -> tuple:
-    cmd = [sys.executable, str(REPO / "server.py"), "--port", "0", "--checkpoint_path", args.checkpoint_path,
-           "--max_batch_size", str(max(args.concurrency)), "--max_seq_length", "512", "--precision", args.precision]
-    proc = subprocess.Popen(cmd + (["--compile"] if args.compile else []), stderr=subprocess.PIPE, text=True)
-    last = ""
-    while True:
-        line = proc.stderr.readline()
-        if not line:   # the server's own last line says why
-            raise ValueError(f"the server did not start (exit {proc.wait()}): {last.removeprefix('error: ')}")
-        last = line.strip() or last
-        if line.startswith("serving "):
-            print(line.strip(), file=sys.stderr)
-            threading.Thread(target=proc.stderr.read, daemon=True).start()   # drain its request log
-            return proc, int(line.split("http://127.0.0.1:")[1].split()[0])
+QUESTIONS = ["Once upon a time", "The history of the printing press begins", "1, 2, 3, 4, 5,",
+             "The three primary colors are", "def quicksort(items):", "Dear Sir or Madam,", "In 1969, astronauts",
+             "The recipe for bread:"]
+WORDS = ("the bakery opens at seven and closes at six, except on Sundays, when it opens at eight; rye bread costs "
+         "four euros, a baguette costs one euro twenty, and croissants are sold out by ten; orders for cakes are "
+         "taken two days ahead; the oven is wood fired and the flour comes from a mill in the valley").split()
+CONTEXT = 1536   # positions a slot holds: a 1k prompt, its question, the reply
 
 
-def call(port: int, method: str, path: str, body=None) -> dict:
+def long_prompt(tokenizer, seed) -> str:
+    """About 1000 tokens of text: the shared system prompt (seed None), or one unique to a request."""
+    words = list(WORDS) * 30
+    if seed is not None:
+        random.Random(seed).shuffle(words)
+    text = "You answer questions about a small bakery. Facts: " + " ".join(words)
+    ids = tokenizer.encode(text)[:1000]
+    return tokenizer.decode(ids) + "\n\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One engine's server process on a free port; stop() ends it."""
+
+    def __init__(self, cmd: list, port: int):
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.port, self.log = port, []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()   # drain its log
+        deadline = time.monotonic() + 600
+        while True:   # until /health says ready (llama-server listens before its model is loaded)
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                last = next((line.strip() for line in reversed(self.log) if line.strip()), "")
+                raise ValueError(f"{Path(cmd[1 if cmd[0] == sys.executable else 0]).name} did not start "
+                                 f"(exit {self.proc.poll()}): {last}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def zoofast(args, slots: int) -> Server:
+    port = free_port()
+    cmd = [sys.executable, str(REPO / "server.py"), "--port", str(port), "--checkpoint_path", args.checkpoint_path,
+           "--max_batch_size", str(slots), "--max_seq_length", str(CONTEXT), "--precision", args.precision]
+    return Server(cmd + ["--compile"] * args.compile, port)
+
+
+def llama(args, slots: int) -> Server:
+    port = free_port()
+    cmd = [str(args.llama_cpp / "build" / "bin" / "llama-server"), "-m", str(args.gguf), "-np", str(slots),
+           "-c", str(CONTEXT * slots), "-t", str(os.cpu_count()), "--host", "127.0.0.1", "--port", str(port), "-cb",
+           "--no-webui"]
+    return Server(cmd, port)
+
+
+def stream(port: int, prompt: str, max_tokens: int, seed: int) -> dict:
+    """One streamed completion: seconds to the first token, the gaps between tokens after it, tokens."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    conn.request(method, path, json.dumps(body) if body else None, {"Content-Type": "application/json"})
-    data = json.loads(conn.getresponse().read())
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": seed, "stream": True}
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    if reply.status != 200:
+        raise RuntimeError(f"HTTP {reply.status}: {reply.read()[:200]}")
+    times = []
+    for line in reply:
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        event = json.loads(line[6:])
+        if event.get("choices") and event["choices"][0].get("text"):
+            times.append(time.perf_counter())
     conn.close()
-    return data
+    return {"ttft": times[0] - t0 if times else None, "gaps": [b - a for a, b in zip(times, times[1:])],
+            "tokens": len(times)}
 
 
-def measure(port: int, concurrency: int, max_tokens: int, per_client: int) -> tuple:
-    """Each client thread sends per_client requests back to back. -> (tokens/s, decode steps/s)."""
-    tokens = [0] * concurrency
+def measure(port: int, prompts: list, clients: int, per_client: int, max_tokens: int) -> dict:
+    """clients threads, each sending per_client streamed requests back to back."""
+    results = [[] for _ in range(clients)]
 
     def client(i):
         for j in range(per_client):
-            reply = call(port, "POST", "/v1/completions", {"prompt": PROMPTS[(i + j) % len(PROMPTS)], "seed": i * 100 + j,
-                                                          "max_tokens": max_tokens, "temperature": 0.8})
-            tokens[i] += reply["usage"]["completion_tokens"]
+            results[i].append(stream(port, prompts[(i * per_client + j) % len(prompts)], max_tokens, 1000 * i + j))
 
-    steps0 = call(port, "GET", "/health")["decode_steps"]
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     seconds = time.perf_counter() - t0
-    return sum(tokens) / seconds, (call(port, "GET", "/health")["decode_steps"] - steps0) / seconds
+    flat = [r for rs in results for r in rs]
+    gaps = sorted(g for r in flat for g in r["gaps"])
+    return {"tok_s": sum(r["tokens"] for r in flat) / seconds,
+            "ttft": statistics.median(r["ttft"] for r in flat if r["ttft"] is not None),
+            "itl50": gaps[len(gaps) // 2] if gaps else float("nan"),
+            "itl99": gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))] if gaps else float("nan")}
+
+
+def prompts_of(kind: str, tokenizer, count: int) -> list:
+    if kind == "short":
+        return QUESTIONS
+    if kind == "shared":
+        system = long_prompt(tokenizer, None)
+        return [system + q for q in QUESTIONS]
+    return [long_prompt(tokenizer, 1 + i) + QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
+
+
+def benchmark(args):
+    tokenizer = cli.read_tokenizer(Path(args.checkpoint_path).parent)
+    engines = {"zoofast": zoofast} | ({"llama.cpp": llama} if args.llama_cpp else {})
+    runs = {}   # (engine, concurrency, kind) -> [result of each round]
+    unique_seed = 0
+    for r in range(args.rounds):
+        for c in args.concurrency:
+            for name, start in engines.items():
+                server = start(args, c)
+                try:
+                    measure(server.port, QUESTIONS, c, 1, 8)   # warm-up: every batch size the round will see
+                    for kind in args.kinds:
+                        count = c * args.per_client
+                        prompts = prompts_of(kind, tokenizer, count + unique_seed)[unique_seed:] \
+                            if kind == "unique" else prompts_of(kind, tokenizer, count)
+                        unique_seed += count if kind == "unique" else 0
+                        if kind == "shared":   # the first request of each slot fills its cache
+                            measure(server.port, prompts, c, 1, 4)
+                        res = measure(server.port, prompts, c, args.per_client, args.max_tokens)
+                        runs.setdefault((name, c, kind), []).append(res)
+                        print(f"round {r + 1}: {name} x{c} {kind}: {res['tok_s']:.1f} tok/s, ttft "
+                              f"{res['ttft'] * 1e3:.0f} ms, itl p50 {res['itl50'] * 1e3:.1f} p99 "
+                              f"{res['itl99'] * 1e3:.1f} ms", file=sys.stderr, flush=True)
+                finally:
+                    server.stop()
+    return runs
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def table(args, runs: dict) -> str:
+    def med(rs, key):
+        return statistics.median(r[key] for r in rs)
+
+    lines = [f"{Path(args.checkpoint_path).parent.name}: zoofast server.py ({args.precision}, "
+             f"{'compiled' if args.compile else 'eager'}) and llama-server ({Path(args.gguf).name if args.gguf else '-'}"
+             f"), {cpu_name()}, {os.cpu_count()} threads; "
+             f"{args.max_tokens} tokens a request (temperature 0.8), {args.per_client} requests per client, one slot "
+             f"per client, median of {args.rounds} interleaved round(s). Prompts: short (a few tokens), shared (a "
+             f"~1000-token system prompt common to all, then a question; each slot's first request, untimed, fills "
+             f"its cache), unique (~1000 tokens of its own: nothing cached).", "",
+             "| prompts | clients | engine | total tok/s | ours / llama.cpp | time to first token ms | "
+             "inter-token p50 ms | p99 ms |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for kind in args.kinds:
+        for c in args.concurrency:
+            ours = runs[("zoofast", c, kind)]
+            theirs = runs.get(("llama.cpp", c, kind))
+            for name, rs in (("zoofast", ours), ("llama.cpp", theirs)):
+                if rs is None:
+                    continue
+                ratio = f"{med(ours, 'tok_s') / med(theirs, 'tok_s'):.2f}x" if theirs and name == "zoofast" else ""
+                lines.append(f"| {kind} | {c} | {name} | {med(rs, 'tok_s'):.1f} | {ratio} | {med(rs, 'ttft') * 1e3:.0f}"
+                             f" | {med(rs, 'itl50') * 1e3:.1f} | {med(rs, 'itl99') * 1e3:.1f} |")
+    if "shared" in args.kinds and "unique" in args.kinds:
+        lines += ["", "Time to first token, shared (cached) / unique (uncached) system prompt:"]
+        for name in ("zoofast", "llama.cpp"):
+            ratios = [f"{c} clients {med(runs[(name, c, 'shared')], 'ttft') / med(runs[(name, c, 'unique')], 'ttft'):.2f}"
+                      for c in args.concurrency if (name, c, "shared") in runs]
+            if ratios:
+                lines.append(f"- {name}: " + ", ".join(ratios))
+    return "\n".join(lines) + "\n"
 
 
 def main():
-    p = cli.ArgumentParser(description="Total throughput of server.py under concurrent clients.")
+    p = cli.ArgumentParser(description="server.py next to llama-server under concurrent streaming clients.")
     p.add_argument("--checkpoint_path", default=str(cli.DEFAULT_CHECKPOINT),
                    help="model*.pth, its folder, or a prepared model's name (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--gguf", type=Path, default=None, help="llama-server's model (default: the default model's "
+                                                           "GGUF requantized to BF16)")
+    p.add_argument("--llama_cpp", type=Path, default=None,
+                   help="llama.cpp's source tree with build/bin/llama-server (and llama-quantize) built")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    p.add_argument("--kinds", nargs="+", default=["short", "shared", "unique"], choices=["short", "shared", "unique"])
+    p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max_tokens", type=int, default=64)
-    p.add_argument("--per_client", type=int, default=2, help="requests each client sends in a round")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--per_client", type=int, default=2, help="requests each client sends, one after another")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="ours")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     with cli.command_line():
-        benchmark(args)
-
-
-def benchmark(args):
-    cli.positive(args, "concurrency", "rounds", "max_tokens", "per_client")
-    if args.out is not None:
-        cli.writable_file(args.out)   # before the rounds, not after them
-    checkpoint = cli.find_checkpoint(args.checkpoint_path)   # prepares the default model on first use
-    cli.read_checkpoint(checkpoint)   # a bad checkpoint is found here, not through the server's log
-    cli.read_tokenizer(checkpoint.parent)
-    args.checkpoint_path = str(checkpoint)
-    proc, port = start_server(args)
-    try:
-        weight_gb = call(port, "GET", "/health")["weight_bytes_per_step"] / 1e9
-        measure(port, max(args.concurrency), 8, 1)   # warm-up: every bucket size once
-        runs = {c: [] for c in args.concurrency}
-        for r in range(args.rounds):
-            for c in args.concurrency:
-                runs[c].append(measure(port, c, args.max_tokens, args.per_client))
-                print(f"round {r + 1}: concurrency {c}: {runs[c][-1][0]:.1f} tok/s", file=sys.stderr)
-    finally:
-        proc.terminate()
-        proc.wait()
-    base = statistics.median(t for t, _ in runs[args.concurrency[0]])
-    lines = [f"server.py, {args.precision}{', compiled' if args.compile else ', eager'}, {args.max_tokens} tokens a "
-             f"request (temperature 0.8), {args.per_client} requests per client a round, median of {args.rounds} "
-             f"interleaved rounds",
-             "", "| concurrency | total tok/s | rounds | x conc. 1 | decode steps/s | weight GB/s |",
-             "|---:|---:|---|---:|---:|---:|"]
-    for c, rs in runs.items():
-        tps, sps = statistics.median(t for t, _ in rs), statistics.median(s for _, s in rs)
-        lines.append(f"| {c} | {tps:.1f} | {' / '.join(f'{t:.0f}' for t, _ in rs)} | {tps / base:.2f}x | {sps:.1f} | "
-                     f"{sps * weight_gb:.1f} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        header = f"<!-- python scripts/benchmark_server.py {' '.join(sys.argv[1:])} -->\n"
-        cli.write_atomic({args.out: (header + table).encode()})
+        cli.positive(args, "concurrency", "rounds", "max_tokens", "per_client")
+        if args.out is not None:
+            cli.writable_file(args.out)   # before the rounds, not after them
+        checkpoint = cli.find_checkpoint(args.checkpoint_path)   # prepares the default model on first use
+        cli.read_checkpoint(checkpoint)
+        args.checkpoint_path = str(checkpoint)
+        if args.llama_cpp is not None:
+            if not (args.llama_cpp / "build" / "bin" / "llama-server").is_file():
+                raise ValueError("--llama_cpp must be a llama.cpp tree with build/bin/llama-server built")
+            if args.gguf is None:
+                shipped = next((checkpoint.parent / "gguf").glob("*.gguf"), None)
+                if shipped is None:
+                    raise ValueError("--gguf is needed for a model that did not come from a GGUF")
+                args.gguf = requantized(shipped, "BF16", args.llama_cpp)
+            elif not args.gguf.is_file():
+                raise ValueError(f"--gguf {args.gguf} is not a file")
+        text = table(args, benchmark(args))
+        print(text)
+        if args.out:
+            header = f"<!-- python scripts/benchmark_server.py {' '.join(sys.argv[1:])} -->\n"
+            cli.write_atomic({args.out: (header + text).encode()})
 
 
 if __name__ == "__main__":

@@ -173,6 +173,8 @@ FLAG_CASES = {   # id -> (script and arguments, {zoo} for the zoo folder; words 
                                        "--concurrency must be positive"),
     "benchmark-server-out-unwritable": (["scripts/benchmark_server.py", "--out", "{zoo}/afile/s.md"], "is not a folder"),
     "benchmark-server-precision-bogus": (["scripts/benchmark_server.py", "--precision", "fp8"], "invalid choice"),
+    "benchmark-server-llama-unbuilt": (["scripts/benchmark_server.py", "--llama_cpp", "{zoo}"],
+                                       "build/bin/llama-server built"),
     "benchmark-scale-no-hf": (["scripts/benchmark_scale.py", "--hf", "{zoo}/nowhere"], "--hf must be an HF folder"),
     "benchmark-scale-variant-bogus": (["scripts/benchmark_scale.py", "--variants", "bf16,fp8"],
                                       "unknown variants ['fp8']"),

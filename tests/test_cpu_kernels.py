@@ -165,7 +165,8 @@ needs_bf16 = pytest.mark.skipif(not kernels.load("bf16"), reason="no AVX512-BF16
 
 
 @needs_bf16
-@pytest.mark.parametrize("M, N, K", [(1, 1, 32), (1, 1536, 576), (3, 200, 96), (8, 576, 1536), (2, 49, 4096)])
+@pytest.mark.parametrize("M, N, K", [(1, 1, 32), (1, 1536, 576), (3, 200, 96), (8, 576, 1536), (2, 49, 4096),
+                                     (9, 7, 64), (16, 1536, 576), (13, 33, 96)])
 def test_bf16_gemv_is_the_product_rounded_once(M, N, K):
     g = torch.Generator().manual_seed(N + K)
     w = torch.randn(N, K, generator=g).to(torch.bfloat16)

@@ -11,7 +11,8 @@ import cpu_kernels as kernels
 import packed
 from packed import Bf16Linear, PackedLinear, can_pack, file_mappings
 
-IDS = torch.tensor([[1, 504, 3458, 282, 260, 4981, 2003, 28, 5076, 314, 253]])
+IDS = torch.tensor([[1, 504, 3458, 282, 260, 4981, 2003, 28, 5076, 314, 253, 504, 3458, 282, 260, 4981, 2003, 28, 5076,
+                     314]])   # more rows than cpu_kernels.GEMV_ROWS: a prefill that takes the GEMM
 
 
 def rel(a, b) -> float:
