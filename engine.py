@@ -63,6 +63,7 @@ class Request:
         self.logit_bias = logit_bias or {}
         self.grammar = grammar            # a structured.Matcher: the reply must be a document of its schema
         self.counts: Optional[torch.Tensor] = None   # how often each token was generated (the penalties')
+        self.lookup = None                # its gen.PromptLookup, when the engine drafts for it
         self.logprob_entries: list = []   # (token, logprob, [(token, logprob)] * k) for each token of the reply
         self.events: queue.Queue = queue.Queue()
         self.cancelled = False
@@ -122,11 +123,11 @@ class Engine:
     def __init__(self, checkpoint_path=gen.DEFAULT_CHECKPOINT, device: str = "auto", precision: str = "bf16",
                  max_batch_size: int = 8, max_seq_length: int = 2048, max_waiting: Optional[int] = None,
                  compile: bool = False, background: bool = False, prefill_chunk: int = gen.PREFILL_CHUNK,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, prompt_lookup: int = 0):
         if max_batch_size <= 0 or max_seq_length <= 1 or (max_waiting is not None and max_waiting < 0) or \
-                prefill_chunk <= 0:
-            raise ValueError("max_batch_size and prefill_chunk must be positive, max_seq_length above 1 and "
-                             "max_waiting at least 0")
+                prefill_chunk <= 0 or prompt_lookup < 0:
+            raise ValueError("max_batch_size and prefill_chunk must be positive, max_seq_length above 1, "
+                             "max_waiting and prompt_lookup at least 0")
         if precision not in gen.PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(sorted(gen.PRECISIONS))}")
         self.device = gen.pick_device(device)
@@ -154,6 +155,10 @@ class Engine:
         self.cached: list = [[] for _ in range(max_batch_size)]
         self.used = [0.0] * max_batch_size   # when each row last took a request: a new prompt goes to the oldest
         self.pending: list = []              # taken off `waiting`, not yet in a slot
+        # prompt-lookup decoding (generate.PromptLookup) for a greedy request decoding alone: up to this many tokens
+        # drafted from its prompt and reply, checked in one forward; several requests share the batched step instead
+        self.prompt_lookup = prompt_lookup
+        self.drafted = self.accepted = 0
         with torch.no_grad():
             self.model.setup_caches(max_batch_size, self.max_seq_length)
         self.kv_bytes = sum(b.numel() * b.element_size() for n, b in self.model.named_buffers()
@@ -356,6 +361,8 @@ class Engine:
             r.generator = torch.Generator(self.device)
             r.generator.manual_seed(r.seed if r.seed is not None else torch.seed())
             r.decoder = StreamDecoder(self.tokenizer)
+            if self.prompt_lookup and r.temperature == 0 and r.logprobs is None and not r.adjusts():
+                r.lookup = gen.PromptLookup(r.ids, self.prompt_lookup)
         self.peak_busy = max(self.peak_busy, sum(s is not None for s in self.slots))
         return True
 
@@ -417,7 +424,10 @@ class Engine:
     @torch.no_grad()
     def step(self):
         """One decode step for the first n slots (n: the bucket that covers every busy slot)."""
-        busy = max(i for i, s in enumerate(self.slots) if decoding(s)) + 1
+        rows = [i for i, s in enumerate(self.slots) if decoding(s)]
+        if len(rows) == 1 and self.slots[rows[0]].lookup is not None and self.lookup_step(rows[0]):
+            return
+        busy = rows[-1] + 1
         n = next(b for b in self.buckets if b >= busy)
         t0 = time.perf_counter()
         try:
@@ -446,6 +456,41 @@ class Engine:
                 self.emit(row, r, *tokens[row])
             except Exception as e:
                 self.fail(r, e)
+
+    def lookup_step(self, row: int) -> bool:
+        """A prompt-lookup step for the one request decoding: its draft and current token in one forward, the
+        greedy tokens up to the first miss kept (the same tokens plain greedy steps give). False: no draft now."""
+        r = self.slots[row]
+        draft, _ = r.lookup.propose(self.cur[row], 0)
+        if draft is None:
+            return False
+        draft = draft[: self.max_seq_length - 1 - int(self.pos[row]) - 1]   # the cache's last position stays free
+        if len(draft) == 0:
+            return False
+        t0 = time.perf_counter()
+        pos = int(self.pos[row])
+        try:
+            x = torch.cat([self.cur[row].view(1, 1), draft.view(1, -1).to(self.cur.dtype)], 1)
+            logits = self.model(x, gen.positions(pos, x.shape[1], self.device),
+                                rows=torch.tensor([row], device=self.device))[0, :, : self.vocab_size]
+            new = gen.speculative_accept(draft, None, logits.float(), greedy=True).tolist()
+        except Exception as e:
+            self.fail(r, e)
+            return True
+        r.lookup.accepted(draft, len(new) - 1, pos)
+        self.steps += 1
+        self.drafted += len(draft)
+        self.accepted += len(new) - 1
+        self.metrics.decode_seconds.inc(time.perf_counter() - t0)
+        self.cached[row] += x[0, : len(new)].tolist()   # the tokens this forward took in that are kept
+        self.pos[row] = pos + len(new)
+        for token in new:
+            if r.finish_reason is not None or r.cancelled:
+                break
+            self.emit(row, r, token)
+        if r.cancelled:
+            self.finish(r, "cancelled")
+        return True
 
     def sample_rows(self, logits: torch.Tensor, requests: list) -> list:
         """The next token of each row of logits [R, vocab] for requests[i] (None: a row nobody reads), in one batched
@@ -488,6 +533,8 @@ class Engine:
         self.cur[row] = token
         r.tokens.append(token)
         self.metrics.token(r)
+        if r.lookup is not None:
+            r.lookup.push(token)
         if token in self.tokenizer.stop_ids:
             return self.finish(r, "stop")
         if entry is not None:

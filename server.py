@@ -585,6 +585,9 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (one graph per batch bucket)")
     p.add_argument("--prefill_chunk", type=int, default=gen.PREFILL_CHUNK,
                    help="prompt tokens prefilled between two decode steps (a long prompt stalls other streams this long)")
+    p.add_argument("--prompt_lookup", type=int, default=0, metavar="N",
+                   help="prompt-lookup decoding for a greedy request decoding alone: up to N tokens drafted from its "
+                        "prompt and reply a step (default 0: off)")
     p.add_argument("--no_prefix_cache", action="store_true",
                    help="prefill every prompt whole (default: reuse the longest prefix some slot's cache holds)")
     p.add_argument("--device", default="auto")
@@ -597,6 +600,8 @@ def main(argv=None):
     p.add_argument("--request_timeout", type=float, default=30, help="seconds to send request line, headers and body")
     args = p.parse_args(argv)
     with command_line():
+        if args.prompt_lookup < 0:
+            raise ValueError(f"--prompt_lookup must be at least 0, got {args.prompt_lookup}")
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be in 0..65535, got {args.port}")
         positive(args, "max_connections", "max_body_mb", "timeout", "request_timeout", "prefill_chunk")
@@ -609,7 +614,7 @@ def main(argv=None):
                              f"or --host") from None
         engine = Engine(args.checkpoint_path, args.device, args.precision, args.max_batch_size, args.max_seq_length,
                         args.max_waiting, args.compile, prefill_chunk=args.prefill_chunk,
-                        prefix_cache=not args.no_prefix_cache)
+                        prefix_cache=not args.no_prefix_cache, prompt_lookup=args.prompt_lookup)
         httpd.RequestHandlerClass.engine = engine
 
     def stop_accepting():

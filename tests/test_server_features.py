@@ -274,3 +274,21 @@ def test_metrics_parse_and_count(client, engine):
     assert ("zoofast_waiting_requests", ()) in after and ("zoofast_busy_slots", ()) in after
     model = client.models.list().data[0]
     assert model.id == engine.name and model.context_length == engine.max_seq_length
+
+
+def test_prompt_lookup_greedy_equals_plain(default_checkpoint, engine):
+    """A reply that copies its prompt: drafted from the prompt, checked in one forward, the same greedy tokens."""
+    text = ("Please repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the old river "
+            "bank while the farmer watches from his wooden porch.")
+    ids = engine.tokenizer.apply_chat([{"role": "user", "content": text}])
+    e = server.Engine(default_checkpoint / "model.pth", "cpu", "fp32", max_batch_size=2, max_seq_length=512,
+                      prompt_lookup=8)
+    try:
+        looked = e.submit(ids, max_tokens=40, temperature=0)
+        "".join(e.stream(looked))
+        assert e.accepted > 0 and 2 * e.steps <= len(looked.tokens)   # drafts were taken: tokens >= 2x the steps
+    finally:
+        e.close()
+    plain = engine.submit(ids, max_tokens=40, temperature=0)
+    "".join(engine.stream(plain))
+    assert looked.tokens == plain.tokens and looked.text == plain.text
