@@ -123,7 +123,7 @@ class Engine:
     def __init__(self, checkpoint_path=gen.DEFAULT_CHECKPOINT, device: str = "auto", precision: str = "bf16",
                  max_batch_size: int = 8, max_seq_length: int = 2048, max_waiting: Optional[int] = None,
                  compile: bool = False, background: bool = False, prefill_chunk: int = gen.PREFILL_CHUNK,
-                 prefix_cache: bool = True, prompt_lookup: int = 0):
+                 prefix_cache: bool = True, prompt_lookup: int = 0, tensor_parallel: bool = False):
         if max_batch_size <= 0 or max_seq_length <= 1 or (max_waiting is not None and max_waiting < 0) or \
                 prefill_chunk <= 0 or prompt_lookup < 0:
             raise ValueError("max_batch_size and prefill_chunk must be positive, max_seq_length above 1, "
@@ -136,8 +136,11 @@ class Engine:
         self.tokenizer = read_tokenizer(checkpoint.parent)
         context = min(max_seq_length, read_config(checkpoint.parent).block_size)
         # every slot reserves the whole context: a configuration that cannot fit is refused before loading
-        self.model = gen.load_model(checkpoint, self.device, gen.PRECISIONS[precision],
+        self.model = gen.load_model(checkpoint, self.device, gen.PRECISIONS[precision], use_tp=tensor_parallel,
                                     reserve=(max_batch_size, context), prefill_rows=1)
+        # under torchrun (tensor_parallel): rank 0 schedules and serves, and before each forward tells the other ranks
+        # (follow()) to run the same one on their shards
+        self.world = torch.distributed.get_world_size() if tensor_parallel else 1
         config = self.model.config
         self.name = config.name or checkpoint.parent.name
         # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled: no text decodes to them
@@ -316,6 +319,8 @@ class Engine:
             print(f"error: {self.fatal}", file=sys.stderr, flush=True)
         with self.lock:
             self.closed = True
+        if self.world > 1:
+            self.forward("stop")
         error = server_error(RuntimeError(self.fatal)) if self.fatal else \
             APIError(503, "the server shut down before this request finished", kind="server_error")
         for r in [s for s in self.slots if s is not None] + self.pending + \
@@ -347,7 +352,7 @@ class Engine:
             row, source, n = place
             try:
                 if source not in (None, row):
-                    self.copy_prefix(source, row, n)
+                    self.forward("copy", source, row, n)
             except Exception as e:
                 self.fail(r, e)
                 continue
@@ -386,6 +391,24 @@ class Engine:
         row = source if self.slots[source] is None else min(free, key=lambda i: self.used[i])
         return row, source, n
 
+    def forward(self, op: str, *args):
+        """Every model call of the scheduler: FORWARDS[op](self, *args), first announced to the other ranks under
+        tensor parallelism (their shards compute along; the tokens and positions come from here)."""
+        if self.world > 1:
+            torch.distributed.broadcast_object_list([(op, [a.cpu() if torch.is_tensor(a) else a for a in args])])
+        return FORWARDS[op](self, *args)
+
+    def follow(self):
+        """A rank other than 0 under tensor parallelism: run the forwards rank 0 announces until it stops."""
+        with torch.no_grad():
+            while True:
+                box = [None]
+                torch.distributed.broadcast_object_list(box)
+                op, args = box[0]
+                if op == "stop":
+                    return
+                FORWARDS[op](self, *[a.to(self.device) if torch.is_tensor(a) else a for a in args])
+
     def copy_prefix(self, source: int, row: int, n: int):
         """Row `row`'s cache positions 0..n-1 <- row `source`'s (every layer's keys and values)."""
         with torch.no_grad():
@@ -407,11 +430,10 @@ class Engine:
         end = min(T, start + gen.chunk_size(self.model.config, T, self.prefill_chunk))
         t0 = time.perf_counter()
         try:
-            logits = gen.prefill_logits(self.model, torch.tensor([r.ids[start:end]], dtype=torch.int,
-                                                                 device=self.device),
-                                        torch.arange(start, end, device=self.device).view(1, -1),
-                                        torch.tensor([end - start - 1], device=self.device),
-                                        torch.tensor([row], device=self.device))
+            logits = self.forward("prefill", torch.tensor([r.ids[start:end]], dtype=torch.int, device=self.device),
+                                  torch.arange(start, end, device=self.device).view(1, -1),
+                                  torch.tensor([end - start - 1], device=self.device),
+                                  torch.tensor([row], device=self.device))
             self.cached[row] += r.ids[start:end]
             r.prefilled = end
             self.metrics.prefill_seconds.inc(time.perf_counter() - t0)
@@ -431,7 +453,7 @@ class Engine:
         n = next(b for b in self.buckets if b >= busy)
         t0 = time.perf_counter()
         try:
-            logits = self.step_fn(self.model, self.cur[:n], self.pos[:n])[:, : self.vocab_size]
+            logits = self.forward("decode", self.cur[:n], self.pos[:n])[:, : self.vocab_size]
             tokens = self.sample_rows(logits[:busy], [s if decoding(s) else None for s in self.slots[:busy]])
         except Exception as e:   # no row can go on: each busy request fails; again and again, the engine gives up
             self.step_failures += 1
@@ -471,8 +493,8 @@ class Engine:
         pos = int(self.pos[row])
         try:
             x = torch.cat([self.cur[row].view(1, 1), draft.view(1, -1).to(self.cur.dtype)], 1)
-            logits = self.model(x, gen.positions(pos, x.shape[1], self.device),
-                                rows=torch.tensor([row], device=self.device))[0, :, : self.vocab_size]
+            logits = self.forward("verify", x, gen.positions(pos, x.shape[1], self.device),
+                                  torch.tensor([row], device=self.device))[0, :, : self.vocab_size]
             new = gen.speculative_accept(draft, None, logits.float(), greedy=True).tolist()
         except Exception as e:
             self.fail(r, e)
@@ -581,6 +603,15 @@ class Engine:
         if error is None:
             self.send(r, len(r.text))
         r.events.put(("done", reason))
+
+
+FORWARDS = {   # the model calls Engine.forward runs (and announces to the other ranks under tensor parallelism)
+    "prefill": lambda e, ids, pos, last, row: gen.prefill_logits(e.model, ids, pos, last, row),
+    "decode": lambda e, cur, pos: e.step_fn(e.model, cur, pos),
+    "verify": lambda e, x, pos, row: e.model(x, pos, rows=row),
+    "copy": lambda e, source, row, n: e.copy_prefix(source, row, n),
+    "stop": lambda e: None,
+}
 
 
 def adjust(r: Request, logits: torch.Tensor):

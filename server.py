@@ -606,17 +606,27 @@ def main(argv=None):
             raise ValueError(f"--port must be in 0..65535, got {args.port}")
         positive(args, "max_connections", "max_body_mb", "timeout", "request_timeout", "prefill_chunk")
         t0 = time.perf_counter()
-        try:   # bind first: a port in use fails now, not after the model has loaded (and compiled)
-            httpd = serve(None, args.host, args.port, args.api_key, args.max_connections,
-                          int(args.max_body_mb * 2**20), args.timeout, args.request_timeout)
-        except OSError as e:
-            raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pick another --port "
-                             f"or --host") from None
-        engine = Engine(args.checkpoint_path, args.device, args.precision, args.max_batch_size, args.max_seq_length,
+        # under torchrun: rank 0 serves and schedules, every rank holds its shard and runs the same forwards
+        rank, device = gen.start_tp(gen.pick_device(args.device))
+        if not rank:
+            try:   # bind first: a port in use fails now, not after the model has loaded (and compiled)
+                httpd = serve(None, args.host, args.port, args.api_key, args.max_connections,
+                              int(args.max_body_mb * 2**20), args.timeout, args.request_timeout)
+            except OSError as e:
+                raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); pick another "
+                                 f"--port or --host") from None
+        engine = Engine(args.checkpoint_path, device, args.precision, args.max_batch_size, args.max_seq_length,
                         args.max_waiting, args.compile, prefill_chunk=args.prefill_chunk,
-                        prefix_cache=not args.no_prefix_cache, prompt_lookup=args.prompt_lookup)
+                        prefix_cache=not args.no_prefix_cache, prompt_lookup=args.prompt_lookup,
+                        tensor_parallel=rank is not None)
+        if rank:
+            return engine.follow()
         httpd.RequestHandlerClass.engine = engine
+        run(engine, httpd, args, t0)   # inside command_line(): under torchrun the process group lives until the end
 
+
+def run(engine: Engine, httpd, args, t0: float):
+    """Serve until a signal (drain, then stop) or a fatal scheduler error (exit 1)."""
     def stop_accepting():
         httpd.shutdown()
         httpd.server_close()   # new connections are refused from here on
@@ -634,6 +644,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_signal)
     print(f"serving {engine.name} on http://{args.host}:{httpd.server_address[1]} ({args.max_batch_size} slots x "
           f"{engine.max_seq_length} positions, KV cache {engine.kv_bytes / 1e9:.2f} GB"
+          f"{f', tensor parallel over {engine.world} ranks' if engine.world > 1 else ''}"
           f"{', API key required' if args.api_key else ''}, ready in {time.perf_counter() - t0:.1f} s)",
           file=sys.stderr, flush=True)
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()

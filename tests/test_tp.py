@@ -112,3 +112,58 @@ def test_default_model_eval_under_three_ranks_equals_one_process(default_checkpo
     a, b = (json.loads((tmp_path / f).read_text())["results"] for f in ("one.json", "three.json"))
     assert a["zoo_mc"]["acc,none"] == b["zoo_mc"]["acc,none"]
     assert a["zoo_ppl"]["word_perplexity,none"] == pytest.approx(b["zoo_ppl"]["word_perplexity,none"], rel=1e-5)
+
+
+def test_server_under_three_ranks_replies_as_one_process(default_checkpoint):
+    """torchrun server.py: rank 0 serves and schedules, every rank runs the same forwards on its shard. Concurrent
+    greedy requests (batched decode steps), a prompt that finds its prefix cached (the cache copy runs on every
+    rank) and a chunked long prompt reply as one process does."""
+    import signal
+    import socket
+    import threading
+    import urllib.request
+    import server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    args = ["--checkpoint_path", default_checkpoint / "model.pth", "--precision", "fp32", "--device", "cpu",
+            "--max_batch_size", "4", "--max_seq_length", "256", "--prefill_chunk", "32"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                             "server.py", "--port", str(port), *map(str, args)], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Water boils at",
+               "The capital of France is a city", "word " * 80 + "and so"]
+    try:
+        log = []
+        for line in proc.stderr:
+            log.append(line)
+            if line.startswith("serving "):
+                break
+        assert "tensor parallel over 3 ranks" in "".join(log), "".join(log)[-3000:]
+
+        def ask(prompt):
+            body = json.dumps({"prompt": prompt, "max_tokens": 16, "temperature": 0}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return json.loads(r.read())
+
+        replies = [None] * 4
+        threads = [threading.Thread(target=lambda i=i: replies.__setitem__(i, ask(prompts[i]))) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        replies += [ask(p) for p in prompts[4:]]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    one = server.Engine(default_checkpoint / "model.pth", "cpu", "fp32", max_batch_size=4, max_seq_length=256)
+    try:
+        expected = [one.response(p, max_tokens=16, temperature=0) for p in prompts]
+    finally:
+        one.close()
+    assert [r["choices"][0]["text"] for r in replies] == expected
+    assert replies[4]["usage"]["prompt_tokens_details"]["cached_tokens"] >= 5   # its prefix came from a cache
