@@ -81,19 +81,48 @@ class Server:
         self.proc.wait()
 
 
-def zoofast(args, slots: int) -> Server:
+def zoofast(args, slots: int, context: int = CONTEXT, extra=()) -> Server:
     port = free_port()
     cmd = [sys.executable, str(REPO / "server.py"), "--port", str(port), "--checkpoint_path", args.checkpoint_path,
-           "--max_batch_size", str(slots), "--max_seq_length", str(CONTEXT), "--precision", args.precision]
-    return Server(cmd + ["--compile"] * args.compile, port)
+           "--max_batch_size", str(slots), "--max_seq_length", str(context), "--precision", args.precision]
+    return Server(cmd + ["--compile"] * args.compile + list(extra), port)
 
 
-def llama(args, slots: int) -> Server:
+def llama(args, slots: int, context: int = CONTEXT) -> Server:
     port = free_port()
     cmd = [str(args.llama_cpp / "build" / "bin" / "llama-server"), "-m", str(args.gguf), "-np", str(slots),
-           "-c", str(CONTEXT * slots), "-t", str(os.cpu_count()), "--host", "127.0.0.1", "--port", str(port), "-cb",
+           "-c", str(context * slots), "-t", str(os.cpu_count()), "--host", "127.0.0.1", "--port", str(port), "-cb",
            "--no-webui"]
     return Server(cmd, port)
+
+
+def stall(args, tokenizer) -> list:
+    """The worst gap between two tokens of a running stream while another client sends an args.stall-token prompt:
+    (engine and setting, worst gap s, the long prompt's time to first token s) for each."""
+    words = (" ".join(WORDS) + " ") * (args.stall // 40 + 2)
+    long = tokenizer.decode(tokenizer.encode(words)[: args.stall])
+    context = args.stall + 512
+    setups = [(f"zoofast --prefill_chunk {c}" + (" (one shot: before chunking)" if c >= args.stall else ""),
+               lambda c=c: zoofast(args, 2, context, ["--prefill_chunk", str(c)])) for c in (args.stall, 512, 128)]
+    if args.llama_cpp:
+        setups.append(("llama-server (defaults: -b 2048 -ub 512)", lambda: llama(args, 2, context)))
+    rows = []
+    for name, start in setups:
+        server = start()
+        try:
+            measure(server.port, QUESTIONS, 1, 1, 8)   # warm-up
+            running, late = {}, {}
+            t = threading.Thread(target=lambda: running.update(stream(server.port, "Once upon a time", 300, 1)))
+            t.start()
+            time.sleep(1.0)
+            late.update(stream(server.port, long, 1, 2))
+            t.join()
+            rows.append((name, max(running["gaps"]), late["ttft"]))
+            print(f"stall: {name}: worst gap {rows[-1][1] * 1e3:.0f} ms, long prompt's first token "
+                  f"{rows[-1][2]:.2f} s", file=sys.stderr, flush=True)
+        finally:
+            server.stop()
+    return rows
 
 
 def stream(port: int, prompt: str, max_tokens: int, seed: int) -> dict:
@@ -232,10 +261,14 @@ def main():
     p.add_argument("--per_client", type=int, default=2, help="requests each client sends, one after another")
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="ours")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--stall", type=int, default=4096,
+                   help="also measure a running stream's worst gap while a prompt of this many tokens arrives (0: no)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     with cli.command_line():
         cli.positive(args, "concurrency", "rounds", "max_tokens", "per_client")
+        if args.stall < 0:
+            raise ValueError(f"--stall must be at least 0, got {args.stall}")
         if args.out is not None:
             cli.writable_file(args.out)   # before the rounds, not after them
         checkpoint = cli.find_checkpoint(args.checkpoint_path)   # prepares the default model on first use
@@ -251,7 +284,14 @@ def main():
                 args.gguf = requantized(shipped, "BF16", args.llama_cpp)
             elif not args.gguf.is_file():
                 raise ValueError(f"--gguf {args.gguf} is not a file")
+        tokenizer = cli.read_tokenizer(checkpoint.parent)
+        stalls = stall(args, tokenizer) if args.stall else []
         text = table(args, benchmark(args))
+        if stalls:
+            text += (f"\nA stream of 300 tokens running while another client sends a {args.stall}-token prompt "
+                     "(one slot each): the stream's worst gap between two tokens, and the long prompt's time to "
+                     "first token.\n\n| server | worst gap ms | long prompt's first token s |\n|---|---:|---:|\n" +
+                     "".join(f"| {n} | {g * 1e3:.0f} | {f:.2f} |\n" for n, g, f in stalls))
         print(text)
         if args.out:
             header = f"<!-- python scripts/benchmark_server.py {' '.join(sys.argv[1:])} -->\n"

@@ -157,9 +157,13 @@ def test_server_under_three_ranks_replies_as_one_process(default_checkpoint):
         for t in threads:
             t.join()
         replies += [ask(p) for p in prompts[4:]]
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    finally:   # torchrun passes SIGTERM on to its workers (it starts them in sessions of their own)
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     one = server.Engine(default_checkpoint / "model.pth", "cpu", "fp32", max_batch_size=4, max_seq_length=256)
     try:
         expected = [one.response(p, max_tokens=16, temperature=0) for p in prompts]
