@@ -458,6 +458,9 @@ def logprobs(tokenizer, entries: list, chat: bool) -> dict:
 class Server(ThreadingHTTPServer):
     """A thread per connection, at most max_connections of them; one more is told 503 and closed."""
     daemon_threads = True
+    # the kernel's queue of connections not yet accepted: socketserver's 5 overflowed when 32 clients connected at
+    # once while the scheduler held the interpreter, and the overflow came back to clients as connection resets
+    request_queue_size = 128
     BUSY = APIError(503, "too many open connections; retry shortly", kind="server_error").body()
 
     def __init__(self, address, handler, max_connections: int):
