@@ -2,7 +2,6 @@
 # the official `openai` client where a client sees it. The default model in fp32, so that a reply is deterministic
 # and can be compared with the model's own forward.
 import json
-import threading
 import time
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 import engine as eng
 import generate as gen
 import server
+from test_server import client, url  # noqa: F401  (test_server's HTTP server and openai client, over this engine)
 
 openai = pytest.importorskip("openai")
 SYSTEM = ("You are a careful assistant for a small bakery. You answer questions about bread, opening hours and "
@@ -23,16 +23,6 @@ def engine(default_checkpoint):
                       background=True)
     yield e
     e.close()
-
-
-@pytest.fixture(scope="module")
-def client(engine):
-    httpd = server.serve(engine, "127.0.0.1", 0)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="unused", max_retries=0,
-                        timeout=300)
-    httpd.shutdown()
-    httpd.server_close()
 
 
 @pytest.fixture(scope="module")
