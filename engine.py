@@ -420,28 +420,51 @@ class Engine:
     @torch.no_grad()
     def prefill_chunk_step(self):
         """The next chunk of the oldest prompt still being prefilled (all of it where the family needs the whole
-        prompt at once); its last chunk gives the request its first token, and the row joins the decode steps."""
-        rows = [i for i, s in enumerate(self.slots) if s is not None and not decoding(s)]
+        prompt at once), together with the whole rest of as many next prompts as fit in the same chunk budget (a
+        burst of short prompts: one forward, not one each); a prompt's last chunk gives its first token, and its
+        row joins the decode steps."""
+        rows = sorted((i for i, s in enumerate(self.slots) if s is not None and not decoding(s)),
+                      key=lambda i: self.used[i])
         if not rows:
             return
-        row = min(rows, key=lambda i: self.used[i])
-        r = self.slots[row]
-        T, start = len(r.ids), r.prefilled
-        end = min(T, start + gen.chunk_size(self.model.config, T, self.prefill_chunk))
+        first = self.slots[rows[0]]
+        T = len(first.ids)
+        chunk = gen.chunk_size(self.model.config, T, self.prefill_chunk)
+        spans = [(rows[0], first.prefilled, min(T, first.prefilled + chunk))]
+        budget = self.prefill_chunk - (spans[0][2] - spans[0][1])
+        if chunk == self.prefill_chunk:   # not where a prefill needs its whole prompt at once
+            for row in rows[1:]:
+                r = self.slots[row]
+                if len(r.ids) - r.prefilled > budget:
+                    break
+                spans.append((row, r.prefilled, len(r.ids)))
+                budget -= len(r.ids) - r.prefilled
+        width = max(end - start for _, start, end in spans)
+        # right-padded rows; a padding token's position runs on past its prompt (never attended by it, overwritten
+        # before any later query reads it), at most the cache's unused last position
+        ids = torch.tensor([self.slots[row].ids[start:end] + [0] * (width - end + start) for row, start, end in spans],
+                           dtype=torch.int, device=self.device)
+        pos = torch.stack([torch.arange(start, start + width, device=self.device) for _, start, _ in spans])
         t0 = time.perf_counter()
         try:
-            logits = self.forward("prefill", torch.tensor([r.ids[start:end]], dtype=torch.int, device=self.device),
-                                  torch.arange(start, end, device=self.device).view(1, -1),
-                                  torch.tensor([end - start - 1], device=self.device),
-                                  torch.tensor([row], device=self.device))
+            logits = self.forward("prefill", ids, pos.clamp(max=self.max_seq_length - 1),
+                                  torch.tensor([end - start - 1 for _, start, end in spans], device=self.device),
+                                  torch.tensor([row for row, _, _ in spans], device=self.device))
+        except Exception as e:   # out of memory in a long prefill, say: these requests fail, the others go on
+            for row, _, _ in spans:
+                self.fail(self.slots[row], e)
+            return
+        self.metrics.prefill_seconds.inc(time.perf_counter() - t0)
+        for k, (row, start, end) in enumerate(spans):
+            r = self.slots[row]
             self.cached[row] += r.ids[start:end]
             r.prefilled = end
-            self.metrics.prefill_seconds.inc(time.perf_counter() - t0)
-            if end == T:
-                self.pos[row], self.busy[row] = T, 1
-                self.emit(row, r, *self.pick(r, logits[0]))
-        except Exception as e:   # out of memory in a long prefill, say: this request fails, the others go on
-            self.fail(r, e)
+            if end == len(r.ids):
+                self.pos[row], self.busy[row] = end, 1
+                try:
+                    self.emit(row, r, *self.pick(r, logits[k]))
+                except Exception as e:
+                    self.fail(r, e)
 
     @torch.no_grad()
     def step(self):

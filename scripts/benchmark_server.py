@@ -217,7 +217,8 @@ def table(args, runs: dict) -> str:
     def med(rs, key):
         return statistics.median(r[key] for r in rs)
 
-    lines = [f"{Path(args.checkpoint_path).parent.name}: zoofast server.py ({args.precision}, "
+    folder = Path(args.checkpoint_path).parent
+    lines = [f"{cli.read_config(folder).name or folder.name}: zoofast server.py ({args.precision}, "
              f"{'compiled' if args.compile else 'eager'}) and llama-server ({Path(args.gguf).name if args.gguf else '-'}"
              f"), {cpu_name()}, {os.cpu_count()} threads; "
              f"{args.max_tokens} tokens a request (temperature 0.8), {args.per_client} requests per client, one slot "
