@@ -48,6 +48,7 @@ def main():
         tmp = out.with_suffix(".tmp")
         torch.save(results, tmp)
         os.replace(tmp, out)
+    dist.barrier()   # every rank is done before any tears gloo down (a rank once aborted in teardown: exit -6)
     dist.destroy_process_group()
 
 
