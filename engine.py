@@ -384,7 +384,7 @@ class Engine:
         n, source = max(hits, key=lambda h: (h[0], self.slots[h[1]] is None))
         coming = max((common_prefix(s.ids, ids, most) for s in self.slots if s is not None and not decoding(s)),
                      default=0)
-        if coming > max(n, 0) and coming >= 16:
+        if coming > n and coming >= 16:
             return None
         if n == 0:
             return min(free, key=lambda i: (len(self.cached[i]) > 0, self.used[i])), None, 0
@@ -509,11 +509,11 @@ class Engine:
         draft, _ = r.lookup.propose(self.cur[row], 0)
         if draft is None:
             return False
-        draft = draft[: self.max_seq_length - 1 - int(self.pos[row]) - 1]   # the cache's last position stays free
+        pos = int(self.pos[row])
+        draft = draft[: self.max_seq_length - 2 - pos]   # positions pos..pos+k; the cache's last one stays free
         if len(draft) == 0:
             return False
         t0 = time.perf_counter()
-        pos = int(self.pos[row])
         try:
             x = torch.cat([self.cur[row].view(1, 1), draft.view(1, -1).to(self.cur.dtype)], 1)
             logits = self.forward("verify", x, gen.positions(pos, x.shape[1], self.device),

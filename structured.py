@@ -67,11 +67,8 @@ class Matcher:
             raise ValueError("response_format needs the llguidance package (pip install llguidance)")
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
             schema, defaults={"whitespace_flexible": False})   # compact JSON: no runs of whitespace to wander into
-        error = llguidance.LLMatcher.validate_grammar(grammar, lltokenizer(tokenizer, vocab_size))
-        if error and not error.startswith("WARNING"):
-            raise ValueError(f"the schema cannot be used: {error.splitlines()[0][:200]}")
         self.matcher = llguidance.LLMatcher(lltokenizer(tokenizer, vocab_size), grammar, log_level=0)
-        if self.matcher.is_error():
+        if self.matcher.is_error():   # an unusable schema: the matcher starts in its error state
             raise ValueError(f"the schema cannot be used: {self.matcher.get_error()[:200]}")
 
     def mask(self, logits: torch.Tensor):
