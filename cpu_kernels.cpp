@@ -1,5 +1,6 @@
-// The CPU decode GEMVs (a few rows of activations against a whole weight matrix), AVX-512. cpu_kernels.py builds this
-// once per machine and torch version; quantize.py routes int8 and int4 linears here, packed.py bf16 ones.
+// The CPU decode GEMVs (a few rows of activations against a whole weight matrix), AVX-512, and decode attention over
+// a paged KV cache. cpu_kernels.py builds this once per machine and torch version; quantize.py routes int8 and int4
+// linears here, packed.py bf16 ones, model.PagedKVCache its decode steps.
 //
 // llama.cpp's trick for int8 and int4: the activations are quantized on the fly to int8 in blocks of 32 (one fp32
 // scale each), so the inner loop is one VNNI dot (64 byte products) per 64 weights instead of converting every
@@ -22,6 +23,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -337,6 +339,84 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
   return y;
 }
 
+// Decode attention over a paged KV cache (a server's pool, model.PagedKVCache): one query per row and head,
+// q [B, H, D]; keys and values [Hkv, N, D], row b's positions 0..S-1 at slots read[b] ([B, S]); mask [B, Hm, S]
+// (Hm 1 or H): bool (attended or not) or an additive bias (ALiBi). Each key and value is read once, where it lies
+// (gathering them first would copy every row's cache each step); the softmax in fp32. -> [B, H, D], q's dtype.
+template <typename T>
+void attend_rows(const T* Q, const T* K, const T* V, const int64_t* R, const bool* Mb, const float* Mf, T* O,
+                 int64_t H, int64_t Hkv, int64_t N, int64_t S, int64_t D, int64_t Hm, float scale, int64_t i0,
+                 int64_t i1) {
+  const int64_t G = H / Hkv;
+  std::vector<float> q(G * D), p(G * S), acc(G * D), row(D);
+  for (int64_t i = i0; i < i1; i++) {
+    const int64_t b = i / Hkv, h = i % Hkv;
+    for (int64_t j = 0; j < G * D; j++) q[j] = float(Q[(b * H + h * G) * D + j]) * scale;
+    const int64_t* r = R + b * S;
+    for (int64_t s = 0; s < S; s++) {
+      const T* k = K + (h * N + r[s]) * D;
+      for (int64_t d = 0; d < D; d++) row[d] = float(k[d]);
+      for (int64_t g = 0; g < G; g++) {
+        float lanes[16] = {0};   // 16 partial sums: the compiler vectorizes the loop without reassociating a sum
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16)
+          for (int j = 0; j < 16; j++) lanes[j] += q[g * D + d + j] * row[d + j];
+        float dot = 0;
+        for (; d < D; d++) dot += q[g * D + d] * row[d];
+        for (int j = 0; j < 16; j++) dot += lanes[j];
+        const int64_t m = (b * Hm + (Hm == 1 ? 0 : h * G + g)) * S + s;
+        p[g * S + s] = Mb ? (Mb[m] ? dot : -INFINITY) : dot + Mf[m];
+      }
+    }
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::vector<float> total(G, 0.0f);
+    for (int64_t g = 0; g < G; g++) {
+      float top = -INFINITY;
+      for (int64_t s = 0; s < S; s++) top = std::max(top, p[g * S + s]);
+      for (int64_t s = 0; s < S; s++) {
+        p[g * S + s] = top == -INFINITY ? 0.0f : std::exp(p[g * S + s] - top);
+        total[g] += p[g * S + s];
+      }
+    }
+    for (int64_t s = 0; s < S; s++) {
+      const T* v = V + (h * N + r[s]) * D;
+      for (int64_t d = 0; d < D; d++) row[d] = float(v[d]);
+      for (int64_t g = 0; g < G; g++) {
+        const float w = p[g * S + s];
+        if (w != 0.0f)
+          for (int64_t d = 0; d < D; d++) acc[g * D + d] += w * row[d];
+      }
+    }
+    for (int64_t g = 0; g < G; g++)
+      for (int64_t d = 0; d < D; d++)
+        O[(b * H + h * G + g) * D + d] = T(total[g] > 0 ? acc[g * D + d] / total[g] : 0.0f);
+  }
+}
+
+Tensor paged_attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& read, const Tensor& mask,
+                    double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && read.dim() == 2 && mask.dim() == 3 &&
+              read.size(0) == q.size(0) && mask.size(0) == q.size(0) && mask.size(2) == read.size(1) &&
+              k.size(2) == q.size(2) && q.size(1) % k.size(0) == 0 && (mask.size(1) == 1 || mask.size(1) == q.size(1)),
+              "zoofast paged_attend: q [B, H, D], k and v [Hkv, N, D], read [B, S] and mask [B, 1 or H, S]");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+              read.scalar_type() == at::kLong && q.device().is_cpu() && k.is_contiguous() && v.is_contiguous(),
+              "zoofast paged_attend: CPU tensors, k and v contiguous in q's dtype, read int64");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(0), N = k.size(1), S = read.size(1);
+  Tensor qc = q.contiguous(), r = read.contiguous(), out = at::empty({B, H, D}, q.options());
+  Tensor mb = mask.scalar_type() == at::kBool ? mask.contiguous() : Tensor();
+  Tensor mf = mb.defined() ? Tensor() : mask.to(at::kFloat).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attend", [&] {
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+      attend_rows<scalar_t>(qc.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                            r.data_ptr<int64_t>(), mb.defined() ? mb.data_ptr<bool>() : nullptr,
+                            mf.defined() ? mf.data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), H, Hkv, N, S, D,
+                            mask.size(1), float(scale), i0, i1);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 #ifndef OPS
@@ -346,10 +426,12 @@ TORCH_LIBRARY(OPS, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scales, int n_out) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor w, int groupsize, int n_out) -> Tensor");
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
+  m.def("paged_attend(Tensor q, Tensor k, Tensor v, Tensor read, Tensor mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(OPS, CPU, m) {
   m.impl("int8_gemv", int8_gemv);
   m.impl("int4_gemv", int4_gemv);
   m.impl("bf16_gemv", bf16_gemv);
+  m.impl("paged_attend", paged_attend);
 }

@@ -1,5 +1,5 @@
 # cpu_kernels.cpp built for this machine, once: the int8 and int4 decode GEMVs with activations quantized on the fly
-# (llama.cpp's VNNI trick), and the bf16 one. Built with the system's g++ against the installed torch into
+# (llama.cpp's VNNI trick), the bf16 one, and decode attention over a paged KV cache. Built with the system's g++ against the installed torch into
 # ~/.cache/zoofast (about 15 s the first time), loaded from there after. available() is False where the CPU lacks
 # AVX512-VNNI, g++ is missing, the build fails (one line says why) or ZOOFAST_KERNELS=0: linears then use torch's
 # own kernels (oneDNN's for bf16).
@@ -82,6 +82,10 @@ def _register_fakes():
     @torch.library.register_fake("zoofast_kernels::bf16_gemv")
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("zoofast_kernels::paged_attend")
+    def _(q, k, v, read, mask, scale):
+        return q.new_empty(q.shape)
 
 
 def load(kind: str = "int") -> bool:

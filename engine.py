@@ -1,7 +1,11 @@
-# The continuous-batching engine behind server.py, and its Python API: one loaded checkpoint, a static KV cache
-# of max_batch_size rows ("slots"), a scheduler. A request is prefilled into a free slot between decode steps,
-# then decodes together with every other busy slot, each at its own position. A slot is freed when its request
-# ends, fails or is cancelled (its client went away).
+# The continuous-batching engine behind server.py, and its Python API: one loaded checkpoint, max_batch_size rows
+# ("slots") drawing on one paged KV cache, a scheduler. A request is prefilled into a free slot between decode
+# steps, then decodes together with every other busy slot, each at its own position. A slot is freed when its
+# request ends, fails or is cancelled (its client went away).
+#
+# KV memory: a pool of kv_tokens positions in pages (model.PagedKVCache). A request is admitted once the pages its
+# prompt + max_tokens can reach are free (the pages a free slot keeps for its last conversation are taken back,
+# least recently used first); so the tokens in flight, not slots x context, bound the memory.
 #
 # A failure while serving one request ends that request alone (its error is its reply) and frees its slot; the
 # others keep decoding. Only a scheduler that cannot go on (the shared decode step failing again and again, or a
@@ -14,10 +18,12 @@ from typing import Iterator, Optional
 
 import torch
 
+import cpu_kernels
 import generate as gen
 import structured
 from metrics import Metrics
 from cli import first_line, read_config, read_tokenizer
+from model import PAGE
 from tokenizer import StreamDecoder
 
 MAX_STOP = 4             # stop strings a request may give (OpenAI's limit)
@@ -123,10 +129,11 @@ class Engine:
     def __init__(self, checkpoint_path=gen.DEFAULT_CHECKPOINT, device: str = "auto", precision: str = "bf16",
                  max_batch_size: int = 8, max_seq_length: int = 2048, max_waiting: Optional[int] = None,
                  compile: bool = False, background: bool = False, prefill_chunk: int = gen.PREFILL_CHUNK,
-                 prefix_cache: bool = True, prompt_lookup: int = 0, tensor_parallel: bool = False):
+                 prefix_cache: bool = True, prompt_lookup: int = 0, tensor_parallel: bool = False,
+                 kv_tokens: Optional[int] = None):
         if max_batch_size <= 0 or max_seq_length <= 1 or (max_waiting is not None and max_waiting < 0) or \
-                prefill_chunk <= 0 or prompt_lookup < 0:
-            raise ValueError("max_batch_size and prefill_chunk must be positive, max_seq_length above 1, "
+                prefill_chunk <= 0 or prompt_lookup < 0 or (kv_tokens is not None and kv_tokens < 2):
+            raise ValueError("max_batch_size and prefill_chunk must be positive, max_seq_length and kv_tokens above 1, "
                              "max_waiting and prompt_lookup at least 0")
         if precision not in gen.PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(sorted(gen.PRECISIONS))}")
@@ -135,9 +142,12 @@ class Engine:
         checkpoint = gen.find_checkpoint(checkpoint_path)
         self.tokenizer = read_tokenizer(checkpoint.parent)
         context = min(max_seq_length, read_config(checkpoint.parent).block_size)
-        # every slot reserves the whole context: a configuration that cannot fit is refused before loading
+        # the KV pool: by default every slot can hold a whole context at once; less, and requests wait for pages
+        self.pages = -(-(kv_tokens or max_batch_size * context) // PAGE)
+        context = min(context, self.pages * PAGE)   # what one request can reach
+        # a configuration that cannot fit is refused before loading
         self.model = gen.load_model(checkpoint, self.device, gen.PRECISIONS[precision], use_tp=tensor_parallel,
-                                    reserve=(max_batch_size, context), prefill_rows=1)
+                                    reserve=(1, context), prefill_rows=1, kv_tokens=self.pages * PAGE)
         # under torchrun (tensor_parallel): rank 0 schedules and serves, and before each forward tells the other ranks
         # (follow()) to run the same one on their shards
         self.world = torch.distributed.get_world_size() if tensor_parallel else 1
@@ -146,7 +156,7 @@ class Engine:
         # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled: no text decodes to them
         self.vocab_size = min(self.tokenizer.vocab_size, config.vocab_size)
         self.max_batch_size = max_batch_size
-        self.max_seq_length = min(max_seq_length, config.block_size)
+        self.max_seq_length = context
         self.max_waiting = max_batch_size if max_waiting is None else max_waiting
         # a long prompt's prefill goes in chunks, one between two decode steps: memory stays bounded, and the other
         # streams wait at most one chunk's time for their next token
@@ -163,7 +173,10 @@ class Engine:
         self.prompt_lookup = prompt_lookup
         self.drafted = self.accepted = 0
         with torch.no_grad():
-            self.model.setup_caches(max_batch_size, self.max_seq_length)
+            self.model.setup_caches(max_batch_size, self.max_seq_length, pages=self.pages,
+                                    kernel=self.device == "cpu" and cpu_kernels.load())
+        self.free_pages = list(range(self.pages))
+        self.row_pages: list = [[] for _ in range(max_batch_size)]   # each row's pages, in position order
         self.kv_bytes = sum(b.numel() * b.element_size() for n, b in self.model.named_buffers()
                             if n.endswith(("k_cache", "v_cache")))
         self.slots: list = [None] * max_batch_size           # the Request decoding in each cache row
@@ -348,8 +361,10 @@ class Engine:
             place = self.place(r.ids)
             if place is None:   # a prompt being prefilled now shares more of it: wait for that prefill
                 break
-            self.pending.pop(0)
             row, source, n = place
+            if not self.reserve(row, source, -(-(len(r.ids) + r.max_tokens) // PAGE)):
+                break           # its pages are held by requests in flight: wait for one to end
+            self.pending.pop(0)
             try:
                 if source not in (None, row):
                     self.forward("copy", source, row, n)
@@ -391,6 +406,34 @@ class Engine:
         row = source if self.slots[source] is None else min(free, key=lambda i: self.used[i])
         return row, source, n
 
+    def reserve(self, row: int, source: Optional[int], need: int) -> bool:
+        """Give `row` `need` pages, its own first (a prefix it holds stays where it is), the rest from the free pool,
+        taking back the pages of free rows (their cached conversations) least recently used first, never the
+        source of the prefix about to be copied. False, with nothing changed, if requests in flight hold too many."""
+        keep = min(need, len(self.row_pages[row]))
+        short = need - keep - len(self.free_pages)
+        idle = sorted((i for i, s in enumerate(self.slots) if s is None and i not in (row, source) and
+                       self.row_pages[i]), key=lambda i: self.used[i])
+        if short > sum(len(self.row_pages[i]) for i in idle):
+            return False
+        for i in idle:
+            if short <= 0:
+                break
+            short -= len(self.row_pages[i])
+            self.set_pages(i, [])
+        self.free_pages += self.row_pages[row][keep:]
+        self.set_pages(row, self.row_pages[row][:keep] + self.free_pages[: need - keep])
+        del self.free_pages[: need - keep]
+        return True
+
+    def set_pages(self, row: int, pages: list):
+        """Row `row` holds these pages from now on; a row that gives its pages up forgets what they cached."""
+        if not pages:
+            self.free_pages += self.row_pages[row]
+            self.cached[row] = []
+        self.row_pages[row] = pages
+        self.forward("pages", row, pages)
+
     def forward(self, op: str, *args):
         """Every model call of the scheduler: FORWARDS[op](self, *args), first announced to the other ranks under
         tensor parallelism (their shards compute along; the tokens and positions come from here)."""
@@ -411,11 +454,18 @@ class Engine:
 
     def copy_prefix(self, source: int, row: int, n: int):
         """Row `row`'s cache positions 0..n-1 <- row `source`'s (every layer's keys and values)."""
+        at = torch.arange(n, device=self.device)
+        table = self.model.page_table
+        slots = table[[source, row]][:, at // PAGE] * PAGE + at % PAGE
         with torch.no_grad():
             for layer in self.model.layers:
-                kv = layer.attention.kv_cache
-                kv.k_cache[row, :, :n] = kv.k_cache[source, :, :n]
-                kv.v_cache[row, :, :n] = kv.v_cache[source, :, :n]
+                layer.attention.kv_cache.copy(slots[0], slots[1])
+
+    def table(self, row: int, pages: list):
+        """The model's page table row for `row` (every rank's, under tensor parallelism)."""
+        table = self.model.page_table
+        table[row] = self.pages   # the scratch page
+        table[row, : len(pages)] = torch.tensor(pages, dtype=table.dtype, device=self.device)
 
     @torch.no_grad()
     def prefill_chunk_step(self):
@@ -510,7 +560,8 @@ class Engine:
         if draft is None:
             return False
         pos = int(self.pos[row])
-        draft = draft[: self.max_seq_length - 2 - pos]   # positions pos..pos+k; the cache's last one stays free
+        # positions pos..pos+k: within the row's pages, and the context's last position stays free
+        draft = draft[: min(self.max_seq_length - 2, len(self.row_pages[row]) * PAGE - 1) - pos]
         if len(draft) == 0:
             return False
         t0 = time.perf_counter()
@@ -633,6 +684,7 @@ FORWARDS = {   # the model calls Engine.forward runs (and announces to the other
     "decode": lambda e, cur, pos: e.step_fn(e.model, cur, pos),
     "verify": lambda e, x, pos, row: e.model(x, pos, rows=row),
     "copy": lambda e, source, row, n: e.copy_prefix(source, row, n),
+    "pages": lambda e, row, pages: e.table(row, pages),
     "stop": lambda e: None,
 }
 

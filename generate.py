@@ -23,11 +23,11 @@ from model import Transformer, run_layers  # noqa: E402
 
 
 def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=False, reserve=None,
-               prefill_rows=None, pack=True) -> Transformer:
+               prefill_rows=None, pack=True, kv_tokens=None) -> Transformer:
     """checkpoint_path: a model*.pth inside a checkpoint folder that holds our config.json. use_tp (under
     torchrun): keep only this rank's shard, sliced off the mmapped checkpoint before anything is copied.
     reserve (rows, positions): the KV cache to be set up; a model and cache that cannot fit in the free memory
-    are refused in one line (ValueError) before the weights are copied (prefill_rows: see memory_needed).
+    are refused in one line (ValueError) before the weights are copied (prefill_rows, kv_tokens: see memory_needed).
     pack=False keeps every nn.Linear a plain one (for code that reads or copies the weights)."""
     def swap(*a):   # quantize.py's output: its modules rebuilt before the weights are assigned
         from quantize import swap_modules
@@ -37,7 +37,7 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
         from tp import apply_tp
         apply_tp(model)
     if reserve is not None:
-        cli.check_memory(memory_needed(model, precision, *reserve, prefill_rows), device)
+        cli.check_memory(memory_needed(model, precision, *reserve, prefill_rows, kv_tokens), device)
     model = model.to(device=device, dtype=precision)
     model.retie_and_rebuild()  # re-tie after the move, rope table back to fp32
     if record is not None:
@@ -49,18 +49,20 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
     return model.eval()
 
 
-def memory_needed(model: Transformer, precision, rows: int, positions: int, prefill_rows=None) -> dict:
+def memory_needed(model: Transformer, precision, rows: int, positions: int, prefill_rows=None,
+                  kv_tokens=None) -> dict:
     """What a run takes, in bytes: the weights in `precision` (quantized tensors keep their own size), the KV cache
-    for rows x positions, and room for activations (a prefill chunk's attention scores over prefill_rows rows,
-    default all, and its hidden states)."""
+    for rows x positions (or a pool of kv_tokens), and room for activations (a prefill chunk's attention scores over
+    prefill_rows rows, default all, and its hidden states)."""
     weights = sum(t.numel() * (precision.itemsize if t.is_floating_point() else t.element_size())
                   for _, t in weight_tensors(model))
     c, attention = model.config, model.layers[0].attention
-    kv = 2 * c.n_layer * rows * attention.n_local_heads * positions * c.head_dim * precision.itemsize
+    tokens = kv_tokens or rows * positions
+    kv = 2 * c.n_layer * attention.n_local_heads * tokens * c.head_dim * precision.itemsize
     chunk, prefill_rows = min(PREFILL_CHUNK, positions), prefill_rows or rows
     activations = prefill_rows * chunk * (attention.n_head * positions + 4 * (c.dim + c.intermediate_size)) * 4
-    return {"weights": weights, f"KV cache ({rows} x {positions} positions)": kv,
-            "activations": activations + (256 << 20)}
+    what = f"{kv_tokens} tokens" if kv_tokens else f"{rows} x {positions} positions"
+    return {"weights": weights, f"KV cache ({what})": kv, "activations": activations + (256 << 20)}
 
 
 def weight_tensors(model: Transformer):

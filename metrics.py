@@ -4,6 +4,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from model import PAGE
+
 LATENCY = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)   # seconds
 
 
@@ -28,6 +30,11 @@ class Metrics:
             lambda: sum(s is not None for s in engine.slots))
         Gauge("zoofast_slots", "Slots (requests decoded together at most)", registry=r).set(engine.max_batch_size)
         Gauge("zoofast_kv_cache_bytes", "Memory of the KV cache", registry=r).set(engine.kv_bytes)
+        Gauge("zoofast_kv_cache_positions", "Positions the KV cache holds (all slots share them)",
+              registry=r).set(engine.pages * PAGE)
+        Gauge("zoofast_kv_cache_reserved_positions", "KV cache positions reserved by requests in flight",
+              registry=r).set_function(lambda: PAGE * sum(len(p) for p, s in zip(engine.row_pages, engine.slots)
+                                                          if s is not None))
 
     def token(self, request):
         """A token of `request` has been sampled."""

@@ -161,6 +161,7 @@ def resolve_name(name: str) -> str:
 # Sapphire Rapids); runs of 5 layers keep the calls between graphs few.
 STAGE = 5
 ATTEND_STEP = 128   # a decode step attends to a multiple of this many cache positions (Transformer.positions)
+PAGE = 16           # positions a page of a paged KV cache holds (PagedKVCache)
 
 
 def round_up(n: int, step: int) -> int:
@@ -194,6 +195,40 @@ class KVCache(nn.Module):
         return self.k_cache[rows], self.v_cache[rows]
 
 
+class PagedKVCache(nn.Module):
+    """Every row's keys and values in one pool of pages [H_kv, (pages + 1) * PAGE, D] (a server's: rows hold only
+    the pages their requests can reach, Engine hands them out). Row b's position p lives in slot
+    page_table[b, p // PAGE] * PAGE + p % PAGE (Transformer.positions computes the slots); the last page is a
+    scratch one, where a row's positions without a page of their own (a placeholder row's, padding's) land."""
+
+    def __init__(self, pages, n_heads, head_dim, dtype, device=None, kernel=False):
+        super().__init__()
+        shape = (n_heads, (pages + 1) * PAGE, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.kernel = kernel   # cpu_kernels' paged_attend for decode steps (reads the pages in place)
+
+    def update(self, write: Tensor, k: Tensor, v: Tensor, read: Tensor):
+        # write [B, T], read [B, S]: slots; k, v [B, H, T, D] -> the keys and values at read [B, H, S, D] (a copy)
+        self.k_cache[:, write] = k.transpose(0, 1)
+        self.v_cache[:, write] = v.transpose(0, 1)
+        return self.k_cache[:, read].transpose(0, 1), self.v_cache[:, read].transpose(0, 1)
+
+    def attend(self, q: Tensor, write: Tensor, k: Tensor, v: Tensor, read: Tensor, mask: Tensor) -> Tensor:
+        """A decode step's attention with the kernel: q [B, H, 1, D] (k, v, write, read as in update; mask as in
+        attend_one) -> [B, H, 1, D]."""
+        self.k_cache[:, write] = k.transpose(0, 1)
+        self.v_cache[:, write] = v.transpose(0, 1)
+        B, H, _, D = q.shape
+        return torch.ops.zoofast_kernels.paged_attend(q.view(B, H, D), self.k_cache, self.v_cache, read,
+                                                      mask.reshape(B, -1, read.shape[1]), D ** -0.5).view(B, H, 1, D)
+
+    def copy(self, source: Tensor, target: Tensor):
+        """Slots target <- slots source (a cached prefix copied from one row to another)."""
+        self.k_cache[:, target] = self.k_cache[:, source]
+        self.v_cache[:, target] = self.v_cache[:, source]
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
@@ -212,17 +247,27 @@ class Transformer(nn.Module):
         self.register_buffer("ntk_alpha", torch.ones(1), persistent=False)   # per-row state set by a prefill
         self.register_buffer("prefix_len", torch.zeros(1, 1, dtype=torch.long), persistent=False)   # per-row too
         self.register_buffer("mask_pos", torch.zeros(1, 1, dtype=torch.long), persistent=False)
+        self.register_buffer("page_table", None, persistent=False)   # a paged cache's [rows, pages a row + 1]
 
-    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None):
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None, pages: Optional[int] = None,
+                     kernel: bool = False):
+        """A static cache of max_batch_size rows x max_seq_length positions; or, given `pages`, one pool of that many
+        pages of PAGE positions (PagedKVCache) that rows of up to max_seq_length positions draw on through
+        page_table (every entry the scratch page until someone hands pages out); kernel: its decode steps run
+        cpu_kernels' paged_attend (loaded by the caller)."""
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context {self.config.block_size}")
-        if self.max_batch_size >= max_batch_size and self.max_seq_length >= max_seq_length:
+        if pages is None and self.page_table is None and \
+                self.max_batch_size >= max_batch_size and self.max_seq_length >= max_seq_length:
             return
         dtype = dtype or self.tok_embeddings.weight.dtype   # the head may be quantized; the embedding never is
         device = self.tok_embeddings.weight.device
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, layer.attention.n_local_heads,
-                                               self.config.head_dim, dtype, device)   # made on the device
+        for layer in self.layers:   # made on the device
+            n_heads, head_dim = layer.attention.n_local_heads, self.config.head_dim
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, n_heads, head_dim, dtype, device) \
+                if pages is None else PagedKVCache(pages, n_heads, head_dim, dtype, device, kernel)
+        self.page_table = None if pages is None else torch.full(
+            (max_batch_size, round_up(max_seq_length, PAGE) // PAGE + 1), pages, dtype=torch.long, device=device)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         self.retie_and_rebuild()
 
@@ -294,9 +339,17 @@ class Transformer(nn.Module):
         if self.config.logn_attn:
             n = float(self.config.train_seq_length)
             q_scale = torch.where(pos + 1 > n, torch.log(pos + 1.0) / math.log(n), 1.0)[..., None, None]
+        write, read = (pos if cached else None), None
+        if cached and self.page_table is not None:   # a paged cache: positions to slots (PagedKVCache)
+            table = self.page_table[slice(0, B) if rows is None else rows]                   # [B, pages a row + 1]
+            page = lambda at: table.gather(1, torch.remainder(torch.div(at, PAGE, rounding_mode="floor"),  # noqa: E731
+                                                              table.shape[1]))   # position -1: the last, scratch
+            write, read = page(pos) * PAGE + torch.remainder(pos, PAGE), page(keys.expand(B, S)) * PAGE + keys % PAGE
         if cached and T == 1:   # a compiled stage takes the attended length as a dynamic size: one graph for all
             torch._dynamo.maybe_mark_dynamic(mask, -1)
-        return Positions(rope, mask, pos if cached else None, rows, q_scale)
+            if read is not None:
+                torch._dynamo.maybe_mark_dynamic(read, -1)
+        return Positions(rope, mask, write, rows, q_scale, read)
 
     def prefix_lm(self, idx: Tensor, cached: bool, rows: Optional[Tensor] = None):
         """GLM's prompt ends `[gMASK] <sop>`: the prompt (before <sop>) is a prefix every position sees whole,
@@ -341,9 +394,10 @@ class Positions(NamedTuple):
     """Where a forward's tokens are, computed once (Transformer.positions) and read by every layer."""
     rope: Tensor                   # cos/sin [B, T, r/2, 2] (GLM's two: [B, T, 2, r/4, 2])
     mask: Tensor                   # bool [B, 1, T, S], or an additive ALiBi bias [B, H, T, S]; S: keys attended
-    cache_pos: Optional[Tensor]    # [B, T]: where k and v go in the KV cache; None: a plain forward, no cache
+    cache_pos: Optional[Tensor]    # [B, T]: where k and v go in the KV cache (a paged one's slots); None: no cache
     rows: Optional[Tensor]         # [B]: the cache rows (None: rows 0..B-1)
     q_scale: Optional[Tensor]      # Qwen's logn query scale [B, T, 1, 1], or None
+    read: Optional[Tensor] = None  # a paged cache's slots of positions 0..S-1 [B, S]
 
 
 class TransformerBlock(nn.Module):
@@ -398,7 +452,12 @@ class Attention(nn.Module):
         if p.q_scale is not None:
             q = (q * p.q_scale).type_as(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # [B, H, T, D]
-        if p.cache_pos is not None:
+        if p.read is not None and T == 1 and self.kv_cache.kernel:
+            y = self.kv_cache.attend(q, p.cache_pos, k, v, p.read, mask)
+            return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
+        if p.read is not None:
+            k, v = self.kv_cache.update(p.cache_pos, k, v, p.read)
+        elif p.cache_pos is not None:
             k, v = self.kv_cache.update(p.cache_pos, k, v, p.rows)
             S = mask.shape[-1]   # the positions attended: the cache's filled part (Transformer.positions)
             k, v = k[:, :, :S], v[:, :, :S]

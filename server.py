@@ -30,6 +30,7 @@ import generate as gen
 import structured
 from cli import ArgumentParser, command_line, positive
 from engine import APIError, Engine, Request, server_error, what  # noqa: F401  (Request: the Python API's)
+from model import PAGE
 
 DRAIN_SECONDS = 20
 MAX_N = 16   # choices a request may ask for (each takes a slot)
@@ -582,8 +583,11 @@ def main(argv=None):
     p.add_argument("--checkpoint_path", default=str(gen.DEFAULT_CHECKPOINT))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together (KV cache rows)")
+    p.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together (slots)")
     p.add_argument("--max_seq_length", type=int, default=2048, help="prompt + reply tokens a request may use")
+    p.add_argument("--kv_tokens", type=int, default=None,
+                   help="KV cache positions all slots share, in pages of 16; a request waits until the pages its "
+                        "prompt + max_tokens can reach are free (default: max_batch_size x max_seq_length)")
     p.add_argument("--max_waiting", type=int, default=None, help="queued requests beyond the batch (default: batch size)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (one graph per batch bucket)")
     p.add_argument("--prefill_chunk", type=int, default=gen.PREFILL_CHUNK,
@@ -621,7 +625,7 @@ def main(argv=None):
         engine = Engine(args.checkpoint_path, device, args.precision, args.max_batch_size, args.max_seq_length,
                         args.max_waiting, args.compile, prefill_chunk=args.prefill_chunk,
                         prefix_cache=not args.no_prefix_cache, prompt_lookup=args.prompt_lookup,
-                        tensor_parallel=rank is not None)
+                        tensor_parallel=rank is not None, kv_tokens=args.kv_tokens)
         if rank:
             return engine.follow()
         httpd.RequestHandlerClass.engine = engine
@@ -645,8 +649,9 @@ def run(engine: Engine, httpd, args, t0: float):
     # before the line that says we serve: a client (or a test) may signal as soon as it has read it
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    print(f"serving {engine.name} on http://{args.host}:{httpd.server_address[1]} ({args.max_batch_size} slots x "
-          f"{engine.max_seq_length} positions, KV cache {engine.kv_bytes / 1e9:.2f} GB"
+    print(f"serving {engine.name} on http://{args.host}:{httpd.server_address[1]} ({args.max_batch_size} slots, "
+          f"{engine.max_seq_length} positions a request, KV cache {engine.pages * PAGE} positions shared "
+          f"({engine.kv_bytes / 1e9:.2f} GB)"
           f"{f', tensor parallel over {engine.world} ranks' if engine.world > 1 else ''}"
           f"{', API key required' if args.api_key else ''}, ready in {time.perf_counter() - t0:.1f} s)",
           file=sys.stderr, flush=True)

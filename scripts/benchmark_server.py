@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -36,6 +37,8 @@ WORDS = ("the bakery opens at seven and closes at six, except on Sundays, when i
          "four euros, a baguette costs one euro twenty, and croissants are sold out by ten; orders for cakes are "
          "taken two days ahead; the oven is wood fired and the flour comes from a mill in the valley").split()
 CONTEXT = 1536   # positions a slot holds: a 1k prompt, its question, the reply
+KV_CONTEXT = 8192   # positions a request may reach in the KV pool comparison
+KV_LINE = re.compile(r"KV cache \d+ positions shared \(([0-9.]+) GB\)")   # server.py's start line
 
 
 def long_prompt(tokenizer, seed) -> str:
@@ -123,6 +126,31 @@ def stall(args, tokenizer) -> list:
         finally:
             server.stop()
     return rows
+
+
+def kv_memory(args) -> list:
+    """server.py with args.kv_slots slots of KV_CONTEXT positions a request: a KV pool of slots x context (the
+    default: every slot can hold a whole context at once) against one of args.kv_tokens positions that requests
+    draw pages from; each under as many short-prompt clients as slots, rounds interleaved. (setting, KV GB from
+    the server's start line, its peak RSS GB, total tok/s: medians)."""
+    setups = [(f"{args.kv_slots} x {KV_CONTEXT} (default)", []),
+              (f"--kv_tokens {args.kv_tokens}", ["--kv_tokens", str(args.kv_tokens)])]
+    runs = {}
+    for r in range(args.rounds):
+        for name, extra in setups:
+            server = zoofast(args, args.kv_slots, KV_CONTEXT, extra)
+            try:
+                measure(server.port, QUESTIONS, args.kv_slots, 1, 8)   # warm-up
+                res = measure(server.port, QUESTIONS, args.kv_slots, args.per_client, args.max_tokens)
+                with open(f"/proc/{server.proc.pid}/status") as f:
+                    peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1e6   # kB
+            finally:
+                server.stop()
+            kv = next(float(m.group(1)) for m in map(KV_LINE.search, server.log) if m)
+            runs.setdefault(name, []).append((kv, peak, res["tok_s"]))
+            print(f"round {r + 1}: kv {name}: KV {kv:.2f} GB, peak RSS {peak:.2f} GB, {res['tok_s']:.1f} tok/s",
+                  file=sys.stderr, flush=True)
+    return [(name, *(statistics.median(x[i] for x in rs) for i in range(3))) for name, rs in runs.items()]
 
 
 def stream(port: int, prompt: str, max_tokens: int, seed: int) -> dict:
@@ -255,7 +283,8 @@ def main():
                                                            "GGUF requantized to BF16)")
     p.add_argument("--llama_cpp", type=Path, default=None,
                    help="llama.cpp's source tree with build/bin/llama-server (and llama-quantize) built")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    p.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16, 32],
+                   help="clients of each round (none: only the --stall and --kv_slots measurements)")
     p.add_argument("--kinds", nargs="+", default=["short", "shared", "unique"], choices=["short", "shared", "unique"])
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max_tokens", type=int, default=64)
@@ -264,12 +293,17 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--stall", type=int, default=4096,
                    help="also measure a running stream's worst gap while a prompt of this many tokens arrives (0: no)")
+    p.add_argument("--kv_slots", type=int, default=0,
+                   help=f"also compare KV pools with this many slots of {KV_CONTEXT} positions: each slot's whole "
+                        "context against --kv_tokens shared (0: no)")
+    p.add_argument("--kv_tokens", type=int, default=16384)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     with cli.command_line():
         cli.positive(args, "concurrency", "rounds", "max_tokens", "per_client")
-        if args.stall < 0:
-            raise ValueError(f"--stall must be at least 0, got {args.stall}")
+        if args.stall < 0 or args.kv_slots < 0:
+            raise ValueError(f"--stall and --kv_slots must be at least 0, got {args.stall} and {args.kv_slots}")
+        cli.positive(args, "kv_tokens")
         if args.out is not None:
             cli.writable_file(args.out)   # before the rounds, not after them
         checkpoint = cli.find_checkpoint(args.checkpoint_path)   # prepares the default model on first use
@@ -287,12 +321,20 @@ def main():
                 raise ValueError(f"--gguf {args.gguf} is not a file")
         tokenizer = cli.read_tokenizer(checkpoint.parent)
         stalls = stall(args, tokenizer) if args.stall else []
-        text = table(args, benchmark(args))
+        pools = kv_memory(args) if args.kv_slots else []
+        text = table(args, benchmark(args)) if args.concurrency else ""
         if stalls:
             text += (f"\nA stream of 300 tokens running while another client sends a {args.stall}-token prompt "
                      "(one slot each): the stream's worst gap between two tokens, and the long prompt's time to "
                      "first token.\n\n| server | worst gap ms | long prompt's first token s |\n|---|---:|---:|\n" +
                      "".join(f"| {n} | {g * 1e3:.0f} | {f:.2f} |\n" for n, g, f in stalls))
+        if pools:
+            text += (f"\nKV memory: {args.kv_slots} slots, {args.kv_slots} clients with short prompts ({args.max_tokens} "
+                     f"tokens each), a request may reach {KV_CONTEXT} positions; the pool each slot's whole context "
+                     f"(what every slot reserved before paging) against a shared one (pages of 16; a request "
+                     f"reserves its prompt + max_tokens). Median of {args.rounds} interleaved round(s).\n\n"
+                     "| KV pool | KV cache GB | server peak RSS GB | total tok/s |\n|---|---:|---:|---:|\n" +
+                     "".join(f"| {n} | {kv:.2f} | {peak:.2f} | {t:.1f} |\n" for n, kv, peak, t in pools))
         print(text)
         if args.out:
             header = f"<!-- python scripts/benchmark_server.py {' '.join(sys.argv[1:])} -->\n"

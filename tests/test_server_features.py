@@ -7,9 +7,11 @@ import time
 import pytest
 import torch
 
+import cpu_kernels
 import engine as eng
 import generate as gen
 import server
+from model import PAGE
 from test_server import client, url  # noqa: F401  (test_server's HTTP server and openai client, over this engine)
 
 openai = pytest.importorskip("openai")
@@ -284,3 +286,55 @@ def test_prompt_lookup_greedy_equals_plain(default_checkpoint, engine):
     plain = engine.submit(ids, max_tokens=40, temperature=0)
     "".join(engine.stream(plain))
     assert looked.tokens == plain.tokens and looked.text == plain.text
+
+
+def test_a_small_kv_pool_queues_requests_and_replies_the_same(default_checkpoint, model):
+    """A KV pool with room for two requests at a time (6 pages, each request reaches 3): four greedy requests take
+    turns for pages, a free slot's cached conversation is given back when its pages are needed, no page is lost or
+    held twice, and every reply equals plain greedy decoding."""
+    e = server.Engine(default_checkpoint / "model.pth", "cpu", "fp32", max_batch_size=4, max_seq_length=256,
+                      kv_tokens=96, background=True)
+    try:
+        assert e.pages == 6 and e.max_seq_length == 96   # a request can reach what the pool holds, no more
+        prompts = [e.tokenizer.encode(p, bos=True) for p in
+                   ("Once upon a time", "The capital of France is", "def fib(n):", "A list of fruits: apple,")]
+        assert all(-(-(len(ids) + 40) // PAGE) == 3 for ids in prompts)
+        requests = [e.submit(ids, max_tokens=40, temperature=0) for ids in prompts]
+        for r in requests:
+            assert "".join(e.stream(r))
+        assert e.peak_busy == 2
+        held = [p for pages in e.row_pages for p in pages] + e.free_pages
+        assert sorted(held) == list(range(e.pages))
+        again = e.submit(prompts[3], max_tokens=4, temperature=0)   # its slot kept its pages: the prompt is cached
+        assert "".join(e.stream(again)) and again.cached == len(prompts[3]) - 1
+        for ids, r in zip(prompts, requests):
+            assert r.tokens == gen.generate(model, [ids], 40, temperature=0)[0][: len(r.tokens)]
+        with pytest.raises(eng.APIError) as refused:
+            e.submit(prompts[0], max_tokens=96 - len(prompts[0]) + 1)
+        assert refused.value.code == "context_length_exceeded"
+    finally:
+        e.close()
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_a_paged_cache_gives_the_static_caches_logits(default_checkpoint, kernel):
+    """Rows whose positions live in scattered pages of one pool (PagedKVCache, decode steps through cpu_kernels'
+    paged_attend or a gather) give the logits of the static cache, prefill and decode."""
+    if kernel and not cpu_kernels.load():
+        pytest.skip("cpu_kernels did not build here (AVX512-VNNI and g++ needed)")
+    static = gen.load_model(default_checkpoint / "model.pth", "cpu", torch.float32)
+    paged = gen.load_model(default_checkpoint / "model.pth", "cpu", torch.float32)
+    static.setup_caches(2, 64)
+    paged.setup_caches(2, 64, pages=9, kernel=kernel)
+    paged.page_table[0, :4] = torch.tensor([5, 2, 7, 0])
+    paged.page_table[1, :4] = torch.tensor([1, 3, 8, 6])
+    ids = torch.randint(0, 1000, (2, 20))
+    with torch.no_grad():
+        for m in (static, paged):   # both rows' prompts, then row 1 alone for 2 tokens, then both decode
+            m.out = [m(ids, torch.arange(20).expand(2, 20))[:, -1],
+                     m(ids[1:, :2], torch.arange(20, 22).view(1, 2), rows=torch.tensor([1]))[:, -1]]
+            for step in range(14):
+                pos = torch.tensor([[20 + step], [22 + step]])
+                m.out.append(m(ids[:, step: step + 1], pos)[:, -1])
+    for a, b in zip(static.out, paged.out):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
