@@ -343,53 +343,81 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
 // q [B, H, D]; keys and values [Hkv, N, D], row b's positions 0..S-1 at slots read[b] ([B, S]); mask [B, Hm, S]
 // (Hm 1 or H): bool (attended or not) or an additive bias (ALiBi). Each key and value is read once, where it lies
 // (gathering them first would copy every row's cache each step); the softmax in fp32. -> [B, H, D], q's dtype.
+// A (row, KV head) a task: its G query heads meet each key and value once, 16 lanes of D at a time.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) { return load_bf16((const uint16_t*)p); }
+inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+
+// e^x for x <= 0 (a score minus its row's maximum), 0 at -inf: 2^n * 2^f, 2^f by its Taylor series in f ln 2
+// (|f| <= 1/2: relative error ~2e-7)
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-100.0f)), _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 y = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(c));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), _mm512_scalef_ps(p, n));
+}
+
 template <typename T>
 void attend_rows(const T* Q, const T* K, const T* V, const int64_t* R, const bool* Mb, const float* Mf, T* O,
                  int64_t H, int64_t Hkv, int64_t N, int64_t S, int64_t D, int64_t Hm, float scale, int64_t i0,
                  int64_t i1) {
-  const int64_t G = H / Hkv;
-  std::vector<float> q(G * D), p(G * S), acc(G * D), row(D);
+  const int64_t G = H / Hkv, C = D / 16;   // D % 16 == 0 (paged_attend checks)
+  std::vector<float> q(G * D), p(G * S), out(G * D);
+  std::vector<__m512> row(C), acc(G * C);
   for (int64_t i = i0; i < i1; i++) {
     const int64_t b = i / Hkv, h = i % Hkv;
     for (int64_t j = 0; j < G * D; j++) q[j] = float(Q[(b * H + h * G) * D + j]) * scale;
     const int64_t* r = R + b * S;
     for (int64_t s = 0; s < S; s++) {
       const T* k = K + (h * N + r[s]) * D;
-      for (int64_t d = 0; d < D; d++) row[d] = float(k[d]);
+      for (int64_t c = 0; c < C; c++) row[c] = load16(k + 16 * c);
       for (int64_t g = 0; g < G; g++) {
-        float lanes[16] = {0};   // 16 partial sums: the compiler vectorizes the loop without reassociating a sum
-        int64_t d = 0;
-        for (; d + 16 <= D; d += 16)
-          for (int j = 0; j < 16; j++) lanes[j] += q[g * D + d + j] * row[d + j];
-        float dot = 0;
-        for (; d < D; d++) dot += q[g * D + d] * row[d];
-        for (int j = 0; j < 16; j++) dot += lanes[j];
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C; c++) dot = _mm512_fmadd_ps(_mm512_loadu_ps(&q[g * D + 16 * c]), row[c], dot);
         const int64_t m = (b * Hm + (Hm == 1 ? 0 : h * G + g)) * S + s;
-        p[g * S + s] = Mb ? (Mb[m] ? dot : -INFINITY) : dot + Mf[m];
+        const float score = _mm512_reduce_add_ps(dot);
+        p[g * S + s] = Mb ? (Mb[m] ? score : -INFINITY) : score + Mf[m];
       }
     }
-    std::fill(acc.begin(), acc.end(), 0.0f);
     std::vector<float> total(G, 0.0f);
-    for (int64_t g = 0; g < G; g++) {
+    for (int64_t g = 0; g < G; g++) {   // softmax numerators in place, 16 scores at a time
+      float* pg = &p[g * S];
       float top = -INFINITY;
-      for (int64_t s = 0; s < S; s++) top = std::max(top, p[g * S + s]);
-      for (int64_t s = 0; s < S; s++) {
-        p[g * S + s] = top == -INFINITY ? 0.0f : std::exp(p[g * S + s] - top);
-        total[g] += p[g * S + s];
+      for (int64_t s = 0; s < S; s++) top = std::max(top, pg[s]);
+      if (top == -INFINITY) top = 0;    // nothing attended: all zero
+      const __m512 shift = _mm512_set1_ps(top);
+      __m512 sum = _mm512_setzero_ps();
+      int64_t s = 0;
+      for (; s + 16 <= S; s += 16) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(pg + s), shift));
+        _mm512_storeu_ps(pg + s, e);
+        sum = _mm512_add_ps(sum, e);
       }
+      total[g] = _mm512_reduce_add_ps(sum);
+      for (; s < S; s++) total[g] += (pg[s] = std::exp(pg[s] - top));
     }
+    std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
     for (int64_t s = 0; s < S; s++) {
       const T* v = V + (h * N + r[s]) * D;
-      for (int64_t d = 0; d < D; d++) row[d] = float(v[d]);
+      bool loaded = false;
       for (int64_t g = 0; g < G; g++) {
         const float w = p[g * S + s];
-        if (w != 0.0f)
-          for (int64_t d = 0; d < D; d++) acc[g * D + d] += w * row[d];
+        if (w == 0.0f) continue;
+        if (!loaded) {
+          for (int64_t c = 0; c < C; c++) row[c] = load16(v + 16 * c);
+          loaded = true;
+        }
+        const __m512 wv = _mm512_set1_ps(w);
+        for (int64_t c = 0; c < C; c++) acc[g * C + c] = _mm512_fmadd_ps(wv, row[c], acc[g * C + c]);
       }
     }
-    for (int64_t g = 0; g < G; g++)
-      for (int64_t d = 0; d < D; d++)
-        O[(b * H + h * G + g) * D + d] = T(total[g] > 0 ? acc[g * D + d] / total[g] : 0.0f);
+    for (int64_t g = 0; g < G; g++) {
+      const __m512 inv = _mm512_set1_ps(total[g] > 0 ? 1.0f / total[g] : 0.0f);
+      for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(&out[g * D + 16 * c], _mm512_mul_ps(acc[g * C + c], inv));
+    }
+    for (int64_t j = 0; j < G * D; j++) O[(b * H + h * G) * D + j] = T(out[j]);
   }
 }
 
@@ -397,8 +425,9 @@ Tensor paged_attend(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
                     double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && read.dim() == 2 && mask.dim() == 3 &&
               read.size(0) == q.size(0) && mask.size(0) == q.size(0) && mask.size(2) == read.size(1) &&
-              k.size(2) == q.size(2) && q.size(1) % k.size(0) == 0 && (mask.size(1) == 1 || mask.size(1) == q.size(1)),
-              "zoofast paged_attend: q [B, H, D], k and v [Hkv, N, D], read [B, S] and mask [B, 1 or H, S]");
+              k.size(2) == q.size(2) && q.size(1) % k.size(0) == 0 && (mask.size(1) == 1 || mask.size(1) == q.size(1)) &&
+              q.size(2) % 16 == 0,
+              "zoofast paged_attend: q [B, H, D], k and v [Hkv, N, D], read [B, S] and mask [B, 1 or H, S], D % 16 == 0");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
               read.scalar_type() == at::kLong && q.device().is_cpu() && k.is_contiguous() && v.is_contiguous(),
               "zoofast paged_attend: CPU tensors, k and v contiguous in q's dtype, read int64");
@@ -406,14 +435,20 @@ Tensor paged_attend(const Tensor& q, const Tensor& k, const Tensor& v, const Ten
   Tensor qc = q.contiguous(), r = read.contiguous(), out = at::empty({B, H, D}, q.options());
   Tensor mb = mask.scalar_type() == at::kBool ? mask.contiguous() : Tensor();
   Tensor mf = mb.defined() ? Tensor() : mask.to(at::kFloat).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attend", [&] {
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
     at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-      attend_rows<scalar_t>(qc.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                            r.data_ptr<int64_t>(), mb.defined() ? mb.data_ptr<bool>() : nullptr,
-                            mf.defined() ? mf.data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), H, Hkv, N, S, D,
-                            mask.size(1), float(scale), i0, i1);
+      attend_rows<T>(qc.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), r.data_ptr<int64_t>(),
+                     mb.defined() ? mb.data_ptr<bool>() : nullptr, mf.defined() ? mf.data_ptr<float>() : nullptr,
+                     out.data_ptr<T>(), H, Hkv, N, S, D, mask.size(1), float(scale), i0, i1);
     });
-  });
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run(float(0)); break;
+    case at::kBFloat16: run(at::BFloat16(0)); break;
+    case at::kHalf: run(at::Half(0)); break;
+    default: TORCH_CHECK(false, "zoofast paged_attend: fp32, bf16 or fp16 tensors");
+  }
   return out;
 }
 
