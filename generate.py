@@ -561,7 +561,8 @@ def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=N
             print(decoder.push(int(tokens[0])), end="", flush=True)
 
     t0 = time.perf_counter()
-    outputs = generate(model, prompts, args.max_new_tokens, stop_ids=tokenizer.stop_ids, callback=on_token,
+    stop_ids = () if getattr(args, "ignore_eos", False) else tokenizer.stop_ids
+    outputs = generate(model, prompts, args.max_new_tokens, stop_ids=stop_ids, callback=on_token,
                        draft_model=draft, speculate_k=args.speculate_k, stats=stats, prefill_chunk=args.prefill_chunk,
                        steps=steps, prompt_lookup=args.prompt_lookup,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_size=tokenizer.vocab_size)
@@ -603,6 +604,11 @@ def main(argv=None):
     p.add_argument("--checkpoint_path", default=str(DEFAULT_CHECKPOINT),
                    help="model*.pth, its folder, or a prepared model's name (default: %(default)s)")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of different prompts")
+    p.add_argument("--prompt_tokens", type=int, default=None, metavar="N",
+                   help="benchmarking: a synthetic prompt of exactly N tokens (the prompt's tokens repeated)")
+    p.add_argument("--ignore_eos", action="store_true",
+                   help="decode all --max_new_tokens, past end-of-sequence tokens (constant-length output)")
+    p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as one user turn in the model's chat format")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat in the model's chat format")
     p.add_argument("--num_samples", type=int, default=1)
@@ -634,7 +640,12 @@ def main(argv=None):
 
 def run(args):
     args.compile = args.compile or args.compile_whole
-    cli.positive(args, "max_new_tokens", "num_samples", "batch_size", "top_k", "speculate_k", "prefill_chunk")
+    cli.positive(args, "max_new_tokens", "num_samples", "batch_size", "top_k", "speculate_k", "prefill_chunk",
+                 "prompt_tokens", "threads")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.prompt_tokens and (args.chat or args.interactive):
+        raise ValueError("--prompt_tokens makes a plain prompt: not with --chat or --interactive")
     if args.prompt_lookup < 0:
         raise ValueError(f"--prompt_lookup must be >= 0 (0: off), got {args.prompt_lookup}")
     if args.prompt_lookup and args.draft_checkpoint_path:
@@ -664,6 +675,8 @@ def run(args):
         prompts = [tokenizer.apply_chat([{"role": "user", "content": t}]) for t in texts]
     else:
         prompts = [tokenizer.encode(t, bos=True) for t in texts]
+    if args.prompt_tokens and all(prompts):   # the text's tokens over and over (BOS once), cut to N
+        prompts = [p[:1] + list(itertools.islice(itertools.cycle(p[1:] or p), args.prompt_tokens - 1)) for p in prompts]
     if not all(prompts):   # SmolLM2, Qwen: no BOS, so an empty prompt is no token at all
         raise ValueError("an empty --prompt gives this model no token to start from; give it some text")
     if (draft_path is not None or args.prompt_lookup) and (batch > 1 or args.interactive):
@@ -702,8 +715,8 @@ def run(args):
         prof = torch.profiler.profile() if profiling else None
         if prof:
             prof.__enter__()
-        if stream and not warmup and not args.chat:
-            print(texts[0], end="", flush=True)  # a completion continues its prompt
+        if stream and not warmup and not args.chat:   # a completion continues its prompt
+            print(f"[a {len(prompts[0])}-token prompt]" if args.prompt_tokens else texts[0], end="", flush=True)
         stats = {}
         run_args = argparse.Namespace(**vars(args) | {"max_new_tokens": 3}) if warmup else args
         outputs, secs, prefill_secs, decode_secs = run_batch(model, tokenizer, prompts, run_args,
@@ -725,14 +738,17 @@ def run(args):
         if stream:
             print()
         else:
-            for t, out in zip(texts, outputs):
-                print(("" if args.chat else t) + tokenizer.decode([x for x in out if x not in tokenizer.stop_ids]))
+            for t, p, out in zip(texts, prompts, outputs):
+                start = "" if args.chat else f"[a {len(p)}-token prompt]" if args.prompt_tokens else t
+                print(start + tokenizer.decode([x for x in out if x not in tokenizer.stop_ids]))
                 print("-" * 40)
         n = sum(len(o) for o in outputs)
         decoded = max(map(len, outputs)) - 1      # decode steps after the prefill's token
         tps = decoded * batch / decode_secs if decoded else float("nan")
-        print(f"sample {i + 1 - int(args.compile)}: {n} tokens in {secs:.2f} s (prefill {1000 * prefill_secs:.0f} ms); "
-              f"decode {tps:.1f} tokens/s, {bytes_per_token * tps / batch / 1e9:.1f} GB/s", file=sys.stderr)
+        prefilled = sum(map(len, prompts))
+        print(f"sample {i + 1 - int(args.compile)}: {n} tokens in {secs:.2f} s (prefill {prefilled} tokens in "
+              f"{1000 * prefill_secs:.0f} ms, {prefilled / prefill_secs:.0f} tokens/s); decode {tps:.1f} tokens/s, "
+              f"{bytes_per_token * tps / batch / 1e9:.1f} GB/s", file=sys.stderr)
         if stats.get("steps"):
             print(f"speculative: {100 * stats['accepted'] / stats['drafted']:.0f}% of draft tokens accepted, "
                   f"{stats['accepted'] / stats['steps']:.2f} accepted + 1 a step ({stats['steps']} verify steps, "

@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST
+import torch
 
 import generate as gen
 import structured
@@ -599,6 +600,7 @@ def main(argv=None):
                    help="prefill every prompt whole (default: reuse the longest prefix some slot's cache holds)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="bf16", choices=sorted(gen.PRECISIONS))
+    p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
     p.add_argument("--api_key", default=os.environ.get("ZOOFAST_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $ZOOFAST_API_KEY; none: open)")
     p.add_argument("--max_connections", type=int, default=64, help="open connections at most")
@@ -611,7 +613,9 @@ def main(argv=None):
             raise ValueError(f"--prompt_lookup must be at least 0, got {args.prompt_lookup}")
         if not 0 <= args.port < 65536:
             raise ValueError(f"--port must be in 0..65535, got {args.port}")
-        positive(args, "max_connections", "max_body_mb", "timeout", "request_timeout", "prefill_chunk")
+        positive(args, "max_connections", "max_body_mb", "timeout", "request_timeout", "prefill_chunk", "threads")
+        if args.threads:
+            torch.set_num_threads(args.threads)
         t0 = time.perf_counter()
         # under torchrun: rank 0 serves and schedules, every rank holds its shard and runs the same forwards
         rank, device = gen.start_tp(gen.pick_device(args.device))

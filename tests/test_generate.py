@@ -1,4 +1,5 @@
 # The decode path: cached == full forward, compiled == eager, batched == one at a time, and the CLI.
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -171,7 +172,10 @@ def test_default_model_batched_equals_single(default_checkpoint):
     (["--max_new_tokens", "-5"], "--max_new_tokens must be positive"),
     (["--device", "tpu9"], "error: unknown device 'tpu9'; use auto, cpu or cuda[:N]"),
     (["--prompt", "hello " * 9000, "--max_new_tokens", "10"], "exceeds the context"),
-], ids=["missing-checkpoint", "unknown-model", "negative-max-new-tokens", "unknown-device", "prompt-too-long"])
+    (["--threads", "0"], "--threads must be positive"),
+    (["--prompt_tokens", "9000", "--max_new_tokens", "10"], "exceeds the context"),
+], ids=["missing-checkpoint", "unknown-model", "negative-max-new-tokens", "unknown-device", "prompt-too-long",
+        "threads-0", "prompt-tokens-past-context"])
 def test_cli_bad_input_is_one_line(default_checkpoint, args, message):
     r = cli("--checkpoint_path", str(default_checkpoint), *args) if args[0] != "--checkpoint_path" else cli(*args)
     assert r.returncode != 0
@@ -407,3 +411,18 @@ def test_memory_estimate_and_refusal(default_checkpoint, monkeypatch):
         r = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: this needs about"), r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_cli_ignore_eos_prompt_tokens_and_threads(default_checkpoint):
+    """--ignore_eos decodes past the end of a chat reply, --prompt_tokens N prefills exactly N tokens, and the report
+    gives prefill's tokens/s; --threads sets torch's."""
+    base = ["--checkpoint_path", str(default_checkpoint), "--temperature", "0", "--max_new_tokens", "120"]
+    stopped = cli(*base, "--prompt", "What is 2+2?", "--chat")
+    ignored = cli(*base, "--prompt", "What is 2+2?", "--chat", "--ignore_eos", "--threads", "1")
+    assert stopped.returncode == 0 and ignored.returncode == 0, ignored.stderr
+    assert "sample 1: 120 tokens" not in stopped.stderr and "sample 1: 120 tokens" in ignored.stderr
+    assert ignored.stdout.startswith(stopped.stdout.rstrip("\n"))
+    synthetic = cli(*base, "--prompt_tokens", "300", "--max_new_tokens", "4")
+    assert synthetic.returncode == 0, synthetic.stderr
+    assert re.search(r"prefill 300 tokens in \d+ ms, \d+ tokens/s", synthetic.stderr), synthetic.stderr
+    assert synthetic.stdout.startswith("[a 300-token prompt]")
