@@ -21,6 +21,7 @@ from cli import first_line, write_atomic
 SP_FILE = "tokenizer.model"            # a SentencePiece model, copied as is
 TIKTOKEN_FILE = "tokenizer.tiktoken"   # tiktoken ranks: "base64(token bytes) id" per line, id order
 META_FILE = "tokenizer_meta.json"      # ours: split pattern, special tokens, bos/eos, prefix/suffix (see write_meta)
+TEMPLATE_FILE = "tokenizer_chat_template.json"   # the checkpoint's own Jinja chat template (see write_template)
 
 # Split patterns (the pre-tokenizer as one regex)
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -66,6 +67,14 @@ class Tokenizer:
             self.stop_ids.add(eos_id)
         self._special_re = special_regex(self.special_tokens if parse_specials else ())
         self._all_specials_re = special_regex(self.special_tokens)
+        self.template: Optional[ChatFormat] = None   # the checkpoint's Jinja chat template (use_template)
+
+    def use_template(self, template: str, bos_token: Optional[str] = None, eos_token: Optional[str] = None):
+        """Chat through the checkpoint's own Jinja template (where no hand-written format is named); its eos token
+        ends a reply."""
+        self.template = jinja_format(template, bos_token, eos_token)
+        if eos_token in self.special_tokens:
+            self.stop_ids.add(self.special_tokens[eos_token])
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, allowed_special=None) -> list:
         """Special-token surface forms in text become their ids; the text between them is encoded alone.
@@ -106,12 +115,13 @@ class Tokenizer:
     def apply_chat(self, messages: list, add_generation_prompt: bool = True) -> list:
         """A message history as the model's chat format encodes it. A message's content is text: a special token's
         spelling inside it stays text (a user typing "<|im_end|><|im_start|>system" forges no turn)."""
-        if not self.chat_format:
-            raise ValueError("this checkpoint has no chat format (config.json 'chat_format'); prompt it as plain text")
+        if not self.chat_format and self.template is None:
+            raise ValueError("this checkpoint has no chat format (config.json 'chat_format') or chat template; "
+                             "prompt it as plain text")
         for m in messages:
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"bad chat message {m!r}: needs role system/user/assistant and str content")
-        fmt = CHAT_FORMATS[self.chat_format]
+        fmt = CHAT_FORMATS[self.chat_format] if self.chat_format else self.template
         rendered = fmt.render(messages, add_generation_prompt)
         if isinstance(rendered, str):   # one text in which the template's special-token spellings are its tokens
             # Render again with each special spelling inside the contents masked (same length, same whitespace, so
@@ -128,6 +138,32 @@ class Tokenizer:
             else:
                 ids += self.encode(part, allowed_special=())
         return ids
+
+    def heal(self, ids: list, vocab_size: int, most: int = 4):
+        """Token healing: a prompt that ends mid-word ends on a token boundary no training text had ("... is Par"
+        where " Paris" is one token). Back off the last k <= most tokens, the most whose text some token starts
+        with (" num" + "p": " numpy"), and return (the ids kept, the text backed off, the ids of the tokens whose
+        text starts with it: what the first generated token must be). Nothing is backed off past a special token
+        or the prompt's first token; (ids, "", None) where nothing can be."""
+        table = self.vocab_bytes(vocab_size)
+        best = None
+        for k in range(1, min(most, len(ids) - 1) + 1):
+            if ids[-k] in self.special_ids or not 0 <= ids[-k] < vocab_size:
+                break
+            removed = b"".join(table[i] for i in ids[-k:])
+            allowed = [i for i, b in enumerate(table) if b.startswith(removed) and i not in self.special_ids]
+            if allowed:
+                best = k, allowed
+        if best is None:
+            return ids, "", None
+        k, allowed = best
+        return ids[:-k], self.decode(ids)[len(self.decode(ids[:-k])):], allowed
+
+    def vocab_bytes(self, vocab_size: int) -> list:
+        """Each token's bytes (token_bytes), for ids below vocab_size; computed once."""
+        if len(getattr(self, "_vocab_bytes", ())) != vocab_size:
+            self._vocab_bytes = [self.token_bytes(i) for i in range(vocab_size)]
+        return self._vocab_bytes
 
     def _mask_specials(self, text: str) -> str:
         if not self._all_specials_re:
@@ -246,6 +282,40 @@ class ChatFormat(NamedTuple):
     render: Callable        # -> one text with special tokens, or a list of parts encoded apart (see apply_chat)
     stop: tuple             # special tokens that end a reply, besides eos
     reply: Callable = str   # decoded reply -> the content the history keeps (ChatGLM3 drops its metadata line)
+
+
+def jinja_format(template: str, bos_token: Optional[str], eos_token: Optional[str]) -> ChatFormat:
+    """A Hugging Face chat template as a ChatFormat, rendered as transformers' apply_chat_template renders it: a
+    sandboxed jinja2 environment with trim_blocks and lstrip_blocks, loop controls, raise_exception, strftime_now
+    and a tojson that keeps non-ASCII text; messages, add_generation_prompt, bos_token and eos_token given."""
+    import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    try:
+        compiled = env.from_string(template)
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"the checkpoint's chat template does not compile: {first_line(e)}") from None
+
+    def render(messages, add_generation_prompt):
+        try:
+            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   bos_token=bos_token or "", eos_token=eos_token or "")
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"the chat template refuses these messages: {first_line(e)}") from None
+
+    return ChatFormat(render, ())
 
 
 class Special(str):
@@ -428,10 +498,15 @@ def load_tokenizer(checkpoint_dir) -> Tokenizer:
     if (d / TIKTOKEN_FILE).is_file():
         if meta is None:
             raise FileNotFoundError(f"{d / TIKTOKEN_FILE} needs {META_FILE} beside it; run scripts/prepare.sh again")
-        return TiktokenTokenizer(d / TIKTOKEN_FILE, meta, chat_format)
-    if (d / SP_FILE).is_file():
-        return SentencePieceTokenizer(d / SP_FILE, meta, chat_format)
-    raise FileNotFoundError(f"no tokenizer in {d} ({SP_FILE} or {TIKTOKEN_FILE}); run scripts/prepare.sh ORG/NAME")
+        tokenizer = TiktokenTokenizer(d / TIKTOKEN_FILE, meta, chat_format)
+    elif (d / SP_FILE).is_file():
+        tokenizer = SentencePieceTokenizer(d / SP_FILE, meta, chat_format)
+    else:
+        raise FileNotFoundError(f"no tokenizer in {d} ({SP_FILE} or {TIKTOKEN_FILE}); run scripts/prepare.sh ORG/NAME")
+    if not chat_format and (d / TEMPLATE_FILE).is_file():   # no hand-written format fits: the checkpoint's own
+        t = json.loads((d / TEMPLATE_FILE).read_text())
+        tokenizer.use_template(t["template"], t.get("bos_token"), t.get("eos_token"))
+    return tokenizer
 
 
 # ---- preparing: convert once into our folder ----------------------------------------------------------
@@ -555,10 +630,28 @@ BPE_CLASSES = {"GPT2Tokenizer": (GPT2_PATTERN, None, GPT2_DEFAULTS),
                "Qwen2Tokenizer": (QWEN2_PATTERN, "NFC", {"eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})}
 
 
+def write_template(out_dir: Path, template, bos_token=None, eos_token=None):
+    """TEMPLATE_FILE: a Hugging Face chat template (a Jinja source, or tokenizer_config's list of named ones: the
+    "default") with the bos and eos spellings it may use. Nothing where there is no template."""
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if isinstance(template, str) and template.strip():
+        body = {"template": template, "bos_token": token_text(bos_token), "eos_token": token_text(eos_token)}
+        write_atomic({out_dir / TEMPLATE_FILE: (json.dumps(body, indent=1, ensure_ascii=False) + "\n").encode()})
+
+
 def prepare_tokenizer(hf_dir, out_dir):
-    """Copy or convert a Hugging Face repo's tokenizer into our checkpoint folder (writes only tokenizer files)."""
+    """Copy or convert a Hugging Face repo's tokenizer into our checkpoint folder (writes only tokenizer files), and
+    its chat template: tokenizer_config.json's chat_template, or chat_template.jinja / chat_template.json beside it."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg = read_json(hf_dir / "tokenizer_config.json")
+    template = cfg.get("chat_template")
+    if (hf_dir / "chat_template.jinja").is_file():
+        template = (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (hf_dir / "chat_template.json").is_file():
+        template = read_json(hf_dir / "chat_template.json").get("chat_template", template)
+    write_template(out_dir, template, cfg.get("bos_token"), cfg.get("eos_token"))
     if cfg.get("tokenizer_class") in REMOTE_CODE_TOKENIZERS:
         return REMOTE_CODE_TOKENIZERS[cfg["tokenizer_class"]](hf_dir, out_dir)
     bos, eos = token_text(cfg.get("bos_token")), token_text(cfg.get("eos_token"))
@@ -687,3 +780,6 @@ def tokenizer_from_gguf(reader, out_dir):
     write_bpe_as_tiktoken(out_dir, {t: i for i, t in enumerate(tokens)}, merges, specials, GGUF_PRE_PATTERNS[pre],
                           get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id"),
                           bool(get("tokenizer.ggml.add_bos_token", False)))
+    at = lambda key: tokens[get(key)] if get(key) is not None and 0 <= get(key) < len(tokens) else None  # noqa: E731
+    write_template(out_dir, get("tokenizer.chat_template"), at("tokenizer.ggml.bos_token_id"),
+                   at("tokenizer.ggml.eos_token_id"))
