@@ -80,13 +80,16 @@ class Request:
         self.cached = 0       # prompt positions whose keys and values were already in a cache (prefix caching)
         self.created, self.last_token_at = time.monotonic(), None
         self.prefilled = 0    # prompt positions in its slot's cache so far (chunked prefill)
+        self.heal: Optional[torch.Tensor] = None   # token healing: the tokens its first token may be [vocab] bool
+        self.heal_text = ""   # and the prompt text it backed off (the reply spells it again: not sent)
 
     def cancel(self):
         self.cancelled = True
 
     def adjusts(self) -> bool:
         """Its logits change before sampling (penalties, logit_bias, a grammar's mask)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.grammar)
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.grammar or
+                    (self.heal is not None and not self.tokens))
 
 
 def check_sampling(temperature=1.0, top_p=None, top_k=None, stop=(), seed=None, logprobs=None, presence_penalty=0.0,
@@ -218,15 +221,19 @@ class Engine:
 
     # ---- the Python API ----------------------------------------------------------------------------
 
-    def submit(self, ids: list, max_tokens: Optional[int] = None, schema: Optional[dict] = None,
+    def submit(self, ids: list, max_tokens: Optional[int] = None, schema: Optional[dict] = None, heal: bool = False,
                **sampling) -> Request:
-        """Queue a generation of token ids (schema: a JSON schema its reply must satisfy); raises APIError (4xx, 503
-        once closed) for what cannot run."""
+        """Queue a generation of token ids (schema: a JSON schema its reply must satisfy; heal: token healing, see
+        Tokenizer.heal: the reply starts after the prompt's text, its first token re-spelling the last word's
+        start); raises APIError (4xx, 503 once closed) for what cannot run."""
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size for i in ids):
             raise APIError(400, f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
         check_sampling(**sampling, vocab_size=self.vocab_size)
+        heal_text, allowed = "", None
+        if heal:
+            ids, heal_text, allowed = self.tokenizer.heal(ids, self.vocab_size)
         room = self.max_seq_length - len(ids)
         if room < 1:
             raise APIError(400, f"the prompt has {len(ids)} tokens; this server's context is {self.max_seq_length} "
@@ -247,6 +254,10 @@ class Engine:
             except ValueError as e:
                 raise APIError(400, f"response_format: {first_line(e)}", param="response_format") from None
         request = Request(ids, max_tokens, grammar=grammar, **sampling)
+        if allowed is not None:
+            request.heal = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            request.heal[allowed] = True
+            request.heal_text = heal_text
         with self.lock:
             if self.closed:
                 raise APIError(503, "the server is shutting down", kind="server_error")
@@ -642,6 +653,8 @@ class Engine:
         complete = r.grammar is not None and r.grammar.advance(token)
         start = len(r.text)
         r.text += r.decoder.push(token)
+        if r.heal_text and len(r.tokens) == 1:   # the backed-off text the first token spells again is not sent
+            r.sent = next((len(h) for h in (r.heal_text, r.heal_text.lstrip()) if r.text.startswith(h)), 0)
         # a stop string can only end in the new text: search from where it could start (each scan O(new + stop))
         cut = min((i for i in (r.text.find(s, max(0, start - len(s) + 1)) for s in r.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -698,6 +711,8 @@ def adjust(r: Request, logits: torch.Tensor):
         logits[ids] += torch.tensor(list(r.logit_bias.values()), device=logits.device, dtype=logits.dtype)
     if r.grammar is not None:
         r.grammar.mask(logits)
+    if r.heal is not None and not r.tokens:
+        logits.masked_fill_(~r.heal, -float("inf"))
 
 
 def decoding(r: Optional[Request]) -> bool:

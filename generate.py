@@ -187,9 +187,14 @@ def prefill_forward(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor
 
 
 def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor,
-            chunk: Optional[int] = PREFILL_CHUNK, step=prefill_logits, **sampling):
-    """prefill_forward, then the first new token of each row [B, 1]."""
-    return sample(prefill_forward(model, x, input_pos, last, chunk, step=step), **sampling)
+            chunk: Optional[int] = PREFILL_CHUNK, step=prefill_logits, allowed: Optional[torch.Tensor] = None,
+            **sampling):
+    """prefill_forward, then the first new token of each row [B, 1]; allowed [B, V] bool: the tokens it may be
+    (token healing's)."""
+    logits = prefill_forward(model, x, input_pos, last, chunk, step=step)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -float("inf"))
+    return sample(logits, **sampling)
 
 
 def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, stage=None, **sampling):
@@ -389,12 +394,14 @@ def cache_positions(block_size: int, needed: int) -> int:
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=(), callback=None,
              draft_model: Optional[Transformer] = None, speculate_k: int = 5, stats=None,
-             prefill_chunk: Optional[int] = PREFILL_CHUNK, steps=None, prompt_lookup: int = 0, **sampling) -> list:
+             prefill_chunk: Optional[int] = PREFILL_CHUNK, steps=None, prompt_lookup: int = 0, heal=None,
+             **sampling) -> list:
     """prompts: B lists of token ids (may differ in length). Returns B lists of new token ids,
     each cut after its first stop id. callback(tokens [B], done [B]) sees every decoded step.
     With a draft_model (batch 1): speculative decoding, k draft tokens a step; with prompt_lookup N (batch 1):
     up to N tokens a step drafted from the prompt and output so far (PromptLookup). stats collects their counts.
     prefill_chunk: prompt positions per prefill forward (None: the whole prompt at once).
+    heal: for each row None or the token ids its first new token may be (Tokenizer.heal's token healing).
     steps: the forward steps to run (compile_steps'), eager by default."""
     steps = steps or EAGER
     device = model.tok_embeddings.weight.device
@@ -420,7 +427,14 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, stop_ids=()
     for i, p in enumerate(prompts):
         x[i, : len(p)] = torch.tensor(p, dtype=torch.int)
     input_pos = torch.arange(T, device=device).expand(B, T)
-    first = prefill(model, x, input_pos, lengths - 1, prefill_chunk, steps.prefill, **sampling)
+    allowed = None
+    if heal is not None and any(a is not None for a in heal):   # token healing: each row's first token, constrained
+        allowed = torch.ones(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        for i, ids in enumerate(heal):
+            if ids is not None:
+                allowed[i] = False
+                allowed[i, ids] = True
+    first = prefill(model, x, input_pos, lengths - 1, prefill_chunk, steps.prefill, allowed, **sampling)
     if callback is not None:
         callback(first.view(-1).cpu(), torch.zeros(B, dtype=torch.bool))
     out = [first.cpu()]
@@ -565,6 +579,7 @@ def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=N
     outputs = generate(model, prompts, args.max_new_tokens, stop_ids=stop_ids, callback=on_token,
                        draft_model=draft, speculate_k=args.speculate_k, stats=stats, prefill_chunk=args.prefill_chunk,
                        steps=steps, prompt_lookup=args.prompt_lookup,
+                       heal=[h and h[1] for h in getattr(args, "healed", [None] * len(prompts))],
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_size=tokenizer.vocab_size)
     if decoder is not None:
         print(decoder.flush(), end="", flush=True)
@@ -572,6 +587,11 @@ def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=N
         torch.cuda.synchronize(model.tok_embeddings.weight.device)
     t1 = time.perf_counter()
     return outputs, t1 - t0, times["first"] - t0, t1 - times["first"]
+
+
+def cut(text: str, healed) -> str:
+    """A prompt's text without what token healing backed off (the reply spells it again)."""
+    return text[: len(text) - len(healed[0])] if healed and text.endswith(healed[0]) else text
 
 
 def read_line(prompt: str) -> str:
@@ -609,6 +629,9 @@ def main(argv=None):
     p.add_argument("--ignore_eos", action="store_true",
                    help="decode all --max_new_tokens, past end-of-sequence tokens (constant-length output)")
     p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
+    p.add_argument("--heal", action="store_true",
+                   help="token healing: a prompt ending mid-word (code, an identifier) has its last token(s) backed "
+                        "off and the reply's first token starts with their text")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as one user turn in the model's chat format")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat in the model's chat format")
     p.add_argument("--num_samples", type=int, default=1)
@@ -644,8 +667,8 @@ def run(args):
                  "prompt_tokens", "threads")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.prompt_tokens and (args.chat or args.interactive):
-        raise ValueError("--prompt_tokens makes a plain prompt: not with --chat or --interactive")
+    if (args.prompt_tokens or args.heal) and (args.chat or args.interactive):
+        raise ValueError("--prompt_tokens and --heal take a plain prompt: not with --chat or --interactive")
     if args.prompt_lookup < 0:
         raise ValueError(f"--prompt_lookup must be >= 0 (0: off), got {args.prompt_lookup}")
     if args.prompt_lookup and args.draft_checkpoint_path:
@@ -677,6 +700,11 @@ def run(args):
         prompts = [tokenizer.encode(t, bos=True) for t in texts]
     if args.prompt_tokens and all(prompts):   # the text's tokens over and over (BOS once), cut to N
         prompts = [p[:1] + list(itertools.islice(itertools.cycle(p[1:] or p), args.prompt_tokens - 1)) for p in prompts]
+    args.healed = [None] * len(prompts)   # the text each prompt backed off, and its first token's choices
+    if args.heal:
+        for i, p in enumerate(prompts):
+            prompts[i], removed, allowed = tokenizer.heal(p, tokenizer.vocab_size)
+            args.healed[i] = (removed, allowed) if allowed is not None else None
     if not all(prompts):   # SmolLM2, Qwen: no BOS, so an empty prompt is no token at all
         raise ValueError("an empty --prompt gives this model no token to start from; give it some text")
     if (draft_path is not None or args.prompt_lookup) and (batch > 1 or args.interactive):
@@ -716,7 +744,8 @@ def run(args):
         if prof:
             prof.__enter__()
         if stream and not warmup and not args.chat:   # a completion continues its prompt
-            print(f"[a {len(prompts[0])}-token prompt]" if args.prompt_tokens else texts[0], end="", flush=True)
+            print(f"[a {len(prompts[0])}-token prompt]" if args.prompt_tokens else cut(texts[0], args.healed[0]),
+                  end="", flush=True)
         stats = {}
         run_args = argparse.Namespace(**vars(args) | {"max_new_tokens": 3}) if warmup else args
         outputs, secs, prefill_secs, decode_secs = run_batch(model, tokenizer, prompts, run_args,
@@ -738,8 +767,8 @@ def run(args):
         if stream:
             print()
         else:
-            for t, p, out in zip(texts, prompts, outputs):
-                start = "" if args.chat else f"[a {len(p)}-token prompt]" if args.prompt_tokens else t
+            for t, p, out, h in zip(texts, prompts, outputs, args.healed):
+                start = "" if args.chat else f"[a {len(p)}-token prompt]" if args.prompt_tokens else cut(t, h)
                 print(start + tokenizer.decode([x for x in out if x not in tokenizer.stop_ids]))
                 print("-" * 40)
         n = sum(len(o) for o in outputs)

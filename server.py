@@ -153,6 +153,10 @@ def sampling_params(body: dict, chat: bool) -> dict:
         bias[int(key)] = value
     if not chat and (get(body, "echo", bool, False) or get(body, "suffix", str) or get(body, "best_of", int, 1) != 1):
         unsupported("echo, suffix and best_of", "are not supported by this server")
+    heal = get(body, "heal", bool, False)   # ours: token healing of a completion's prompt (Tokenizer.heal)
+    if heal and chat:
+        raise APIError(400, "heal applies to /v1/completions prompts (a chat prompt ends with its turn's markup)",
+                       param="heal")
     try:
         schema = structured.schema_of(get(body, "response_format", dict, {}))
     except ValueError as e:
@@ -161,7 +165,7 @@ def sampling_params(body: dict, chat: bool) -> dict:
                    top_p=get(body, "top_p", float), top_k=get(body, "top_k", int), stop=stop,
                    seed=get(body, "seed", int), logprobs=logprobs, logit_bias=bias,
                    presence_penalty=get(body, "presence_penalty", float, 0.0),
-                   frequency_penalty=get(body, "frequency_penalty", float, 0.0), schema=schema)
+                   frequency_penalty=get(body, "frequency_penalty", float, 0.0), schema=schema, heal=heal)
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------------

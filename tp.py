@@ -1,7 +1,9 @@
 # Tensor parallelism under torchrun. Each rank keeps a slice of every big weight: attention by whole heads
 # (q/k/v rows of the fused wqkv, the matching columns of wo), the MLP by intermediate units (rows of w1/w3,
 # columns of w2), MoE experts by intermediate units too. After attention and after the MLP one all-reduce sums
-# the ranks' partial outputs. Embedding, norms, router and head stay whole on every rank.
+# the ranks' partial outputs. Embedding, norms, router and head stay whole on every rank. Counts that do not
+# divide the ranks split unevenly (the first ranks one more): each head is still computed whole on one rank and
+# each intermediate unit on one, so the sums are the same numbers (the default model's 9 heads on 2 ranks: 6 + 3).
 #
 #   torchrun --standalone --nproc_per_node=2 generate.py --checkpoint_path ... --compile
 #
@@ -34,27 +36,35 @@ def rank_and_world() -> tuple:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def check_divisible(config, world: int):
-    """One line for the shapes a world size cannot split by whole heads."""
-    H, Hkv, I = config.n_head, config.n_local_heads, config.intermediate_size
-    if H % world:
-        raise ValueError(f"{H} attention heads cannot be split over {world} ranks; use a --nproc_per_node "
-                         f"that divides {H}")
-    if Hkv % world and world % Hkv:
-        raise ValueError(f"{Hkv} KV heads can be neither split nor replicated over {world} ranks; use a "
-                         f"--nproc_per_node that divides or is a multiple of {Hkv}")
-    if I % world:
+def check_splittable(config, world: int):
+    """One line for the shapes that leave a rank nothing: fewer heads or MLP units than ranks."""
+    H, I = config.n_head, config.intermediate_size
+    if H < world:
+        raise ValueError(f"{H} attention heads cannot be split over {world} ranks (a rank would hold none); use "
+                         f"a --nproc_per_node of at most {H}")
+    if I < world:
         raise ValueError(f"MLP width {I} cannot be split over {world} ranks")
 
 
+def share(n: int, world: int, rank: int) -> tuple:
+    """(first, count) of rank's part when n units are dealt to world ranks, the first n % world one more each."""
+    base, extra = divmod(n, world)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
 def head_ranges(config, rank: int, world: int):
-    """This rank's query heads and KV heads as (first, count). With fewer KV heads than ranks each rank keeps
-    a copy of the one KV head its query heads read."""
+    """This rank's query heads and KV heads as (first, count): whole KV groups (a KV head and the query heads that
+    read it) dealt to the ranks. With fewer KV heads than ranks the ranks are dealt to the groups instead, and
+    each rank keeps a copy of its group's KV head and a part of the group's query heads."""
     H, Hkv = config.n_head, config.n_local_heads
-    q0, nq = rank * (H // world), H // world
+    G = H // Hkv
     if Hkv >= world:
-        return (q0, nq), (rank * (Hkv // world), Hkv // world)
-    return (q0, nq), (q0 // (H // Hkv), 1)
+        k0, nk = share(Hkv, world, rank)
+        return (k0 * G, nk * G), (k0, nk)
+    g = next(g for g in range(Hkv) if rank < sum(share(world, Hkv, g)))   # the group this rank serves
+    first, count = share(world, Hkv, g)
+    q0, nq = share(G, count, rank - first)
+    return (g * G + q0, nq), (g, 1)
 
 
 # ---- slicing one module ---------------------------------------------------------------------------
@@ -112,8 +122,8 @@ def shard_attention(attn: Attention, config, rank: int, world: int):
 
 
 def shard_feed_forward(ff: nn.Module, config, rank: int, world: int):
-    n = config.intermediate_size // world
-    start, stop = rank * n, (rank + 1) * n
+    start, n = share(config.intermediate_size, world, rank)
+    stop = start + n
     if isinstance(ff, FeedForward):
         for m in (ff.w1, ff.w3):
             if m is not None:
@@ -139,7 +149,7 @@ def apply_tp(model: Transformer) -> Transformer:
     if world == 1:
         return model
     config = model.config
-    check_divisible(config, world)
+    check_splittable(config, world)
     for layer in model.layers:
         shard_attention(layer.attention, config, rank, world)
         shard_feed_forward(layer.feed_forward, config, rank, world)

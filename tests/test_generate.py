@@ -426,3 +426,30 @@ def test_cli_ignore_eos_prompt_tokens_and_threads(default_checkpoint):
     assert synthetic.returncode == 0, synthetic.stderr
     assert re.search(r"prefill 300 tokens in \d+ ms, \d+ tokens/s", synthetic.stderr), synthetic.stderr
     assert synthetic.stdout.startswith("[a 300-token prompt]")
+    healed = cli(*base, "--prompt", "for i in ran", "--heal", "--max_new_tokens", "3")
+    assert healed.returncode == 0 and healed.stdout.startswith("for i in range("), healed.stdout
+
+
+HEALED = [   # (cut, uncut, whether the unhealed cut prompt goes astray: "Par" + "is." happens to come out right)
+    ("The capital of France is Par", "The capital of France is Paris", False), ("import nump", "import numpy", True),
+    ("for i in ran", "for i in range", True),
+    ("The quick brown fox jumps over the la", "The quick brown fox jumps over the lazy", True)]
+
+
+@torch.no_grad()
+def test_token_healing_continues_as_the_uncut_prompt(default_checkpoint):
+    """A prompt cut mid-word (its last tokens " Par", " num" + "p", ...) continues, healed, as the uncut prompt does
+    (greedy); unhealed it does not."""
+    from tokenizer import load_tokenizer
+    model = gen.load_model(default_checkpoint / "model.pth", "cpu", torch.float32)
+    tok = load_tokenizer(default_checkpoint)
+    for cut, whole, astray in HEALED:
+        ids = tok.encode(cut, bos=True)
+        kept, removed, allowed = tok.heal(ids, tok.vocab_size)
+        assert cut.endswith(removed) and removed and tok.encode(cut[: len(cut) - len(removed)], bos=True) == kept
+        healed = tok.decode(gen.generate(model, [kept], 8, temperature=0, heal=[allowed])[0])
+        uncut = tok.decode(gen.generate(model, [tok.encode(whole, bos=True)], 7, temperature=0)[0])
+        plain = tok.decode(gen.generate(model, [ids], 8, temperature=0)[0])
+        assert healed == whole[len(cut) - len(removed):] + uncut, (cut, healed, uncut)
+        assert (removed + plain).startswith(healed) != astray, (cut, plain)
+    assert tok.heal(tok.encode("Hi", bos=True) + [tok.eos_id], tok.vocab_size)[2] is None   # a special: nothing

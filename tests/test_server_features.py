@@ -338,3 +338,13 @@ def test_a_paged_cache_gives_the_static_caches_logits(default_checkpoint, kernel
                 m.out.append(m(ids[:, step: step + 1], pos)[:, -1])
     for a, b in zip(static.out, paged.out):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_a_healed_completion_sends_only_what_follows_the_prompt(engine):
+    """heal: true backs off the prompt's " Par" and the reply's first token re-spells it (" Paris"): the client gets
+    "is" and then what the uncut prompt would give."""
+    cut, whole = "The capital of France is Par", "The capital of France is Paris"
+    healed = engine.submit(engine.tokenizer.encode(cut, bos=True), max_tokens=8, temperature=0, heal=True)
+    uncut = engine.submit(engine.tokenizer.encode(whole, bos=True), max_tokens=7, temperature=0)
+    assert "".join(engine.stream(healed)) == "is" + "".join(engine.stream(uncut))
+    assert len(healed.ids) == len(engine.tokenizer.encode(cut, bos=True)) - 1

@@ -28,6 +28,7 @@ LAYOUTS = {
     "baichuan13-alibi": dict(n_local_heads=4, position="alibi"),
     "chatglm2": dict(rotary_dim=8, rope_interleaved=True, qkv_bias=True),
     "mixtral-moe": dict(n_experts=4, n_experts_per_tok=2, tie_embeddings=True),
+    "uneven": dict(n_head=6, n_local_heads=3, dim=96, intermediate_size=91),   # 2 + 1 KV groups, 46 + 45 MLP units
 }
 QUANTIZED = {"llama-gqa": ["int8", "int4"], "neox-parallel-residual": ["int4"], "mixtral-moe": ["int8"]}
 
@@ -71,14 +72,33 @@ def test_head_assignment_replicates_kv_heads_only_when_fewer_than_ranks():
                                                             ((4, 2), (1, 1)), ((6, 2), (1, 1))]
 
 
+def test_heads_that_do_not_divide_are_dealt_unevenly():
+    """Whole KV groups to ranks where there are enough (the default model's 3 groups of 3 on 2 ranks: 6 + 3 query
+    heads), ranks to groups where there are not (2 groups of 3 on 3 ranks: 2 + 1 heads of group 0, 3 of group 1);
+    every query head exactly once, each with its own group's KV head."""
+    for kw, world in [(dict(n_head=9, n_local_heads=3), 2), (dict(n_head=6, n_local_heads=2), 3),
+                      (dict(n_head=12, n_local_heads=3), 2), (dict(n_head=4, n_local_heads=1), 3),
+                      (dict(n_head=7, n_local_heads=7), 3)]:
+        config = ModelArgs(dim=8 * kw["n_head"], **kw)
+        G = config.n_head // config.n_local_heads
+        heads = []
+        for rank in range(world):
+            (q0, nq), (k0, nk) = tp.head_ranges(config, rank, world)
+            assert nq >= 1 and all(k0 <= h // G < k0 + nk for h in range(q0, q0 + nq)), (kw, world, rank)
+            heads += range(q0, q0 + nq)
+        assert heads == list(range(config.n_head)), (kw, world)
+    assert [tp.head_ranges(ModelArgs(n_head=9, n_local_heads=3, dim=576), r, 2) for r in range(2)] == \
+        [((0, 6), (0, 2)), ((6, 3), (2, 1))]
+    assert [tp.share(91, 2, r) for r in range(2)] == [(0, 46), (46, 45)]
+
+
 @pytest.mark.parametrize("kw, world, message", [
-    (dict(n_head=9, n_local_heads=3, dim=576, intermediate_size=1536), 2, "9 attention heads cannot be split over 2"),
-    (dict(n_head=12, n_local_heads=3, dim=96, intermediate_size=128), 2, "3 KV heads can be neither split nor"),
-    (dict(n_head=4, dim=64, intermediate_size=90), 4, "MLP width 90 cannot be split over 4"),
+    (dict(n_head=2, n_local_heads=2, dim=64, intermediate_size=128), 4, "2 attention heads cannot be split over 4"),
+    (dict(n_head=4, dim=64, intermediate_size=3), 4, "MLP width 3 cannot be split over 4"),
 ])
 def test_shapes_a_world_cannot_split_are_refused(kw, world, message):
     with pytest.raises(ValueError, match=message):
-        tp.check_divisible(ModelArgs(**kw), world)
+        tp.check_splittable(ModelArgs(**kw), world)
 
 
 def generate_cli(*args):
@@ -87,7 +107,7 @@ def generate_cli(*args):
 
 
 def test_default_model_three_ranks_equal_one_process(default_checkpoint):
-    """SmolLM2-135M has 9 heads and 3 KV heads: 3 ranks split it; 2 get one line."""
+    """SmolLM2-135M has 9 heads and 3 KV heads: 3 ranks split it evenly, 2 unevenly (6 + 3 heads), 10 not at all."""
     ckpt = default_checkpoint / "model.pth"
     one = subprocess.run([sys.executable, *generate_cli("--checkpoint_path", ckpt)], capture_output=True, text=True,
                          cwd=REPO, timeout=600)
@@ -96,9 +116,12 @@ def test_default_model_three_ranks_equal_one_process(default_checkpoint):
     assert three.stdout == one.stdout and len(one.stdout) > 40
     assert "decode" in three.stderr and three.stderr.count("peak memory") == 1   # rank 0 alone speaks
     two = torchrun(2, *generate_cli("--checkpoint_path", ckpt))
-    assert two.returncode != 0
-    assert [line for line in two.stderr.splitlines() if line.startswith("error:")] == [
-        "error: 9 attention heads cannot be split over 2 ranks; use a --nproc_per_node that divides 9"]
+    assert two.returncode == 0 and two.stdout == one.stdout, two.stderr[-3000:]
+    ten = torchrun(10, *generate_cli("--checkpoint_path", ckpt))
+    assert ten.returncode != 0
+    assert [line for line in ten.stderr.splitlines() if line.startswith("error:")][:1] == [
+        "error: 9 attention heads cannot be split over 10 ranks (a rank would hold none); use a --nproc_per_node "
+        "of at most 9"]
 
 
 def test_default_model_eval_under_three_ranks_equals_one_process(default_checkpoint, tmp_path):
