@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import lora
 from cli import ArgumentParser, command_line, first_line, new_dir, writable_dir, write_atomic
 from model import ModelArgs, Transformer, resolve_name, transformer_configs
 
@@ -463,18 +464,23 @@ def check_keys(keys, table: dict):
         raise ValueError(f"unknown weights {unknown[:5]}{more}; this converter does not know the layout")
 
 
-def convert_state_dict(files, table: dict, args: ModelArgs, total: Optional[int] = None) -> dict:
-    """Read the files shard by shard and map every tensor to our names, fusing parts as they complete."""
+def convert_state_dict(files, table: dict, args: ModelArgs, total: Optional[int] = None, adapter=None) -> dict:
+    """Read the files shard by shard and map every tensor to our names, fusing parts as they complete. adapter:
+    lora.read_adapter's (pairs, whole), merged into each HF tensor as it is read."""
     from tqdm import tqdm
     parts_of = {}                                     # our key template -> how many HF tensors it fuses
     for v in table.values():
         if isinstance(v, Fuse):
             parts_of[v.key] = args.n_experts if v.part == "{}" else parts_of.get(v.key, 0) + 1
     out, pending = {}, {}                             # pending: our key -> (Fuse, {part: tensor})
+    seen = set()                                      # the HF tensors read (an adapter's must all be among them)
     with tqdm(total=total, unit="tensor", desc="converting", disable=None) as bar:
         for path in files:
             for name, t in read_tensors(path):
                 bar.update()
+                if adapter is not None:
+                    t = lora.merged(name, t, *adapter)
+                    seen.add(name)
                 template, idx = to_template(name)
                 if template not in table:
                     check_keys([name], table)
@@ -498,6 +504,10 @@ def convert_state_dict(files, table: dict, args: ModelArgs, total: Optional[int]
     if pending:
         key, (_, parts) = next(iter(pending.items()))
         raise ValueError(f"incomplete fused weight {key}: only parts {sorted(parts)} found")
+    if adapter is not None:
+        unused = [m for m in adapter[0] if f"{m}.weight" not in seen] + [n for n in adapter[1] if n not in seen]
+        if unused:
+            raise ValueError(f"the adapter's {unused[0]} matches no weight of this checkpoint")
     return out
 
 
@@ -520,7 +530,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 
 def convert_hf_checkpoint(checkpoint_dir, hf_dir=None, model_name: Optional[str] = None,
-                          chat_format: Optional[str] = None) -> ModelArgs:
+                          chat_format: Optional[str] = None, lora_dir=None) -> ModelArgs:
     """Write checkpoint_dir/model.pth, config.json and the tokenizer from the HF folder (default checkpoint_dir/hf).
     Raises FileNotFoundError/ValueError with a one-line message. All of it or none: the tokenizer is prepared in a
     temporary folder and the files renamed into place together, so that a failure (Ctrl-C included) leaves the
@@ -539,13 +549,14 @@ def convert_hf_checkpoint(checkpoint_dir, hf_dir=None, model_name: Optional[str]
         if chat_format not in CHAT_FORMATS:
             raise ValueError(f"unknown --chat_format {chat_format!r}; known: {', '.join(sorted(CHAT_FORMATS))}")
     model_name = model_name or "/".join(checkpoint_dir.resolve().parts[-2:])
+    adapter = lora.read_adapter(lora_dir) if lora_dir is not None else None   # before reading gigabytes
     cfg = read_hf_config(hf_dir)
     args = resolve_args(cfg, model_name, chat_format)
     table = layout_of(cfg).weights
     files, names = weight_files(hf_dir)
     if names is not None:
         check_keys(names, table)     # fail before reading gigabytes
-    state_dict = convert_state_dict(files, table, args, total=len(names) if names else None)
+    state_dict = convert_state_dict(files, table, args, total=len(names) if names else None, adapter=adapter)
     if args.tie_embeddings:
         state_dict.pop("output.weight", None)    # a tied head is the embedding: never stored twice
     check_fits(state_dict, args)
@@ -598,9 +609,11 @@ def main(argv=None):
     p.add_argument("--model_name", default=None,
                    help="entry name in model.py (default: the checkpoint_dir's last two parts)")
     p.add_argument("--chat_format", default=None, help="chat format when the model has no entry (default: none)")
+    p.add_argument("--lora", type=Path, default=None,
+                   help="a PEFT LoRA adapter folder to merge into the weights (adapter_config.json, adapter_model.*)")
     args = p.parse_args(argv)
     with command_line():
-        convert_hf_checkpoint(args.checkpoint_dir, args.hf_dir, args.model_name, args.chat_format)
+        convert_hf_checkpoint(args.checkpoint_dir, args.hf_dir, args.model_name, args.chat_format, args.lora)
 
 
 if __name__ == "__main__":

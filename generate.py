@@ -629,6 +629,8 @@ def main(argv=None):
     p.add_argument("--ignore_eos", action="store_true",
                    help="decode all --max_new_tokens, past end-of-sequence tokens (constant-length output)")
     p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
+    p.add_argument("--lora", type=Path, default=None,
+                   help="a PEFT LoRA adapter folder, applied unmerged beside the (possibly quantized) weights")
     p.add_argument("--heal", action="store_true",
                    help="token healing: a prompt ending mid-word (code, an identifier) has its last token(s) backed "
                         "off and the reply's first token starts with their text")
@@ -720,7 +722,12 @@ def run(args):
     slack = k + 1 if k else 0
     reserve = batch, cache_positions(config.block_size, longest + args.max_new_tokens + slack)
     model = load_model(checkpoint, device, PRECISIONS[args.precision], use_tp=rank is not None, reserve=reserve)
-    print(f"loaded {config.name or checkpoint} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    if args.lora is not None:
+        import lora
+        lora.attach(model, [args.lora], checkpoint.parent)
+        lora.select(model, torch.ones(batch, dtype=torch.long))
+    print(f"loaded {config.name or checkpoint}{f' with LoRA {args.lora}' if args.lora else ''} in "
+          f"{time.perf_counter() - t0:.2f} s", file=sys.stderr)
     draft = None
     if draft_path is not None:
         draft = load_model(draft_path, device, PRECISIONS[args.precision], use_tp=rank is not None)
