@@ -20,6 +20,7 @@ import torch
 
 import cpu_kernels
 import generate as gen
+import lora
 import structured
 from metrics import Metrics
 from cli import first_line, read_config, read_tokenizer
@@ -82,6 +83,7 @@ class Request:
         self.prefilled = 0    # prompt positions in its slot's cache so far (chunked prefill)
         self.heal: Optional[torch.Tensor] = None   # token healing: the tokens its first token may be [vocab] bool
         self.heal_text = ""   # and the prompt text it backed off (the reply spells it again: not sent)
+        self.adapter = 0      # its LoRA adapter (Engine.adapters' index; 0: the base model alone)
 
     def cancel(self):
         self.cancelled = True
@@ -133,7 +135,7 @@ class Engine:
                  max_batch_size: int = 8, max_seq_length: int = 2048, max_waiting: Optional[int] = None,
                  compile: bool = False, background: bool = False, prefill_chunk: int = gen.PREFILL_CHUNK,
                  prefix_cache: bool = True, prompt_lookup: int = 0, tensor_parallel: bool = False,
-                 kv_tokens: Optional[int] = None):
+                 kv_tokens: Optional[int] = None, adapters: Optional[dict] = None):
         if max_batch_size <= 0 or max_seq_length <= 1 or (max_waiting is not None and max_waiting < 0) or \
                 prefill_chunk <= 0 or prompt_lookup < 0 or (kv_tokens is not None and kv_tokens < 2):
             raise ValueError("max_batch_size and prefill_chunk must be positive, max_seq_length and kv_tokens above 1, "
@@ -156,6 +158,12 @@ class Engine:
         self.world = torch.distributed.get_world_size() if tensor_parallel else 1
         config = self.model.config
         self.name = config.name or checkpoint.parent.name
+        # LoRA adapters resident beside the base weights, unmerged: a request names one ("model": NAME or BASE:NAME)
+        self.adapters = {name: k for k, name in enumerate(adapters or {}, 1)}
+        self.adapter_names = [None, *self.adapters]
+        if adapters:
+            lora.attach(self.model, list(adapters.values()), checkpoint.parent)
+            lora.select(self.model, torch.zeros(max_batch_size, dtype=torch.long))   # every row, the base
         # ids past the tokenizer's vocabulary (padded embedding rows) are never sampled: no text decodes to them
         self.vocab_size = min(self.tokenizer.vocab_size, config.vocab_size)
         self.max_batch_size = max_batch_size
@@ -169,6 +177,7 @@ class Engine:
         # where a prefill depends on the whole prompt (GLM's prefix-LM mask, Qwen's dynamic NTK)
         self.reuse = prefix_cache and config.position != "rope_2d" and not config.rope_dynamic_ntk
         self.cached: list = [[] for _ in range(max_batch_size)]
+        self.cached_adapter = [0] * max_batch_size   # the adapter those keys and values were computed with
         self.used = [0.0] * max_batch_size   # when each row last took a request: a new prompt goes to the oldest
         self.pending: list = []              # taken off `waiting`, not yet in a slot
         # prompt-lookup decoding (generate.PromptLookup) for a greedy request decoding alone: up to this many tokens
@@ -222,7 +231,7 @@ class Engine:
     # ---- the Python API ----------------------------------------------------------------------------
 
     def submit(self, ids: list, max_tokens: Optional[int] = None, schema: Optional[dict] = None, heal: bool = False,
-               **sampling) -> Request:
+               adapter: Optional[str] = None, **sampling) -> Request:
         """Queue a generation of token ids (schema: a JSON schema its reply must satisfy; heal: token healing, see
         Tokenizer.heal: the reply starts after the prompt's text, its first token re-spelling the last word's
         start); raises APIError (4xx, 503 once closed) for what cannot run."""
@@ -231,6 +240,10 @@ class Engine:
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size for i in ids):
             raise APIError(400, f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
         check_sampling(**sampling, vocab_size=self.vocab_size)
+        if adapter is not None and adapter not in self.adapters:
+            raise APIError(404, f"no LoRA adapter {str(adapter)[:40]!r} here; this server has "
+                                f"{', '.join(map(repr, self.adapters)) or 'none'}", param="model",
+                           code="model_not_found")
         heal_text, allowed = "", None
         if heal:
             ids, heal_text, allowed = self.tokenizer.heal(ids, self.vocab_size)
@@ -254,6 +267,7 @@ class Engine:
             except ValueError as e:
                 raise APIError(400, f"response_format: {first_line(e)}", param="response_format") from None
         request = Request(ids, max_tokens, grammar=grammar, **sampling)
+        request.adapter = self.adapters.get(adapter, 0)
         if allowed is not None:
             request.heal = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
             request.heal[allowed] = True
@@ -369,7 +383,7 @@ class Engine:
                 self.pending.pop(0)
                 self.finish(r, "cancelled")
                 continue
-            place = self.place(r.ids)
+            place = self.place(r.ids, r.adapter)
             if place is None:   # a prompt being prefilled now shares more of it: wait for that prefill
                 break
             row, source, n = place
@@ -383,7 +397,7 @@ class Engine:
                 self.fail(r, e)
                 continue
             self.slots[row], self.used[row] = r, time.monotonic()
-            self.cached[row] = r.ids[:n]
+            self.cached[row], self.cached_adapter[row] = r.ids[:n], r.adapter
             r.cached = r.prefilled = n
             self.prompt_tokens += len(r.ids)
             self.cached_tokens += n
@@ -397,7 +411,7 @@ class Engine:
         self.peak_busy = max(self.peak_busy, sum(s is not None for s in self.slots))
         return True
 
-    def place(self, ids: list):
+    def place(self, ids: list, adapter: int = 0):
         """(free row, row whose cache holds the longest prefix of ids, its length) for a new prompt; None when a
         prompt still being prefilled shares a longer prefix (n requests of one prompt, a common system prompt
         arriving at once: the later ones copy the first one's cache when it is done). At least the prompt's last
@@ -406,10 +420,11 @@ class Engine:
         if not self.reuse:
             return min(free, key=lambda i: self.used[i]), None, 0
         most = len(ids) - 1
-        hits = [(common_prefix(self.cached[i], ids, most), i) for i in range(self.max_batch_size)]
+        hits = [(common_prefix(self.cached[i], ids, most) if self.cached_adapter[i] == adapter else 0, i)
+                for i in range(self.max_batch_size)]
         n, source = max(hits, key=lambda h: (h[0], self.slots[h[1]] is None))
-        coming = max((common_prefix(s.ids, ids, most) for s in self.slots if s is not None and not decoding(s)),
-                     default=0)
+        coming = max((common_prefix(s.ids, ids, most) for s in self.slots
+                      if s is not None and not decoding(s) and s.adapter == adapter), default=0)
         if coming > n and coming >= 16:
             return None
         if n == 0:
@@ -444,6 +459,11 @@ class Engine:
             self.cached[row] = []
         self.row_pages[row] = pages
         self.forward("pages", row, pages)
+
+    def select(self, adapters: list):
+        """The LoRA adapter of each row of the next forward (no-op without adapters)."""
+        if self.adapters:
+            lora.select(self.model, torch.tensor(adapters, device=self.device))
 
     def forward(self, op: str, *args):
         """Every model call of the scheduler: FORWARDS[op](self, *args), first announced to the other ranks under
@@ -508,6 +528,7 @@ class Engine:
         pos = torch.stack([torch.arange(start, start + width, device=self.device) for _, start, _ in spans])
         t0 = time.perf_counter()
         try:
+            self.select([self.slots[row].adapter for row, _, _ in spans])
             logits = self.forward("prefill", ids, pos.clamp(max=self.max_seq_length - 1),
                                   torch.tensor([end - start - 1 for _, start, end in spans], device=self.device),
                                   torch.tensor([row for row, _, _ in spans], device=self.device))
@@ -537,6 +558,7 @@ class Engine:
         n = next(b for b in self.buckets if b >= busy)
         t0 = time.perf_counter()
         try:
+            self.select([s.adapter if s is not None else 0 for s in self.slots[:n]])
             logits = self.forward("decode", self.cur[:n], self.pos[:n])[:, : self.vocab_size]
             tokens = self.sample_rows(logits[:busy], [s if decoding(s) else None for s in self.slots[:busy]])
         except Exception as e:   # no row can go on: each busy request fails; again and again, the engine gives up
@@ -578,6 +600,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             x = torch.cat([self.cur[row].view(1, 1), draft.view(1, -1).to(self.cur.dtype)], 1)
+            self.select([r.adapter])
             logits = self.forward("verify", x, gen.positions(pos, x.shape[1], self.device),
                                   torch.tensor([row], device=self.device))[0, :, : self.vocab_size]
             new = gen.speculative_accept(draft, None, logits.float(), greedy=True).tolist()

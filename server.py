@@ -342,8 +342,9 @@ class Handler(BaseHTTPRequestHandler):
             self.check_auth()
             if path == "/v1/models":
                 return self.send_json(200, {"object": "list", "data": [
-                    {"id": e.name, "object": "model", "created": 0, "owned_by": "zoofast",
-                     "context_length": e.max_seq_length, "max_model_len": e.max_seq_length}]})
+                    {"id": name, "object": "model", "created": 0, "owned_by": "zoofast",
+                     "context_length": e.max_seq_length, "max_model_len": e.max_seq_length}
+                    for name in [e.name] + [f"{e.name}:{a}" for a in e.adapters]]})
             raise APIError(404, f"no route GET {path[:100]}")
         except APIError as err:
             self.send_json(err.status, err.body())
@@ -355,10 +356,7 @@ class Handler(BaseHTTPRequestHandler):
             if path not in ("/v1/chat/completions", "/v1/completions"):
                 raise APIError(404, f"no route POST {path[:100]}")
             body = parse_json(self.read_body())
-            model = body.get("model")
-            if model is not None and model not in (self.engine.name, "default"):
-                raise APIError(404, f"the model {short(model)} does not exist; this server has {self.engine.name!r}",
-                               param="model", code="model_not_found")
+            adapter = self.adapter_of(body.get("model"))
             chat = path == "/v1/chat/completions"
             ids = self.engine.chat_ids(chat_messages(body)) if chat else completion_ids(body, self.engine.tokenizer)
             n, params = sampling_params(body, chat)
@@ -369,7 +367,8 @@ class Handler(BaseHTTPRequestHandler):
             try:   # n choices: n requests of one prompt (the later ones copy the first one's prefill); seeds differ
                 for i in range(n):
                     seed = params["seed"]
-                    requests.append(self.engine.submit(ids, **params | {"seed": None if seed is None else seed + i}))
+                    requests.append(self.engine.submit(ids, **params | {"seed": None if seed is None else seed + i},
+                                                       adapter=adapter))
             except APIError:
                 for r in requests:
                     r.cancel()
@@ -391,12 +390,26 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.responding -= 1
 
+    def adapter_of(self, model) -> Optional[str]:
+        """The LoRA adapter a request's "model" names: NAME or BASE:NAME of one served with --lora; None for the base
+        model itself (its name, "default", or no model)."""
+        e = self.engine
+        if model is None or model in (e.name, "default"):
+            return None
+        name = model.removeprefix(f"{e.name}:") if isinstance(model, str) else model
+        if name not in e.adapters:
+            have = ", ".join(repr(m) for m in [e.name] + [f"{e.name}:{a}" for a in e.adapters])
+            raise APIError(404, f"the model {short(model)} does not exist; this server has {have}",
+                           param="model", code="model_not_found")
+        return name
+
     def reply(self, requests: list, chat: bool, stream: bool, include_usage: bool):
         """The reply to one request's n choices (one Request each), whole or as server-sent events (the choices one
         after another, each chunk naming its index)."""
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        adapter = self.engine.adapter_names[requests[0].adapter]
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.engine.name}
+                "model": self.engine.name + (f":{adapter}" if adapter else "")}
         ids = requests[0].ids
 
         def usage():
@@ -605,6 +618,9 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="bf16", choices=sorted(gen.PRECISIONS))
     p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="a PEFT LoRA adapter served beside the base, unmerged (repeat for several); a request picks "
+                        "it with \"model\": \"NAME\" or \"BASE:NAME\"")
     p.add_argument("--api_key", default=os.environ.get("ZOOFAST_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/ (default: $ZOOFAST_API_KEY; none: open)")
     p.add_argument("--max_connections", type=int, default=64, help="open connections at most")
@@ -620,6 +636,9 @@ def main(argv=None):
         positive(args, "max_connections", "max_body_mb", "timeout", "request_timeout", "prefill_chunk", "threads")
         if args.threads:
             torch.set_num_threads(args.threads)
+        adapters = dict(spec.split("=", 1) for spec in args.lora if "=" in spec)
+        if len(adapters) != len(args.lora) or not all(adapters):
+            raise ValueError(f"--lora takes NAME=DIR, once a name, got {args.lora}")
         t0 = time.perf_counter()
         # under torchrun: rank 0 serves and schedules, every rank holds its shard and runs the same forwards
         rank, device = gen.start_tp(gen.pick_device(args.device))
@@ -633,7 +652,7 @@ def main(argv=None):
         engine = Engine(args.checkpoint_path, device, args.precision, args.max_batch_size, args.max_seq_length,
                         args.max_waiting, args.compile, prefill_chunk=args.prefill_chunk,
                         prefix_cache=not args.no_prefix_cache, prompt_lookup=args.prompt_lookup,
-                        tensor_parallel=rank is not None, kv_tokens=args.kv_tokens)
+                        tensor_parallel=rank is not None, kv_tokens=args.kv_tokens, adapters=adapters)
         if rank:
             return engine.follow()
         httpd.RequestHandlerClass.engine = engine

@@ -10,8 +10,10 @@ import torch
 import generate as gen
 import lora
 from convert_hf_checkpoint import convert_hf_checkpoint
+from test_server import client, url  # noqa: F401  (test_server's HTTP server and openai client, over this engine)
 
 peft = pytest.importorskip("peft")
+openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")
 TARGETS = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -88,3 +90,51 @@ def test_unmerged_beside_a_quantized_base_and_through_the_cli(refs, tmp_path):
     want = gen.generate(merged, prompts, 12, temperature=0)
     assert gen.generate(unmerged, prompts, 12, temperature=0) == want
     assert gen.generate(unmerged, prompts, 12, temperature=0, steps=gen.compile_steps("cpu")) == want
+
+
+@pytest.fixture(scope="module")
+def served(refs, default_checkpoint, tmp_path_factory):
+    """The Qwen2 reference checkpoint (the default model's tokenizer files beside it: prompts are token ids below
+    its 1200) served with two adapters, and each adapter's merged checkpoint."""
+    import server
+    root = tmp_path_factory.mktemp("served")
+    base = convert(refs, "qwen2", root / "base")
+    for f in ("tokenizer.tiktoken", "tokenizer_meta.json"):
+        shutil.copy(default_checkpoint / f, base.parent / f)
+    adapters = {name: make_adapter(refs, "qwen2", root / name, seed=seed)[0] for name, seed in (("a", 1), ("b", 2))}
+    merged = {name: gen.load_model(convert(refs, "qwen2", root / f"merged-{name}", d), "cpu", torch.float32)
+              for name, d in adapters.items()}
+    engine = server.Engine(base, "cpu", "fp32", max_batch_size=4, max_seq_length=64, adapters=adapters,
+                           background=True)
+    yield engine, merged
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def engine(served):
+    return served[0]
+
+
+def test_two_adapters_served_at_once_reply_as_each_alone(served, client):
+    """Requests for adapter a, adapter b and the base, one prompt, at once: each gets its merged checkpoint's greedy
+    tokens (no prefix cached under one adapter is reused by another), alone or together; "model" picks the
+    adapter as NAME or BASE:NAME, and /v1/models lists them."""
+    from concurrent.futures import ThreadPoolExecutor
+    engine, merged = served
+    prompt = [5, 17, 300, 42, 8, 99, 1000, 3]
+    want = {name: gen.generate(m, [prompt], 10, temperature=0)[0] for name, m in merged.items()}
+    assert want["a"] != want["b"]
+
+    def ask(model):
+        reply = client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0, logprobs=0)
+        return reply.model, [engine.tokenizer.encode(t, allowed_special="all")[0]
+                             for t in reply.choices[0].logprobs.tokens]
+    models = [f"{engine.name}:a", "b", engine.name, "a"]
+    together = list(ThreadPoolExecutor(4).map(ask, models))
+    alone = [ask(m) for m in models]
+    assert together == alone
+    assert [tokens for _, tokens in alone[:2]] == [want["a"], want["b"]]
+    assert alone[0][0] == alone[3][0] == f"{engine.name}:a" and alone[2][1] != want["a"]
+    assert [m.id for m in client.models.list().data] == [engine.name, f"{engine.name}:a", f"{engine.name}:b"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="c", prompt=prompt, max_tokens=2)
