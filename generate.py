@@ -23,12 +23,13 @@ from model import Transformer, run_layers  # noqa: E402
 
 
 def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=False, reserve=None,
-               prefill_rows=None, pack=True, kv_tokens=None) -> Transformer:
+               prefill_rows=None, pack=True, kv_tokens=None, device_map: Optional[str] = None) -> Transformer:
     """checkpoint_path: a model*.pth inside a checkpoint folder that holds our config.json. use_tp (under
     torchrun): keep only this rank's shard, sliced off the mmapped checkpoint before anything is copied.
     reserve (rows, positions): the KV cache to be set up; a model and cache that cannot fit in the free memory
     are refused in one line (ValueError) before the weights are copied (prefill_rows, kv_tokens: see memory_needed).
-    pack=False keeps every nn.Linear a plain one (for code that reads or copies the weights)."""
+    pack=False keeps every nn.Linear a plain one (for code that reads or copies the weights). device_map: layers
+    spread over devices (device_map.py's "cuda:0=20,cpu=12"), instead of all on `device`."""
     def swap(*a):   # quantize.py's output: its modules rebuilt before the weights are assigned
         from quantize import swap_modules
         swap_modules(*a)
@@ -36,9 +37,13 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
     if use_tp:
         from tp import apply_tp
         apply_tp(model)
-    if reserve is not None:
-        cli.check_memory(memory_needed(model, precision, *reserve, prefill_rows, kv_tokens), device)
-    model = model.to(device=device, dtype=precision)
+    if device_map is not None:
+        from device_map import place, plan
+        place(model.to(dtype=precision), plan(device_map, model.config.n_layer))
+    else:
+        if reserve is not None:
+            cli.check_memory(memory_needed(model, precision, *reserve, prefill_rows, kv_tokens), device)
+        model = model.to(device=device, dtype=precision)
     model.retie_and_rebuild()  # re-tie after the move, rope table back to fp32
     if record is not None:
         from quantize import pack_for_device
@@ -629,6 +634,9 @@ def main(argv=None):
     p.add_argument("--ignore_eos", action="store_true",
                    help="decode all --max_new_tokens, past end-of-sequence tokens (constant-length output)")
     p.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's choice)")
+    p.add_argument("--device_map", default=None, metavar="DEV=W,...",
+                   help="spread the layers over devices in these proportions, in order (e.g. cuda:0=20,cpu=12); "
+                        "eager, one prompt batch, no draft")
     p.add_argument("--lora", type=Path, default=None,
                    help="a PEFT LoRA adapter folder, applied unmerged beside the (possibly quantized) weights")
     p.add_argument("--heal", action="store_true",
@@ -688,6 +696,15 @@ def run(args):
     draft_vocab = cli.read_config(draft_path.parent).vocab_size if draft_path else config.vocab_size
     if draft_vocab != config.vocab_size:
         raise ValueError(f"the draft's vocabulary ({draft_vocab}) is not the target's ({config.vocab_size})")
+    if args.device_map:
+        from device_map import plan
+        if args.compile or draft_path or args.prompt_lookup or "LOCAL_RANK" in os.environ:
+            raise ValueError("--device_map runs eager, one process: not with --compile, a draft, --prompt_lookup or "
+                             "torchrun")
+        devices = plan(args.device_map, config.n_layer)
+        for d in dict.fromkeys(devices):   # each there (a GPU this torch sees), in one line if not
+            cli.pick_device(d)
+        device = devices[0]
     rank, device = start_tp(device)
     args.precision = native_precision(args.precision, device)
     torch.manual_seed(args.seed)   # every rank draws the same samples from the same (all-reduced) logits
@@ -721,7 +738,8 @@ def run(args):
     k = args.prompt_lookup or (args.speculate_k if draft_path is not None else 0)
     slack = k + 1 if k else 0
     reserve = batch, cache_positions(config.block_size, longest + args.max_new_tokens + slack)
-    model = load_model(checkpoint, device, PRECISIONS[args.precision], use_tp=rank is not None, reserve=reserve)
+    model = load_model(checkpoint, device, PRECISIONS[args.precision], use_tp=rank is not None, reserve=reserve,
+                       device_map=args.device_map)
     if args.lora is not None:
         import lora
         lora.attach(model, [args.lora], checkpoint.parent)

@@ -242,6 +242,7 @@ class Transformer(nn.Module):
         self.max_batch_size = -1
         self.max_seq_length = -1
         self.heads = slice(None)   # this model's attention heads (tp.py keeps a rank's share)
+        self.head_apart = False    # a tied head with its own copy of the embedding (device_map: on another device)
         self.register_buffer("rope_cache", rope_table(config, config.block_size), persistent=False)
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.register_buffer("ntk_alpha", torch.ones(1), persistent=False)   # per-row state set by a prefill
@@ -262,12 +263,14 @@ class Transformer(nn.Module):
             return
         dtype = dtype or self.tok_embeddings.weight.dtype   # the head may be quantized; the embedding never is
         device = self.tok_embeddings.weight.device
-        for layer in self.layers:   # made on the device
+        for layer in self.layers:   # made on the layer's device (device_map.py may spread them)
+            device = next(layer.parameters()).device
             n_heads, head_dim = layer.attention.n_local_heads, self.config.head_dim
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, n_heads, head_dim, dtype, device) \
                 if pages is None else PagedKVCache(pages, n_heads, head_dim, dtype, device, kernel)
         self.page_table = None if pages is None else torch.full(
-            (max_batch_size, round_up(max_seq_length, PAGE) // PAGE + 1), pages, dtype=torch.long, device=device)
+            (max_batch_size, round_up(max_seq_length, PAGE) // PAGE + 1), pages, dtype=torch.long,
+            device=self.tok_embeddings.weight.device)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         self.retie_and_rebuild()
 
@@ -276,7 +279,7 @@ class Transformer(nn.Module):
         prompt state on the weights' device, for max_batch_size rows: assign/meta loading and casts lose them.
         Run after load_state_dict(assign=True), after a .to(), and by setup_caches. A quantized head is not an
         nn.Linear, and keeps its own weights."""
-        if self.config.tie_embeddings and type(self.output) is nn.Linear:
+        if self.config.tie_embeddings and type(self.output) is nn.Linear and not self.head_apart:
             self.output.weight = self.tok_embeddings.weight
         device = self.tok_embeddings.weight.device
         self.rope_cache = rope_table(self.config, self.config.block_size).to(device)

@@ -47,6 +47,8 @@ step "speculative compiled (int4 draft)" 180 "${GEN[@]}" --checkpoint_path $C/mo
 step "prompt lookup compiled" 150 "${GEN[@]}" --checkpoint_path $C/model.pth --prompt_lookup 8
 step "GPTQ int4 on cuda" 120 "$PY" quantize.py --checkpoint_path $C/model.pth --mode int4-gptq --device cuda \
   --calibration_file data/pride_and_prejudice_ch1-8.txt --calibration_samples 16
+step "device map: 20 layers cuda:0, 10 cpu (eager)" 120 "$PY" generate.py --device_map cuda:0=20,cpu=10 \
+  --temperature 0 --max_new_tokens 64 --prompt "$PROMPT" --checkpoint_path $C/model.pth
 step "TP over $GPUS GPU(s), NCCL" 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$GPUS" generate.py \
   --device cuda --temperature 0 --max_new_tokens 64 --prompt "$PROMPT" --checkpoint_path $C/model.pth
 step "server compiled: plain + streamed" 180 "$PY" - <<'EOF'

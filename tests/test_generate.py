@@ -173,9 +173,11 @@ def test_default_model_batched_equals_single(default_checkpoint):
     (["--device", "tpu9"], "error: unknown device 'tpu9'; use auto, cpu or cuda[:N]"),
     (["--prompt", "hello " * 9000, "--max_new_tokens", "10"], "exceeds the context"),
     (["--threads", "0"], "--threads must be positive"),
+    (["--device_map", "cpu=1,tpu=2"], "--device_map: unknown device 'tpu'"),
+    (["--device_map", "cpu=2", "--compile"], "--device_map runs eager"),
     (["--prompt_tokens", "9000", "--max_new_tokens", "10"], "exceeds the context"),
 ], ids=["missing-checkpoint", "unknown-model", "negative-max-new-tokens", "unknown-device", "prompt-too-long",
-        "threads-0", "prompt-tokens-past-context"])
+        "threads-0", "prompt-tokens-past-context", "device-map-unknown-device", "device-map-compiled"])
 def test_cli_bad_input_is_one_line(default_checkpoint, args, message):
     r = cli("--checkpoint_path", str(default_checkpoint), *args) if args[0] != "--checkpoint_path" else cli(*args)
     assert r.returncode != 0
