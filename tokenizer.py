@@ -770,16 +770,51 @@ def tokenizer_from_gguf(reader, out_dir):
         return reader.fields[key].contents() if key in reader.fields else default
 
     kind, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre", "default")
+    tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
+    at = lambda key: tokens[get(key)] if get(key) is not None and 0 <= get(key) < len(tokens) else None  # noqa: E731
+    template = get("tokenizer.chat_template"), at("tokenizer.ggml.bos_token_id"), at("tokenizer.ggml.eos_token_id")
+    if kind == "llama":   # SentencePiece: its model rebuilt from the pieces, scores and types (Llama-2, Mistral)
+        sentencepiece_from_gguf(get, tokens, types, out_dir)
+        return write_template(out_dir, *template)
     if kind != "gpt2":
-        raise ValueError(f"GGUF tokenizer {kind!r} is not supported yet (only byte-level BPE, 'gpt2')")
+        raise ValueError(f"GGUF tokenizer {kind!r} is not supported (byte-level BPE 'gpt2' and SentencePiece "
+                         f"'llama' are)")
     if pre not in GGUF_PRE_PATTERNS:
         raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; known: {', '.join(GGUF_PRE_PATTERNS)}")
-    tokens, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
     specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}   # control, user-defined
-    merges = [tuple(m.split(" ")) for m in get("tokenizer.ggml.merges")]
+    merges = [tuple(m.split(" ")) for m in get("tokenizer.ggml.merges") or []]
     write_bpe_as_tiktoken(out_dir, {t: i for i, t in enumerate(tokens)}, merges, specials, GGUF_PRE_PATTERNS[pre],
                           get("tokenizer.ggml.bos_token_id"), get("tokenizer.ggml.eos_token_id"),
                           bool(get("tokenizer.ggml.add_bos_token", False)))
-    at = lambda key: tokens[get(key)] if get(key) is not None and 0 <= get(key) < len(tokens) else None  # noqa: E731
-    write_template(out_dir, get("tokenizer.chat_template"), at("tokenizer.ggml.bos_token_id"),
-                   at("tokenizer.ggml.eos_token_id"))
+    write_template(out_dir, *template)
+
+
+def sentencepiece_from_gguf(get, tokens: list, types: list, out_dir: Path):
+    """A SentencePiece model as llama.cpp's converter read it (pieces, scores, token types 1 normal, 2 unknown,
+    3 control, 4 user-defined, 5 unused, 6 byte; add_space_prefix), written back as tokenizer.model: BPE, byte
+    fallback, no normalization but the space escape, as Llama's and Mistral's are."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    kinds = {1: pb.ModelProto.SentencePiece.NORMAL, 2: pb.ModelProto.SentencePiece.UNKNOWN,
+             3: pb.ModelProto.SentencePiece.CONTROL, 4: pb.ModelProto.SentencePiece.USER_DEFINED,
+             5: pb.ModelProto.SentencePiece.UNUSED, 6: pb.ModelProto.SentencePiece.BYTE}
+    scores = get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    m = pb.ModelProto()
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.vocab_size = len(tokens)
+    m.trainer_spec.byte_fallback = 6 in types
+    for name, key in (("unk_id", "unknown"), ("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding")):
+        setattr(m.trainer_spec, name, get(f"tokenizer.ggml.{key}_token_id", -1))
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = bool(get("tokenizer.ggml.add_space_prefix", True))
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = True
+    for token, score, kind in zip(tokens, scores, types):
+        m.pieces.add(piece=token, score=score, type=kinds.get(kind, pb.ModelProto.SentencePiece.NORMAL))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ".gguf.tokenizer.model"
+    path.write_bytes(m.SerializeToString())
+    try:
+        copy_sentencepiece(path, out_dir, special_tokens={t: i for i, (t, k) in enumerate(zip(tokens, types)) if k == 4},
+                           add_bos=bool(get("tokenizer.ggml.add_bos_token", True)))
+    finally:
+        path.unlink(missing_ok=True)

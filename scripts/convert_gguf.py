@@ -1,9 +1,11 @@
-# A llama-architecture GGUF -> our checkpoint folder: model.pth (float32, every tensor dequantized),
-# config.json (ModelArgs from the GGUF metadata) and the tokenizer (from the GGUF's tokenizer metadata).
+# A GGUF (llama, qwen2 or gptneox architecture, any tensor type gguf can dequantize: F16/BF16, Q8_0, Q4_0/1,
+# the K-quants) -> our checkpoint folder: model.pth (float32, every tensor dequantized), config.json (ModelArgs
+# from the GGUF metadata) and the tokenizer (from the GGUF's tokenizer metadata: byte-level BPE or SentencePiece).
 #   python scripts/convert_gguf.py --gguf FILE --out_dir DIR [--model_name NAME]
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -28,6 +30,32 @@ LLAMA_WEIGHTS = {
     "blk.{}.ffn_gate.weight": "layers.{}.feed_forward.w1.weight",
     "blk.{}.ffn_up.weight": "layers.{}.feed_forward.w3.weight",
     "blk.{}.ffn_down.weight": "layers.{}.feed_forward.w2.weight",
+}
+QWEN2_WEIGHTS = LLAMA_WEIGHTS | {f"blk.{{}}.attn_{p}.bias": ("layers.{}.attention.wqkv.bias", p) for p in "qkv"}
+GPTNEOX_WEIGHTS = {   # llama.cpp's converter already turned NeoX's per-head [q_h, k_h, v_h] into [q; k; v]
+    "token_embd.weight": "tok_embeddings.weight",
+    "output.weight": "output.weight",
+    **{f"{g}.{w}": f"{o}.{w}" for g, o in (
+        ("output_norm", "norm"), ("blk.{}.attn_norm", "layers.{}.attention_norm"),
+        ("blk.{}.attn_qkv", "layers.{}.attention.wqkv"), ("blk.{}.attn_output", "layers.{}.attention.wo"),
+        ("blk.{}.ffn_norm", "layers.{}.ffn_norm"), ("blk.{}.ffn_up", "layers.{}.feed_forward.w1"),
+        ("blk.{}.ffn_down", "layers.{}.feed_forward.w2")) for w in ("weight", "bias")},
+}
+
+
+class Arch(NamedTuple):
+    weights: dict       # its tensor table (above)
+    permuted: bool      # llama.cpp permuted q/k rows to interleaved rotary pairs (its llama converter only)
+    norm_eps: str       # the metadata key of the norm's epsilon, after "ARCH."
+    fields: Callable    # get -> ModelArgs fields beyond the shared ones
+
+
+ARCHS = {
+    "llama": Arch(LLAMA_WEIGHTS, True, "attention.layer_norm_rms_epsilon", lambda get: {}),
+    "qwen2": Arch(QWEN2_WEIGHTS, False, "attention.layer_norm_rms_epsilon", lambda get: dict(qkv_bias=True)),
+    "gptneox": Arch(GPTNEOX_WEIGHTS, False, "attention.layer_norm_epsilon", lambda get: dict(
+        norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True,
+        parallel_residual=bool(get("gptneox.use_parallel_residual", True)))),
 }
 
 
@@ -55,27 +83,26 @@ def args_from_gguf(reader, model_name: str) -> ModelArgs:
         return reader.fields[key].contents() if key in reader.fields else default
 
     arch = get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"unsupported GGUF architecture {arch!r}; this converter reads 'llama' only")
-    if get("llama.rope.scaling.type", "none") not in ("none", None):
-        raise ValueError(f"unsupported rope scaling {get('llama.rope.scaling.type')!r} in the GGUF")
-    need = {k: get(f"llama.{k}") for k in ("block_count", "embedding_length", "feed_forward_length",
-                                           "attention.head_count", "context_length",
-                                           "attention.layer_norm_rms_epsilon")}
-    missing = [f"llama.{k}" for k, v in need.items() if v is None]
+    if arch not in ARCHS:
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; this converter reads {', '.join(map(repr, ARCHS))}")
+    if get(f"{arch}.rope.scaling.type", "none") not in ("none", None):
+        raise ValueError(f"unsupported rope scaling {get(f'{arch}.rope.scaling.type')!r} in the GGUF")
+    need = {k: get(f"{arch}.{k}") for k in ("block_count", "embedding_length", "feed_forward_length",
+                                            "attention.head_count", "context_length", ARCHS[arch].norm_eps)}
+    missing = [f"{arch}.{k}" for k, v in need.items() if v is None]
     if missing:
         raise ValueError(f"the GGUF metadata lacks {', '.join(missing)}")
     n_head, dim = need["attention.head_count"], need["embedding_length"]
-    head_dim = get("llama.attention.key_length", dim // n_head)
+    head_dim = get(f"{arch}.attention.key_length", dim // n_head)
     kw = dict(block_size=need["context_length"], n_layer=need["block_count"], n_head=n_head, dim=dim,
               intermediate_size=need["feed_forward_length"],
-              n_local_heads=get("llama.attention.head_count_kv", n_head), head_dim=head_dim,
-              vocab_size=get("llama.vocab_size") or len(get("tokenizer.ggml.tokens", [])),
-              rotary_dim=get("llama.rope.dimension_count", head_dim),
+              n_local_heads=get(f"{arch}.attention.head_count_kv", n_head), head_dim=head_dim,
+              vocab_size=get(f"{arch}.vocab_size") or len(get("tokenizer.ggml.tokens", [])),
+              rotary_dim=get(f"{arch}.rope.dimension_count", head_dim),
               # float32 in the file: 9.999999747e-06 -> 1e-05
-              rope_base=float(f"{get('llama.rope.freq_base', 10000.0):.7g}"),
-              norm_eps=float(f"{need['attention.layer_norm_rms_epsilon']:.7g}"),
-              tie_embeddings="output.weight" not in {t.name for t in reader.tensors})
+              rope_base=float(f"{get(f'{arch}.rope.freq_base', 10000.0):.7g}"),
+              norm_eps=float(f"{need[ARCHS[arch].norm_eps]:.7g}"),
+              tie_embeddings="output.weight" not in {t.name for t in reader.tensors}, **ARCHS[arch].fields(get))
     entry = find_entry(model_name)
     if entry is None:
         return ModelArgs(**kw, name=model_name, chat_format=chat_format_of(get("tokenizer.chat_template", "")))
@@ -99,11 +126,12 @@ def chat_format_of(template: str) -> str:
 def convert_state_dict(reader, args: ModelArgs) -> dict:
     import gguf
     from tqdm import tqdm
+    arch = ARCHS[reader.fields["general.architecture"].contents()]
     out, qkv = {}, {}
     for t in tqdm(reader.tensors, unit="tensor", desc="dequantizing", disable=None):
         template = ".".join("{}" if p.isdigit() else p for p in t.name.split("."))
         layer = [p for p in t.name.split(".") if p.isdigit()]
-        target = LLAMA_WEIGHTS.get(template)
+        target = arch.weights.get(template)
         if target is None:
             raise ValueError(f"unknown GGUF tensor {t.name}; this converter does not know it")
         try:
@@ -115,7 +143,7 @@ def convert_state_dict(reader, args: ModelArgs) -> dict:
             out[target.format(*layer)] = torch.from_numpy(w)
             continue
         key, part = target[0].format(*layer), target[1]
-        if part != "v":
+        if part != "v" and arch.permuted and key.endswith(".weight"):
             w = unpermute(w, args.n_head if part == "q" else args.n_local_heads)
         parts = qkv.setdefault(key, {})
         parts[part] = torch.from_numpy(w)
@@ -146,7 +174,7 @@ def convert_gguf(gguf_path, out_dir, model_name=None) -> ModelArgs:
 
 
 def main(argv=None):
-    p = ArgumentParser(description="Convert a llama-architecture GGUF into a zoofast checkpoint folder.")
+    p = ArgumentParser(description="Convert a llama, qwen2 or gptneox GGUF into a zoofast checkpoint folder.")
     p.add_argument("--gguf", type=Path, required=True, help="the .gguf file")
     p.add_argument("--out_dir", type=Path, required=True, help="checkpoints/ORG/NAME")
     p.add_argument("--model_name", default=None, help="entry name in model.py, for its name and chat format (default: the file name)")
