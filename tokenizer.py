@@ -804,6 +804,8 @@ def sentencepiece_from_gguf(get, tokens: list, types: list, out_dir: Path):
     m.trainer_spec.byte_fallback = 6 in types
     for name, key in (("unk_id", "unknown"), ("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding")):
         setattr(m.trainer_spec, name, get(f"tokenizer.ggml.{key}_token_id", -1))
+    if m.trainer_spec.unk_id < 0:   # llama.cpp writes no unknown_token_id: the piece typed unknown is it
+        m.trainer_spec.unk_id = types.index(2) if 2 in types else 0
     m.normalizer_spec.name = "identity"
     m.normalizer_spec.add_dummy_prefix = bool(get("tokenizer.ggml.add_space_prefix", True))
     m.normalizer_spec.remove_extra_whitespaces = False
