@@ -322,3 +322,17 @@ def test_k_quant_tensors_dequantize_as_transformers_does(shared_refs, tmp_path):
     expected = ref(ids).logits
     assert (expected - torch.load(shared_refs / "qwen2" / "logits.pt", weights_only=True)).abs().max() > 1e-3
     torch.testing.assert_close(ours(ids), expected, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_a_gguf_written_by_llama_cpps_own_converter(tmp_path):
+    """tests/data/tiny-llama-sp.gguf was written by llama.cpp's convert_hf_to_gguf.py (llama-cpp-python 0.3.36's
+    sdist, --outtype f32) from a tiny random LlamaForCausalLM (hidden 32, 2 layers, GQA) with a 600-piece
+    SentencePiece BPE model (byte fallback) trained on data/pride_and_prejudice_ch1-8.txt; the .ref.pt beside it
+    holds that model's ids for a text and transformers' logits for them."""
+    data = REPO / "tests" / "data"
+    ref = torch.load(data / "tiny-llama-sp.ref.pt", weights_only=True)
+    convert_gguf.convert_gguf(data / "tiny-llama-sp.gguf", tmp_path / "ckpt", "tiny-llama-sp")
+    assert load_tokenizer(tmp_path / "ckpt").encode(ref["text"], bos=True) == ref["input_ids"][0].tolist()
+    ours = load_model(tmp_path / "ckpt" / "model.pth", "cpu", torch.float32)
+    torch.testing.assert_close(ours(ref["input_ids"]), ref["logits"], atol=1e-4, rtol=1e-4)
