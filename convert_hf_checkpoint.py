@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import lora
 from cli import ArgumentParser, command_line, first_line, new_dir, writable_dir, write_atomic
 from model import ModelArgs, Transformer, resolve_name, transformer_configs
 
@@ -479,7 +478,8 @@ def convert_state_dict(files, table: dict, args: ModelArgs, total: Optional[int]
             for name, t in read_tensors(path):
                 bar.update()
                 if adapter is not None:
-                    t = lora.merged(name, t, *adapter)
+                    from lora import merged
+                    t = merged(name, t, *adapter)
                     seen.add(name)
                 template, idx = to_template(name)
                 if template not in table:
@@ -549,7 +549,10 @@ def convert_hf_checkpoint(checkpoint_dir, hf_dir=None, model_name: Optional[str]
         if chat_format not in CHAT_FORMATS:
             raise ValueError(f"unknown --chat_format {chat_format!r}; known: {', '.join(sorted(CHAT_FORMATS))}")
     model_name = model_name or "/".join(checkpoint_dir.resolve().parts[-2:])
-    adapter = lora.read_adapter(lora_dir) if lora_dir is not None else None   # before reading gigabytes
+    adapter = None
+    if lora_dir is not None:   # read before gigabytes of weights are
+        from lora import read_adapter
+        adapter = read_adapter(lora_dir)
     cfg = read_hf_config(hf_dir)
     args = resolve_args(cfg, model_name, chat_format)
     table = layout_of(cfg).weights
