@@ -128,18 +128,22 @@ def our_pairs(pairs: dict, table: dict, args) -> dict:
 def attach(model, adapter_dirs: list, checkpoint_dir) -> None:
     """Make the adapters resident in model, unmerged: adapter k (1, 2, ...) is adapter_dirs[k - 1], 0 is the base
     alone; select() says which one each row of the next forwards uses (all 0 until then). The checkpoint folder's
-    hf/config.json names the layout the adapters' module names are in."""
+    hf/config.json names the layout the adapters' module names are in (without one, a Llama-shaped model, as a
+    GGUF import is, takes Hugging Face's Llama names)."""
     import torch.distributed as dist
 
-    from convert_hf_checkpoint import layout_of, read_hf_config
+    from convert_hf_checkpoint import LLAMA_WEIGHTS, layout_of, read_hf_config
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError("unmerged LoRA under tensor parallelism is not supported; merge it: "
                          "convert_hf_checkpoint.py --lora")
-    hf = Path(checkpoint_dir) / "hf"
-    if not (hf / "config.json").is_file():
+    hf, c = Path(checkpoint_dir) / "hf", model.config
+    if (hf / "config.json").is_file():
+        table = layout_of(read_hf_config(hf)).weights
+    elif (c.norm, c.mlp, c.position, c.parallel_residual, c.n_experts) == ("rmsnorm", "swiglu", "rope", False, 0):
+        table = LLAMA_WEIGHTS   # a GGUF import of a Llama-shaped model (SmolLM2, Qwen2): HF's Llama module names
+    else:
         raise FileNotFoundError(f"an unmerged LoRA needs the Hugging Face config.json its checkpoint came from "
                                 f"({hf / 'config.json'})")
-    table = layout_of(read_hf_config(hf)).weights
     per_linear = {}
     for k, d in enumerate(adapter_dirs, 1):
         pairs, whole = read_adapter(d)

@@ -138,3 +138,27 @@ def test_two_adapters_served_at_once_reply_as_each_alone(served, client):
     assert [m.id for m in client.models.list().data] == [engine.name, f"{engine.name}:a", f"{engine.name}:b"]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="c", prompt=prompt, max_tokens=2)
+
+
+@torch.no_grad()
+def test_an_adapter_on_the_default_model_from_its_gguf(default_checkpoint, smollm2_gguf, tmp_path):
+    """The default model came from a GGUF (no hf/config.json): its Llama shape takes Hugging Face's Llama module
+    names. A peft adapter on transformers' own load of the same GGUF moves our logits as it moves theirs."""
+    from tokenizer import load_tokenizer
+    base = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                             dtype=torch.float32).eval()
+    ids = torch.tensor([load_tokenizer(default_checkpoint).encode("The capital of France is Paris, and")])
+    plain = base(ids).logits
+    torch.manual_seed(3)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"],
+                             init_lora_weights=False, lora_dropout=0.0)
+    tuned = peft.get_peft_model(base, config).eval()
+    expected = tuned(ids).logits
+    tuned.save_pretrained(tmp_path / "adapter")
+    ours = gen.load_model(default_checkpoint / "model.pth", "cpu", torch.float32)
+    mine = ours(ids)
+    lora.attach(ours, [tmp_path / "adapter"], default_checkpoint)
+    lora.select(ours, torch.ones(1, dtype=torch.long))
+    assert (expected - plain).abs().max() > 0.1
+    # the base models agree within 1e-3 (test_gguf); so must the adapter's change to them
+    torch.testing.assert_close(ours(ids) - mine, expected - plain, atol=1e-3, rtol=0)
