@@ -446,19 +446,22 @@ class Engine:
             if short <= 0:
                 break
             short -= len(self.row_pages[i])
+            self.free_pages += self.row_pages[i]
+            self.cached[i] = []   # its cached conversation goes with its pages
             self.set_pages(i, [])
         self.free_pages += self.row_pages[row][keep:]
-        self.set_pages(row, self.row_pages[row][:keep] + self.free_pages[: need - keep])
-        del self.free_pages[: need - keep]
+        taken, self.free_pages = self.free_pages[: need - keep], self.free_pages[need - keep:]
+        self.set_pages(row, self.row_pages[row][:keep] + taken)
         return True
 
     def set_pages(self, row: int, pages: list):
-        """Row `row` holds these pages from now on; a row that gives its pages up forgets what they cached."""
-        if not pages:
-            self.free_pages += self.row_pages[row]
-            self.cached[row] = []
+        """Row `row` holds these pages from now on (in its page table on every rank)."""
         self.row_pages[row] = pages
         self.forward("pages", row, pages)
+
+    def model_ids(self) -> list:
+        """What a request's "model" may name: the base, and BASE:NAME for each adapter."""
+        return [self.name] + [f"{self.name}:{a}" for a in self.adapters]
 
     def select(self, adapters: list):
         """The LoRA adapter of each row of the next forward (no-op without adapters)."""
@@ -485,9 +488,8 @@ class Engine:
 
     def copy_prefix(self, source: int, row: int, n: int):
         """Row `row`'s cache positions 0..n-1 <- row `source`'s (every layer's keys and values)."""
-        at = torch.arange(n, device=self.device)
-        table = self.model.page_table
-        slots = table[[source, row]][:, at // PAGE] * PAGE + at % PAGE
+        slots = self.model.slots(torch.tensor([source, row], device=self.device),
+                                 torch.arange(n, device=self.device).expand(2, n))
         with torch.no_grad():
             for layer in self.model.layers:
                 layer.attention.kv_cache.copy(slots[0], slots[1])

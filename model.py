@@ -208,17 +208,20 @@ class PagedKVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.kernel = kernel   # cpu_kernels' paged_attend for decode steps (reads the pages in place)
 
-    def update(self, write: Tensor, k: Tensor, v: Tensor, read: Tensor):
-        # write [B, T], read [B, S]: slots; k, v [B, H, T, D] -> the keys and values at read [B, H, S, D] (a copy)
+    def store(self, write: Tensor, k: Tensor, v: Tensor):
+        # write [B, T]: slots; k, v [B, H, T, D]
         self.k_cache[:, write] = k.transpose(0, 1)
         self.v_cache[:, write] = v.transpose(0, 1)
+
+    def update(self, write: Tensor, k: Tensor, v: Tensor, read: Tensor):
+        """store, then the keys and values at slots read [B, S] -> [B, H, S, D] (a copy)."""
+        self.store(write, k, v)
         return self.k_cache[:, read].transpose(0, 1), self.v_cache[:, read].transpose(0, 1)
 
     def attend(self, q: Tensor, write: Tensor, k: Tensor, v: Tensor, read: Tensor, mask: Tensor) -> Tensor:
         """A decode step's attention with the kernel: q [B, H, 1, D] (k, v, write, read as in update; mask as in
         attend_one) -> [B, H, 1, D]."""
-        self.k_cache[:, write] = k.transpose(0, 1)
-        self.v_cache[:, write] = v.transpose(0, 1)
+        self.store(write, k, v)
         B, H, _, D = q.shape
         return torch.ops.zoofast_kernels.paged_attend(q.view(B, H, D), self.k_cache, self.v_cache, read,
                                                       mask.reshape(B, -1, read.shape[1]), D ** -0.5).view(B, H, 1, D)
@@ -262,7 +265,6 @@ class Transformer(nn.Module):
                 self.max_batch_size >= max_batch_size and self.max_seq_length >= max_seq_length:
             return
         dtype = dtype or self.tok_embeddings.weight.dtype   # the head may be quantized; the embedding never is
-        device = self.tok_embeddings.weight.device
         for layer in self.layers:   # made on the layer's device (device_map.py may spread them)
             device = next(layer.parameters()).device
             n_heads, head_dim = layer.attention.n_local_heads, self.config.head_dim
@@ -344,15 +346,19 @@ class Transformer(nn.Module):
             q_scale = torch.where(pos + 1 > n, torch.log(pos + 1.0) / math.log(n), 1.0)[..., None, None]
         write, read = (pos if cached else None), None
         if cached and self.page_table is not None:   # a paged cache: positions to slots (PagedKVCache)
-            table = self.page_table[slice(0, B) if rows is None else rows]                   # [B, pages a row + 1]
-            page = lambda at: table.gather(1, torch.remainder(torch.div(at, PAGE, rounding_mode="floor"),  # noqa: E731
-                                                              table.shape[1]))   # position -1: the last, scratch
-            write, read = page(pos) * PAGE + torch.remainder(pos, PAGE), page(keys.expand(B, S)) * PAGE + keys % PAGE
+            state = slice(0, B) if rows is None else rows
+            write, read = self.slots(state, pos), self.slots(state, keys.expand(B, S))
         if cached and T == 1:   # a compiled stage takes the attended length as a dynamic size: one graph for all
             torch._dynamo.maybe_mark_dynamic(mask, -1)
             if read is not None:
                 torch._dynamo.maybe_mark_dynamic(read, -1)
         return Positions(rope, mask, write, rows, q_scale, read)
+
+    def slots(self, rows, at: Tensor) -> Tensor:
+        """A paged cache's slots of positions at [B, N] in cache rows `rows` (an index or a slice of B rows);
+        position -1 is the last slot of the scratch page (every row's last table column)."""
+        table = self.page_table[rows]                                          # [B, pages a row + 1]
+        return table.gather(1, at // PAGE % table.shape[1]) * PAGE + at % PAGE   # floor // and %: -1 -> the last
 
     def prefix_lm(self, idx: Tensor, cached: bool, rows: Optional[Tensor] = None):
         """GLM's prompt ends `[gMASK] <sop>`: the prompt (before <sop>) is a prefix every position sees whole,
