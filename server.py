@@ -344,7 +344,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_json(200, {"object": "list", "data": [
                     {"id": name, "object": "model", "created": 0, "owned_by": "zoofast",
                      "context_length": e.max_seq_length, "max_model_len": e.max_seq_length}
-                    for name in [e.name] + [f"{e.name}:{a}" for a in e.adapters]]})
+                    for name in e.model_ids()]})
             raise APIError(404, f"no route GET {path[:100]}")
         except APIError as err:
             self.send_json(err.status, err.body())
@@ -396,12 +396,10 @@ class Handler(BaseHTTPRequestHandler):
         e = self.engine
         if model is None or model in (e.name, "default"):
             return None
-        name = model.removeprefix(f"{e.name}:") if isinstance(model, str) else model
-        if name not in e.adapters:
-            have = ", ".join(repr(m) for m in [e.name] + [f"{e.name}:{a}" for a in e.adapters])
-            raise APIError(404, f"the model {short(model)} does not exist; this server has {have}",
-                           param="model", code="model_not_found")
-        return name
+        if not isinstance(model, str) or model.removeprefix(f"{e.name}:") not in e.adapters:
+            raise APIError(404, f"the model {short(model)} does not exist; this server has "
+                                f"{', '.join(map(repr, e.model_ids()))}", param="model", code="model_not_found")
+        return model.removeprefix(f"{e.name}:")
 
     def reply(self, requests: list, chat: bool, stream: bool, include_usage: bool):
         """The reply to one request's n choices (one Request each), whole or as server-sent events (the choices one

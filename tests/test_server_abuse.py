@@ -190,6 +190,7 @@ BAD_BODIES = {
     "prompt past the context": (COMPLETIONS, {"prompt": "word " * 600}, 400),
     "model unknown": (CHAT, {"messages": MSG, "model": "gpt-4"}, 404),
     "model a number": (CHAT, {"messages": MSG, "model": 5}, 404),
+    "model an object": (CHAT, {"messages": MSG, "model": {"name": "a"}}, 404),
 }
 
 
