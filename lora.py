@@ -9,6 +9,7 @@
 # any of that; so B goes through the same functions as the weight, and a fused wqkv takes A_q, A_k and A_v stacked
 # along the rank with B block-diagonal.
 import functools
+import itertools
 import json
 import math
 from pathlib import Path
@@ -112,8 +113,7 @@ def our_pairs(pairs: dict, table: dict, args) -> dict:
     for key, parts in fused.items():   # wqkv: A_q, A_k, A_v stacked along the rank, B block-diagonal
         rows = dict(q=args.n_head * args.head_dim, k=args.n_local_heads * args.head_dim,
                     v=args.n_local_heads * args.head_dim)
-        present = [p for p in "qkv" if p in parts]
-        a = torch.cat([parts[p][0] for p in present])
+        a = torch.cat([parts[p][0] for p in "qkv" if p in parts])
         blocks, at = {}, 0
         for p in "qkv":
             blocks[p] = torch.zeros(rows[p], a.shape[0])
@@ -152,8 +152,8 @@ def attach(model, adapter_dirs: list, checkpoint_dir) -> None:
                              f"(convert_hf_checkpoint.py --lora)")
         for name, ab in our_pairs(pairs, table, model.config).items():
             per_linear.setdefault(name, {})[k] = ab
-    device = model.tok_embeddings.weight.device
-    model.register_buffer("lora_ids", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+    model.register_buffer("lora_ids", torch.zeros(1, dtype=torch.long, device=model.tok_embeddings.weight.device),
+                          persistent=False)
     for name, by_adapter in per_linear.items():
         try:
             module = model.get_submodule(name)
@@ -165,6 +165,7 @@ def attach(model, adapter_dirs: list, checkpoint_dir) -> None:
         B = torch.zeros(len(adapter_dirs) + 1, b0.shape[0], rank)
         for k, (a, b) in by_adapter.items():
             A[k, : a.shape[0]], B[k, :, : a.shape[0]] = a, b
+        device = next(itertools.chain(module.parameters(), module.buffers())).device   # device_map may spread them
         module.register_buffer("lora_A", A.to(device), persistent=False)
         module.register_buffer("lora_B", B.to(device), persistent=False)
         module.register_forward_hook(functools.partial(apply, model))
@@ -173,7 +174,7 @@ def attach(model, adapter_dirs: list, checkpoint_dir) -> None:
 def apply(model, module, inputs, out: Tensor) -> Tensor:
     """The forward hook: each row's adapter's s B A x added to the base linear's output (in float)."""
     x = inputs[0]
-    ids = model.lora_ids[: x.shape[0]]
+    ids = model.lora_ids[: x.shape[0]].to(x.device)   # no copy unless device_map put this layer elsewhere
     h = torch.einsum("bti,bri->btr", x.float(), module.lora_A[ids])
     return out + torch.einsum("btr,bor->bto", h, module.lora_B[ids]).to(out.dtype)
 
