@@ -10,6 +10,7 @@
 import torch
 import torch.nn as nn
 
+from cli import pick_device
 from model import Positions, Transformer
 
 
@@ -42,6 +43,15 @@ def plan(spec: str, n_layer: int) -> list:
         counts[counts.index(min(counts))] += 1
         counts[counts.index(max(counts))] -= 1
     return [device for (device, _), n in zip(entries, counts) for _ in range(n)]
+
+
+def first_device(spec: str, n_layer: int) -> str:
+    """plan()'s first device, once every device of the map is checked to be there (a GPU this torch sees): the
+    command line's one-line error, before anything loads."""
+    devices = plan(spec, n_layer)
+    for device in dict.fromkeys(devices):
+        pick_device(device)
+    return devices[0]
 
 
 def place(model: Transformer, devices: list) -> Transformer:

@@ -567,9 +567,9 @@ def peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=None, steps=None) -> tuple:
-    """Generate for a list of token-id prompts; stream row 0 to stdout when asked. Returns (outputs, seconds,
-    prefill seconds, decode seconds)."""
+def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=None, steps=None, heal=None) -> tuple:
+    """Generate for a list of token-id prompts (heal: see generate); stream row 0 to stdout when asked. Returns
+    (outputs, seconds, prefill seconds, decode seconds)."""
     from tokenizer import StreamDecoder
     decoder = StreamDecoder(tokenizer) if stream else None
     times = {}
@@ -580,11 +580,11 @@ def run_batch(model, tokenizer, prompts, args, stream: bool, draft=None, stats=N
             print(decoder.push(int(tokens[0])), end="", flush=True)
 
     t0 = time.perf_counter()
-    stop_ids = () if getattr(args, "ignore_eos", False) else tokenizer.stop_ids
-    outputs = generate(model, prompts, args.max_new_tokens, stop_ids=stop_ids, callback=on_token,
+    outputs = generate(model, prompts, args.max_new_tokens, stop_ids=() if args.ignore_eos else tokenizer.stop_ids,
+                       callback=on_token,
                        draft_model=draft, speculate_k=args.speculate_k, stats=stats, prefill_chunk=args.prefill_chunk,
                        steps=steps, prompt_lookup=args.prompt_lookup,
-                       heal=[h and h[1] for h in getattr(args, "healed", [None] * len(prompts))],
+                       heal=heal,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, vocab_size=tokenizer.vocab_size)
     if decoder is not None:
         print(decoder.flush(), end="", flush=True)
@@ -697,14 +697,11 @@ def run(args):
     if draft_vocab != config.vocab_size:
         raise ValueError(f"the draft's vocabulary ({draft_vocab}) is not the target's ({config.vocab_size})")
     if args.device_map:
-        from device_map import plan
+        from device_map import first_device
         if args.compile or draft_path or args.prompt_lookup or "LOCAL_RANK" in os.environ:
             raise ValueError("--device_map runs eager, one process: not with --compile, a draft, --prompt_lookup or "
                              "torchrun")
-        devices = plan(args.device_map, config.n_layer)
-        for d in dict.fromkeys(devices):   # each there (a GPU this torch sees), in one line if not
-            cli.pick_device(d)
-        device = devices[0]
+        device = first_device(args.device_map, config.n_layer)
     rank, device = start_tp(device)
     args.precision = native_precision(args.precision, device)
     torch.manual_seed(args.seed)   # every rank draws the same samples from the same (all-reduced) logits
@@ -719,11 +716,11 @@ def run(args):
         prompts = [tokenizer.encode(t, bos=True) for t in texts]
     if args.prompt_tokens and all(prompts):   # the text's tokens over and over (BOS once), cut to N
         prompts = [p[:1] + list(itertools.islice(itertools.cycle(p[1:] or p), args.prompt_tokens - 1)) for p in prompts]
-    args.healed = [None] * len(prompts)   # the text each prompt backed off, and its first token's choices
+    healed = [None] * len(prompts)   # the text each prompt backed off, and its first token's choices
     if args.heal:
         for i, p in enumerate(prompts):
             prompts[i], removed, allowed = tokenizer.heal(p, tokenizer.vocab_size)
-            args.healed[i] = (removed, allowed) if allowed is not None else None
+            healed[i] = (removed, allowed) if allowed is not None else None
     if not all(prompts):   # SmolLM2, Qwen: no BOS, so an empty prompt is no token at all
         raise ValueError("an empty --prompt gives this model no token to start from; give it some text")
     if (draft_path is not None or args.prompt_lookup) and (batch > 1 or args.interactive):
@@ -769,13 +766,13 @@ def run(args):
         if prof:
             prof.__enter__()
         if stream and not warmup and not args.chat:   # a completion continues its prompt
-            print(f"[a {len(prompts[0])}-token prompt]" if args.prompt_tokens else cut(texts[0], args.healed[0]),
+            print(f"[a {len(prompts[0])}-token prompt]" if args.prompt_tokens else cut(texts[0], healed[0]),
                   end="", flush=True)
         stats = {}
         run_args = argparse.Namespace(**vars(args) | {"max_new_tokens": 3}) if warmup else args
         outputs, secs, prefill_secs, decode_secs = run_batch(model, tokenizer, prompts, run_args,
                                                              stream=stream and not warmup, draft=draft, stats=stats,
-                                                             steps=steps)
+                                                             steps=steps, heal=[h and h[1] for h in healed])
         if prof:
             prof.__exit__(None, None, None)
             prof.export_chrome_trace(str(args.profile))
@@ -792,7 +789,7 @@ def run(args):
         if stream:
             print()
         else:
-            for t, p, out, h in zip(texts, prompts, outputs, args.healed):
+            for t, p, out, h in zip(texts, prompts, outputs, healed):
                 start = "" if args.chat else f"[a {len(p)}-token prompt]" if args.prompt_tokens else cut(t, h)
                 print(start + tokenizer.decode([x for x in out if x not in tokenizer.stop_ids]))
                 print("-" * 40)
