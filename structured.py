@@ -25,8 +25,7 @@ class Vocabulary:
     def __init__(self, tokenizer, vocab_size: int):
         self.tokenizer = tokenizer
         specials = set(tokenizer.special_ids)
-        self.tokens = [b"\xff" + tokenizer.token_bytes(i) if i in specials else tokenizer.token_bytes(i)
-                       if i < tokenizer.vocab_size else b"" for i in range(vocab_size)]
+        self.tokens = [b"\xff" + b if i in specials else b for i, b in enumerate(tokenizer.vocab_bytes(vocab_size))]
         self.eos_token_id = tokenizer.eos_id if tokenizer.eos_id is not None else min(tokenizer.stop_ids)
         self.bos_token_id = tokenizer.vocab_bos_id
         self.special_token_ids = sorted(i for i in specials if i < vocab_size)

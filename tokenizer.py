@@ -68,6 +68,7 @@ class Tokenizer:
         self._special_re = special_regex(self.special_tokens if parse_specials else ())
         self._all_specials_re = special_regex(self.special_tokens)
         self.template: Optional[ChatFormat] = None   # the checkpoint's Jinja chat template (use_template)
+        self._vocab_bytes: list = []                  # vocab_bytes(), once asked for
 
     def use_template(self, template: str, bos_token: Optional[str] = None, eos_token: Optional[str] = None):
         """Chat through the checkpoint's own Jinja template (where no hand-written format is named); its eos token
@@ -146,23 +147,20 @@ class Tokenizer:
         text starts with it: what the first generated token must be). Nothing is backed off past a special token
         or the prompt's first token; (ids, "", None) where nothing can be."""
         table = self.vocab_bytes(vocab_size)
-        best = None
-        for k in range(1, min(most, len(ids) - 1) + 1):
-            if ids[-k] in self.special_ids or not 0 <= ids[-k] < vocab_size:
-                break
+        most = min(most, len(ids) - 1)
+        most = next((k - 1 for k in range(1, most + 1)
+                     if ids[-k] in self.special_ids or not 0 <= ids[-k] < vocab_size), most)
+        for k in range(most, 0, -1):   # the longest first: one pass over the vocabulary where it matches
             removed = b"".join(table[i] for i in ids[-k:])
             allowed = [i for i, b in enumerate(table) if b.startswith(removed) and i not in self.special_ids]
             if allowed:
-                best = k, allowed
-        if best is None:
-            return ids, "", None
-        k, allowed = best
-        return ids[:-k], self.decode(ids)[len(self.decode(ids[:-k])):], allowed
+                return ids[:-k], self.decode(ids)[len(self.decode(ids[:-k])):], allowed
+        return ids, "", None
 
     def vocab_bytes(self, vocab_size: int) -> list:
-        """Each token's bytes (token_bytes), for ids below vocab_size; computed once."""
-        if len(getattr(self, "_vocab_bytes", ())) != vocab_size:
-            self._vocab_bytes = [self.token_bytes(i) for i in range(vocab_size)]
+        """Each token's bytes (token_bytes; b"" for an id past this vocabulary), for ids below vocab_size; kept."""
+        if len(self._vocab_bytes) != vocab_size:
+            self._vocab_bytes = [self.token_bytes(i) if i < self.vocab_size else b"" for i in range(vocab_size)]
         return self._vocab_bytes
 
     def _mask_specials(self, text: str) -> str:
