@@ -578,10 +578,10 @@ def convert_hf_checkpoint(checkpoint_dir, hf_dir=None, model_name: Optional[str]
 
 
 def prepare_tokenizer(hf_dir: Path, out_dir: Path):
-    """tokenizer.prepare_tokenizer, its failures as one line (imported here: tiny test checkpoints have none)."""
+    """convert_tokenizer.prepare_tokenizer, its failures as one line (imported here: tiny test checkpoints have none)."""
     try:
-        import tokenizer
-        tokenizer.prepare_tokenizer(hf_dir, out_dir)
+        import convert_tokenizer
+        convert_tokenizer.prepare_tokenizer(hf_dir, out_dir)
     except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"cannot prepare the tokenizer from {hf_dir}: {first_line(e)}; nothing written") from None
     except (ImportError, OSError, KeyError, TypeError, AttributeError, IndexError) as e:   # a mangled tokenizer file

@@ -158,7 +158,7 @@ def convert_state_dict(reader, args: ModelArgs) -> dict:
 def convert_gguf(gguf_path, out_dir, model_name=None) -> ModelArgs:
     """Read and check everything first; then write the tokenizer, config.json and model.pth together (all or none:
     the tokenizer is prepared in a temporary folder, and a failure, Ctrl-C included, leaves out_dir as it was)."""
-    import tokenizer
+    import convert_tokenizer
     out_dir = Path(out_dir)
     writable_dir(out_dir, create=True)   # before dequantizing
     reader = read_gguf(Path(gguf_path))
@@ -166,7 +166,7 @@ def convert_gguf(gguf_path, out_dir, model_name=None) -> ModelArgs:
     state_dict = convert_state_dict(reader, args)
     check_fits(state_dict, args, "the GGUF metadata")
     with new_dir(out_dir), tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer.", suffix=".tmp") as stage:
-        tokenizer.tokenizer_from_gguf(reader, Path(stage))
+        convert_tokenizer.tokenizer_from_gguf(reader, Path(stage))
         write_checkpoint(out_dir, state_dict, args, Path(stage))
     print(f"wrote {out_dir / 'model.pth'} ({len(state_dict)} tensors, float32), config.json ({args.name}) "
           f"and the tokenizer", file=sys.stderr)

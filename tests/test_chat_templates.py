@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import convert_tokenizer
 import tokenizer as tok
 
 pytest.importorskip("transformers")
@@ -39,7 +40,7 @@ def qwen(shared_tokenizers, tmp_path_factory):
     from transformers import AutoTokenizer
     src = shared_tokenizers / "qwen2.5"
     out = tmp_path_factory.mktemp("qwen")
-    tok.prepare_tokenizer(src, out)
+    convert_tokenizer.prepare_tokenizer(src, out)
     assert (out / tok.TEMPLATE_FILE).is_file()
     return tok.load_tokenizer(out), AutoTokenizer.from_pretrained(str(src))
 

@@ -89,7 +89,7 @@ def write_tiny_llama_gguf(path: Path, n_head=4, n_kv=4, dim=64, ffn=128, n_layer
     """Random weights as llama.cpp writes them: q/k rows permuted to interleaved rotary, one Q8_0 tensor per layer."""
     import gguf
     import numpy as np
-    from tokenizer import bytes_to_unicode
+    from convert_tokenizer import bytes_to_unicode
     rng = np.random.default_rng(0)
     hd, tokens = dim // n_head, [bytes_to_unicode()[b] for b in range(256)] + ["Ġt"]
     w = gguf.GGUFWriter(str(path), "llama")
@@ -191,7 +191,7 @@ def test_a_sentencepiece_gguf_vocabulary_encodes_as_its_model(shared_tokenizers,
     import gguf
     import numpy as np
     import sentencepiece
-    import tokenizer
+    import convert_tokenizer
     sp = sentencepiece.SentencePieceProcessor(model_file=str(shared_tokenizers / "llama-2" / "tokenizer.model"))
     types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
              else 1 for i in range(sp.vocab_size())]
@@ -210,9 +210,9 @@ def test_a_sentencepiece_gguf_vocabulary_encodes_as_its_model(shared_tokenizers,
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    tokenizer.tokenizer_from_gguf(gguf.GGUFReader(str(tmp_path / "sp.gguf")), tmp_path / "out")
-    ours = tokenizer.load_tokenizer(tmp_path / "out")
-    for text in PROMPTS[:3] + ["  leading spaces, tabs\\tand ünïcödé 你好 🦙", "x"]:
+    convert_tokenizer.tokenizer_from_gguf(gguf.GGUFReader(str(tmp_path / "sp.gguf")), tmp_path / "out")
+    ours = load_tokenizer(tmp_path / "out")
+    for text in PROMPTS[:3] + ["  leading spaces, tabs\tand ünïcödé 你好 🦙", "x"]:
         assert ours.encode(text, bos=True) == [sp.bos_id()] + sp.encode(text), text
         assert ours.decode(sp.encode(text)) == sp.decode(sp.encode(text))
     assert ours.eos_id == sp.eos_id()
@@ -251,7 +251,7 @@ def write_ref_gguf(refs: Path, family: str, path: Path, k_quants=False):
     blocks), and a vocabulary of 256 byte tokens and control tokens up to the model's size."""
     import gguf
     import numpy as np
-    from tokenizer import bytes_to_unicode
+    from convert_tokenizer import bytes_to_unicode
     cfg = json.loads((refs / family / "config.json").read_text())
     sd = torch.load(refs / family / "pytorch_model.bin", weights_only=True)
     arch = {"qwen2": "qwen2", "gpt_neox": "gptneox"}[family]

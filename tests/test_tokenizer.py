@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import convert_tokenizer as C
 import tokenizer as T
 
 CORPUS = [
@@ -47,7 +48,7 @@ def smollm2_reader(smollm2_gguf):
 @pytest.fixture(scope="module")
 def smol(smollm2_reader, tmp_path_factory):
     out = tmp_path_factory.mktemp("smol")
-    T.tokenizer_from_gguf(smollm2_reader, out)
+    C.tokenizer_from_gguf(smollm2_reader, out)
     (out / "config.json").write_text(json.dumps({"chat_format": "chatml"}))
     return T.load_tokenizer(out)
 
@@ -120,18 +121,18 @@ def test_chatml_matches_the_gguf_chat_template(smol, hf_smol, smollm2_reader):
 
 
 def test_bpe_to_tiktoken_checks(tmp_path):
-    bytes_level = [c for _, c in sorted(T.bytes_to_unicode().items())]
+    bytes_level = [c for _, c in sorted(C.bytes_to_unicode().items())]
     vocab = {c: i for i, c in enumerate(bytes_level)}
     # ids in merge order, every token reached by its own merges: converts
     ok = dict(vocab, ab=256, abc=257)
-    T.write_bpe_as_tiktoken(tmp_path, ok, [("a", "b"), ("ab", "c")], {}, T.GPT2_PATTERN)
+    C.write_bpe_as_tiktoken(tmp_path, ok, [("a", "b"), ("ab", "c")], {}, T.GPT2_PATTERN)
     assert T.load_ranks(tmp_path / T.TIKTOKEN_FILE)[b"abc"] == 257
     # "abc" is listed as ab + c, but "bc" merges first: Hugging Face gives [a, bc], tiktoken would give [abc]
     with pytest.raises(ValueError, match="not reached by the merges"):
-        T.write_bpe_as_tiktoken(tmp_path, dict(vocab, bc=256, ab=257, abc=258), [("b", "c"), ("a", "b"), ("ab", "c")],
+        C.write_bpe_as_tiktoken(tmp_path, dict(vocab, bc=256, ab=257, abc=258), [("b", "c"), ("a", "b"), ("ab", "c")],
                                 {}, T.GPT2_PATTERN)
     with pytest.raises(ValueError, match="do not follow merge order"):
-        T.write_bpe_as_tiktoken(tmp_path, dict(vocab, ab=257, cd=256), [("a", "b"), ("c", "d")], {}, T.GPT2_PATTERN)
+        C.write_bpe_as_tiktoken(tmp_path, dict(vocab, ab=257, cd=256), [("a", "b"), ("c", "d")], {}, T.GPT2_PATTERN)
 
 
 @pytest.mark.parametrize("pre", ["digits+bytelevel", "split+bytelevel"])
@@ -156,7 +157,7 @@ def test_tokenizer_json_conversion_matches_tokenizers(pre, tmp_path):
     hf_dir.mkdir()
     tok.save(str(hf_dir / "tokenizer.json"))
     (hf_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
-    T.prepare_tokenizer(hf_dir, tmp_path / "ours")
+    C.prepare_tokenizer(hf_dir, tmp_path / "ours")
     ours = T.load_tokenizer(tmp_path / "ours")
     bos = pre == "split+bytelevel"
     assert ours.eos_id == 2 and ours.bos_id == (1 if bos else None) and ours.vocab_size == tok.get_vocab_size()
@@ -172,7 +173,7 @@ def vectors(shared_tokenizers):
 
 
 def prepared(shared_tokenizers, name, out: Path, chat_format=""):
-    T.prepare_tokenizer(shared_tokenizers / name, out)
+    C.prepare_tokenizer(shared_tokenizers / name, out)
     (out / "config.json").write_text(json.dumps({"chat_format": chat_format}))
     return T.load_tokenizer(out)
 
@@ -269,7 +270,7 @@ def test_folder_files_and_errors(shared_tokenizers, tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer in"):
         T.load_tokenizer(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no tokenizer found"):
-        T.prepare_tokenizer(tmp_path / "empty", tmp_path / "out")
+        C.prepare_tokenizer(tmp_path / "empty", tmp_path / "out")
 
 
 def forged_turn_is_text(tok):

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+import convert_tokenizer as C
 import tokenizer as T
 
 # vectors.json name -> (hub file name for each shared file, tokenizer_config.json when the shared folder has none,
@@ -54,7 +55,7 @@ def family(shared_tokenizers, tmp_path_factory):
                 (hf / hub).symlink_to(shared_tokenizers / name / shared)
             if config is not None:
                 (hf / "tokenizer_config.json").write_text(json.dumps(config))
-            T.prepare_tokenizer(hf, out)
+            C.prepare_tokenizer(hf, out)
             cache[name] = out
         config_json = {"chat_format": fmt if chat_format is None else chat_format}
         (cache[name] / "config.json").write_text(json.dumps(config_json))
@@ -140,7 +141,7 @@ def test_suffix_ids_and_allowed_special_from_meta(shared_tokenizers, tmp_path):
     """suffix_ids (GLM-style prompts end with the mask) and prefix_ids come from tokenizer_meta.json."""
     import sentencepiece
     shutil.copy(shared_tokenizers / "llama-2" / "tokenizer.model", tmp_path / T.SP_FILE)
-    T.write_meta(tmp_path, type="sentencepiece", special_tokens={}, prefix_ids=[], suffix_ids=[5, 6])
+    C.write_meta(tmp_path, type="sentencepiece", special_tokens={}, prefix_ids=[], suffix_ids=[5, 6])
     tok = T.load_tokenizer(tmp_path)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / T.SP_FILE))
     assert tok.bos_id is None and tok.encode("hi", bos=True) == sp.encode("hi") + [5, 6]
@@ -247,7 +248,7 @@ def test_chatglm6b_prompt_and_unsupported_tokenizer(vectors, shared_tokenizers, 
     assert v["ids"][-2:] == [130001, 130004]
     assert render(v["messages"][:1], True)[0] == "你好"
     with pytest.raises(ValueError, match="ice_text.model"):
-        T.prepare_tokenizer(shared_tokenizers / "chatglm-6b", tmp_path)
+        C.prepare_tokenizer(shared_tokenizers / "chatglm-6b", tmp_path)
 
 
 # ---- MOSS: its repo's vocab.json is not in shared/, so a small one trained here in the same layout ----------------
@@ -275,7 +276,7 @@ def moss(tmp_path_factory):
     (hf / "added_tokens.json").write_text(json.dumps({t: n + i for i, t in enumerate(MOSS_ADDED)}))
     (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "MossTokenizer", "add_bos_token": False}))
     out = tmp_path_factory.mktemp("moss-ours")
-    T.prepare_tokenizer(hf, out)
+    C.prepare_tokenizer(hf, out)
     (out / "config.json").write_text(json.dumps({"chat_format": "moss"}))
     ref = GPT2Tokenizer(str(hf / "vocab.json"), str(hf / "merges.txt"))
     ref.add_tokens(MOSS_ADDED)
