@@ -348,7 +348,8 @@ class Transformer(nn.Module):
         if cached and self.page_table is not None:   # a paged cache: positions to slots (PagedKVCache)
             state = slice(0, B) if rows is None else rows
             write, read = self.slots(state, pos), self.slots(state, keys.expand(B, S))
-        if cached and T == 1:   # a compiled stage takes the attended length as a dynamic size: one graph for all
+        if cached and T == 1 and not torch.compiler.is_compiling():   # a compiled stage takes the attended length as
+            # a dynamic size: one graph for all (a step compiled whole has none: it reads the whole cache)
             torch._dynamo.maybe_mark_dynamic(mask, -1)
             if read is not None:
                 torch._dynamo.maybe_mark_dynamic(read, -1)

@@ -127,6 +127,8 @@ def test_compiled_equals_eager():
     assert steps.decode is not gen.decode_one_token and steps.prefill is not gen.prefill_logits
     assert gen.generate(model, prompts, 16, temperature=0, steps=steps) == eager
     assert gen.EAGER.decode is gen.decode_one_token   # compiling changed nothing shared
+    # the step compiled whole (--compile_whole; every compiled step on CUDA): the whole cache, no dynamic length
+    assert gen.generate(model, prompts, 16, temperature=0, steps=gen.compile_steps("cpu", whole=True)) == eager
 
 
 # ---- the real default model through the CLI -----------------------------------------------------
