@@ -349,10 +349,11 @@ class Transformer(nn.Module):
             state = slice(0, B) if rows is None else rows
             write, read = self.slots(state, pos), self.slots(state, keys.expand(B, S))
         if cached and T == 1 and not torch.compiler.is_compiling():   # a compiled stage takes the attended length as
-            # a dynamic size: one graph for all (a step compiled whole has none: it reads the whole cache)
-            torch._dynamo.maybe_mark_dynamic(mask, -1)
+            # a size it knows nothing of, so one graph serves every S (maybe_mark_dynamic let Dynamo specialize
+            # S < the cache's length and compile a second graph mid-decode); a step compiled whole reads the whole cache
+            torch._dynamo.decorators.mark_unbacked(mask, mask.dim() - 1)
             if read is not None:
-                torch._dynamo.maybe_mark_dynamic(read, -1)
+                torch._dynamo.decorators.mark_unbacked(read, read.dim() - 1)
         return Positions(rope, mask, write, rows, q_scale, read)
 
     def slots(self, rows, at: Tensor) -> Tensor:

@@ -131,6 +131,20 @@ def test_compiled_equals_eager():
     assert gen.generate(model, prompts, 16, temperature=0, steps=gen.compile_steps("cpu", whole=True)) == eager
 
 
+
+def test_compiled_decode_compiles_once_up_to_the_cache_end():
+    """A decode step attends to the cache's filled part, a length the staged graph takes as dynamic: decoding on to
+    the cache's very end (S = the cache length, where Dynamo once specialized and compiled a second graph mid-decode)
+    reuses the first graph."""
+    from torch._dynamo.utils import counters
+    model = tiny_model(seed=3, block_size=512)
+    steps = gen.compile_steps("cpu")
+    gen.generate(model, [[5, 6, 7]], 4, temperature=0, steps=steps)   # compiles: a 256-position cache, S = 128
+    before = counters["stats"]["unique_graphs"]
+    out = gen.generate(model, [[5, 6, 7]], 250, temperature=0, steps=steps)   # S = 256 = the cache's length
+    assert counters["stats"]["unique_graphs"] == before
+    assert out == gen.generate(model, [[5, 6, 7]], 250, temperature=0)
+
 # ---- the real default model through the CLI -----------------------------------------------------
 
 def cli(*args, timeout=600):
