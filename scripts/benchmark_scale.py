@@ -26,7 +26,10 @@ import cli  # noqa: E402
 OURS = {"bf16": "model.pth", "int8": "model_int8.pth", "int4 g32": "model_int4.g32.pth",
         "int4 g128": "model_int4.g128.pth"}
 LLAMA = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_K_M": "q4_k_m"}
-ORDER = ["bf16", "BF16", "int8", "Q8_0", "int4 g32", "int4 g128", "Q4_0", "Q4_K_M"]   # a round, pairs side by side
+# "... whole": the same file, its decode step compiled whole (generate.py --compile_whole) instead of in stages
+OURS |= {f"{v} whole": f for v, f in OURS.items()}
+ORDER = ["bf16", "bf16 whole", "BF16", "int8", "int8 whole", "Q8_0", "int4 g32", "int4 g32 whole", "int4 g128",
+         "int4 g128 whole", "Q4_0", "Q4_K_M"]   # a round, pairs side by side
 
 
 def run_sampled(cmd: list, **kw) -> dict:
@@ -59,7 +62,7 @@ def run_sampled(cmd: list, **kw) -> dict:
 
 # ---- our engine, in its own process ------------------------------------------------------------------------
 
-def worker(path: str, tokens: int, prefill: list):
+def worker(path: str, tokens: int, prefill: list, whole: bool = False):
     """Load, compile, decode `tokens` greedy tokens after a 16-token prompt, then prefill each length; one JSON line."""
     import torch
     import generate as gen
@@ -70,7 +73,7 @@ def worker(path: str, tokens: int, prefill: list):
     model = gen.load_model(path, "cpu", torch.bfloat16)
     load = time.perf_counter() - t0
     weights = sum(t.numel() * t.element_size() for _, t in gen.weight_tensors(model))
-    steps = gen.compile_steps("cpu")
+    steps = gen.compile_steps("cpu", whole=whole)
     prompt = list(range(1000, 1016))
     t0 = time.perf_counter()
     gen.generate(model, [prompt], 3, temperature=0, steps=steps)
@@ -121,11 +124,11 @@ def gptq(path: Path, layers: int, samples: int, seq_length: int) -> dict:
     return r | res
 
 
-def ours(path: Path, tokens: int, prefill: list, cache: Path) -> dict:
+def ours(path: Path, tokens: int, prefill: list, cache: Path, whole: bool) -> dict:
     """One run of our engine in its own process, compiling into the Inductor cache `cache` (a fresh one: a cold
     compile, as a user's first run)."""
     r = run_sampled([sys.executable, __file__, "--worker", str(path), "--tokens", str(tokens),
-                     "--prefill", ",".join(map(str, prefill))], cwd=REPO,
+                     "--prefill", ",".join(map(str, prefill)), *["--whole"] * whole], cwd=REPO,
                     env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(cache)})
     res = json.loads(next(line for line in r["out"].splitlines() if line.startswith("RESULT "))[7:])
     res["prefill"] = {int(n): t for n, t in res["prefill"].items()}
@@ -161,8 +164,8 @@ def prepare(hf: Path, work: Path, llama_dir: Path, variants: list) -> dict:
             [py, "convert_hf_checkpoint.py", "--checkpoint_dir", str(ckpt), "--hf_dir", str(hf),
              "--model_name", hf.parent.name], cwd=REPO)
     for v in variants:
-        if v in OURS and v != "bf16" and not (ckpt / OURS[v]).exists():
-            mode, _, g = v.partition(" g")
+        if v in OURS and OURS[v] != "model.pth" and not (ckpt / OURS[v]).exists():
+            mode, _, g = v.removesuffix(" whole").partition(" g")
             steps[f"zoofast quantize {v}"] = run_sampled(
                 [py, "quantize.py", "--checkpoint_path", str(ckpt / "model.pth"), "--mode", mode,
                  "--groupsize", g or "32"], cwd=REPO)
@@ -203,7 +206,7 @@ def benchmark(args):
         for v in variants:
             path = file_of(v, args.work)
             if v in OURS:
-                res = ours(path, args.tokens, prefill, args.work / "inductor" / v.replace(" ", ""))
+                res = ours(path, args.tokens, prefill, args.work / "inductor" / v.replace(" ", ""), v.endswith(" whole"))
             else:
                 res = llama(path, args.llama_cpp / "build" / "bin", args.tokens, prefill)
             runs[v].append(res)
@@ -278,11 +281,12 @@ def main():
     p.add_argument("--gptq_samples", type=int, default=32, help="GPTQ calibration windows of 512 tokens")
     p.add_argument("--worker", default=None, help=argparse_hidden())
     p.add_argument("--gptq_worker", default=None, help=argparse_hidden())
+    p.add_argument("--whole", action="store_true", help=argparse_hidden())
     args = p.parse_args()
     with cli.command_line():
         args.prefill = [int(n) for n in args.prefill.split(",") if n]
         if args.worker:
-            return worker(args.worker, args.tokens, args.prefill)
+            return worker(args.worker, args.tokens, args.prefill, args.whole)
         if args.gptq_worker:
             return gptq_worker(args.gptq_worker, args.gptq_layers, args.gptq_samples, 512)
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
