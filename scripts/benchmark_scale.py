@@ -206,7 +206,8 @@ def benchmark(args):
         for v in variants:
             path = file_of(v, args.work)
             if v in OURS:
-                res = ours(path, args.tokens, prefill, args.work / "inductor" / v.replace(" ", ""), v.endswith(" whole"))
+                cache = args.work / "inductor" / v.replace(" ", "")
+                res = ours(path, args.tokens, prefill, cache, whole=v.endswith(" whole"))
             else:
                 res = llama(path, args.llama_cpp / "build" / "bin", args.tokens, prefill)
             runs[v].append(res)

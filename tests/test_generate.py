@@ -131,7 +131,6 @@ def test_compiled_equals_eager():
     assert gen.generate(model, prompts, 16, temperature=0, steps=gen.compile_steps("cpu", whole=True)) == eager
 
 
-
 def test_compiled_decode_compiles_once_up_to_the_cache_end():
     """A decode step attends to the cache's filled part, a length the staged graph takes as dynamic: decoding on to
     the cache's very end (S = the cache length, where Dynamo once specialized and compiled a second graph mid-decode)
