@@ -1,6 +1,6 @@
 // The CPU decode GEMVs (a few rows of activations against a whole weight matrix), AVX-512, and decode attention over
-// a paged KV cache. cpu_kernels.py builds this once per machine and torch version; quantize.py routes int8 and int4
-// linears here, packed.py bf16 ones, model.PagedKVCache its decode steps.
+// a KV cache, static or paged. cpu_kernels.py builds this once per machine and torch version; quantize.py routes int8
+// and int4 linears here, packed.py bf16 ones, model.py's KV caches their decode steps.
 //
 // llama.cpp's trick for int8 and int4: the activations are quantized on the fly to int8 in blocks of 32 (one fp32
 // scale each), so the inner loop is one VNNI dot (64 byte products) per 64 weights instead of converting every
@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 using at::Tensor;
@@ -339,14 +340,42 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
   return y;
 }
 
-// Decode attention over a paged KV cache (a server's pool, model.PagedKVCache): one query per row and head,
-// q [B, H, D]; keys and values [Hkv, N, D], row b's positions 0..S-1 at slots read[b] ([B, S]); mask [B, Hm, S]
-// (Hm 1 or H): bool (attended or not) or an additive bias (ALiBi). Each key and value is read once, where it lies
-// (gathering them first would copy every row's cache each step); the softmax in fp32. -> [B, H, D], q's dtype.
-// A (row, KV head) a task: its G query heads meet each key and value once, 16 lanes of D at a time.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) { return load_bf16((const uint16_t*)p); }
-inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+// Decode attention: one query per row and head, q [B, H, D], against keys and values where they lie, in a static
+// cache [B', Hkv, N, D] (row b's positions 0..S-1 in cache row at[b], at [B]) or a paged one's pool [Hkv, N, D] (a
+// server's, model.PagedKVCache: row b's positions at slots at[b], at [B, S]); mask [B, Hm, S] (Hm 1 or H): bool
+// (attended or not) or an additive bias (ALiBi). Each key and value is read once, in place (gathering them first
+// would copy every row's cache each step); the softmax in fp32. -> [B, H, D], q's dtype.
+// A task is a (row, KV head, run of keys): its G query heads meet each key and value once, 16 lanes of D at a time;
+// a long cache is split into runs so that both cores have work when B * Hkv is small (flash-decoding: each run keeps
+// its own maximum, sum and unnormalized output; the runs are merged at the end).
+// 32 elements as two fp32 vectors, in an order of their own: bf16 even elements then odd ones (a shift and a mask,
+// no shuffle: Zen 4 runs 512-bit shuffles at half rate), fp32 and fp16 first 16 then next 16. A dot product of two
+// rows loaded alike needs no order; an output (put32) is put back in place
+struct Pair {
+  __m512 a, b;
+};
+inline Pair load32(const float* p) { return {_mm512_loadu_ps(p), _mm512_loadu_ps(p + 16)}; }
+inline Pair load32(const at::Half* p) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)),
+          _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 16)))};
+}
+inline Pair load32(const at::BFloat16* p) {
+  const __m512i x = _mm512_loadu_si512(p);
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)),
+          _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xFFFF0000u)))};
+}
+template <typename T>
+inline void put32(float* out, Pair v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {   // even and odd elements interleaved back
+    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    _mm512_storeu_ps(out, _mm512_permutex2var_ps(v.a, lo, v.b));
+    _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(v.a, hi, v.b));
+  } else {
+    _mm512_storeu_ps(out, v.a);
+    _mm512_storeu_ps(out + 16, v.b);
+  }
+}
 
 // e^x for x <= 0 (a score minus its row's maximum), 0 at -inf: 2^n * 2^f, 2^f by its Taylor series in f ln 2
 // (|f| <= 1/2: relative error ~2e-7)
@@ -359,95 +388,195 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), _mm512_scalef_ps(p, n));
 }
 
-template <typename T>
-void attend_rows(const T* Q, const T* K, const T* V, const int64_t* R, const bool* Mb, const float* Mf, T* O,
-                 int64_t H, int64_t Hkv, int64_t N, int64_t S, int64_t D, int64_t Hm, float scale, int64_t i0,
-                 int64_t i1) {
-  const int64_t G = H / Hkv, C = D / 16;   // D % 16 == 0 (paged_attend checks)
-  std::vector<float> q(G * D), p(G * S), out(G * D);
-  std::vector<__m512> row(C), acc(G * C);
-  for (int64_t i = i0; i < i1; i++) {
-    const int64_t b = i / Hkv, h = i % Hkv;
-    for (int64_t j = 0; j < G * D; j++) q[j] = float(Q[(b * H + h * G) * D + j]) * scale;
-    const int64_t* r = R + b * S;
-    for (int64_t s = 0; s < S; s++) {
-      const T* k = K + (h * N + r[s]) * D;
-      for (int64_t c = 0; c < C; c++) row[c] = load16(k + 16 * c);
-      for (int64_t g = 0; g < G; g++) {
-        __m512 dot = _mm512_setzero_ps();
-        for (int64_t c = 0; c < C; c++) dot = _mm512_fmadd_ps(_mm512_loadu_ps(&q[g * D + 16 * c]), row[c], dot);
-        const int64_t m = (b * Hm + (Hm == 1 ? 0 : h * G + g)) * S + s;
-        const float score = _mm512_reduce_add_ps(dot);
-        p[g * S + s] = Mb ? (Mb[m] ? score : -INFINITY) : score + Mf[m];
-      }
-    }
-    std::vector<float> total(G, 0.0f);
-    for (int64_t g = 0; g < G; g++) {   // softmax numerators in place, 16 scores at a time
-      float* pg = &p[g * S];
-      float top = -INFINITY;
-      for (int64_t s = 0; s < S; s++) top = std::max(top, pg[s]);
-      if (top == -INFINITY) top = 0;    // nothing attended: all zero
-      const __m512 shift = _mm512_set1_ps(top);
-      __m512 sum = _mm512_setzero_ps();
-      int64_t s = 0;
-      for (; s + 16 <= S; s += 16) {
-        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(pg + s), shift));
-        _mm512_storeu_ps(pg + s, e);
-        sum = _mm512_add_ps(sum, e);
-      }
-      total[g] = _mm512_reduce_add_ps(sum);
-      for (; s < S; s++) total[g] += (pg[s] = std::exp(pg[s] - top));
-    }
-    std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
-    for (int64_t s = 0; s < S; s++) {
-      const T* v = V + (h * N + r[s]) * D;
-      bool loaded = false;
-      for (int64_t g = 0; g < G; g++) {
-        const float w = p[g * S + s];
-        if (w == 0.0f) continue;
-        if (!loaded) {
-          for (int64_t c = 0; c < C; c++) row[c] = load16(v + 16 * c);
-          loaded = true;
-        }
-        const __m512 wv = _mm512_set1_ps(w);
-        for (int64_t c = 0; c < C; c++) acc[g * C + c] = _mm512_fmadd_ps(wv, row[c], acc[g * C + c]);
-      }
-    }
-    for (int64_t g = 0; g < G; g++) {
-      const __m512 inv = _mm512_set1_ps(total[g] > 0 ? 1.0f / total[g] : 0.0f);
-      for (int64_t c = 0; c < C; c++) _mm512_storeu_ps(&out[g * D + 16 * c], _mm512_mul_ps(acc[g * C + c], inv));
-    }
-    for (int64_t j = 0; j < G * D; j++) O[(b * H + h * G) * D + j] = T(out[j]);
-  }
+struct Attend {   // one call's operands
+  const int64_t* at;                    // [B]: cache rows (static), or [B, S]: slots (paged)
+  bool paged;
+  const bool* Mb;                       // the mask, bool, or
+  const float* Mf;                      // additive
+  int64_t H, Hkv, N, S, D, Hm;
+  float scale;
+};
+
+// 16 vectors -> one: lane j the sum of v[j]'s lanes (a tree of shuffles, 46 instructions against 16 x 8)
+inline __m512 sum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; i++)   // lanes 0-7: v[2i]'s 256-bit halves added, 8-15: v[2i + 1]'s
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; i++)
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; i++)
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xDD));
+  // the tree leaves lane l holding v[4 (l % 4) + l / 4]'s sum: a 4 x 4 transpose puts them back in order
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), sums);
 }
 
-Tensor paged_attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& read, const Tensor& mask,
-                    double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && read.dim() == 2 && mask.dim() == 3 &&
-              read.size(0) == q.size(0) && mask.size(0) == q.size(0) && mask.size(2) == read.size(1) &&
-              k.size(2) == q.size(2) && q.size(1) % k.size(0) == 0 && (mask.size(1) == 1 || mask.size(1) == q.size(1)) &&
-              q.size(2) % 16 == 0,
-              "zoofast paged_attend: q [B, H, D], k and v [Hkv, N, D], read [B, S] and mask [B, 1 or H, S], D % 16 == 0");
+// keys s0..s1-1 of row b, KV head h: m[g] (the largest score), l[g] (sum of e^(score - m)), o[g] (D floats: sum of
+// e^(score - m) v), for the G query heads of h. Keys and values in blocks of 16 (2-8 KB: in L1 while every query
+// head meets them); a head's 16 dot products run side by side, 32 elements of D at a time (16 independent chains,
+// in registers)
+template <typename T, int P>   // P = D / 32: the loops over D unrolled
+void attend_run(const Attend& a, const T* Q, const T* K, const T* V, int64_t b, int64_t h, int64_t s0, int64_t s1,
+                float* m, float* l, float* o) {
+  const int64_t G = a.H / a.Hkv, D = a.D, S = a.S, n = s1 - s0, n16 = (n + 15) / 16 * 16;
+  thread_local std::vector<float> p, top, acc;   // a head's scores: its own 16-aligned stretch of p
+  p.resize(G * n16);
+  top.assign(G * 16, -INFINITY);
+  const int64_t base = a.paged ? h * a.N : (a.at[b] * a.Hkv + h) * a.N;   // this (row, head)'s position 0
+  int64_t at[16];   // the block's keys' (and values') offsets into K (and V)
+  auto block = [&](int64_t j, int64_t w) {   // a tail block repeats its last key (its scores masked off)
+    for (int64_t i = 0; i < 16; i++) {
+      const int64_t s = s0 + j + std::min(i, w - 1);
+      at[i] = (base + (a.paged ? a.at[b * S + s] : s)) * D;
+    }
+  };
+  for (int64_t j = 0; j < n; j += 16) {   // scores
+    const int64_t w = std::min<int64_t>(16, n - j);
+    const __mmask16 valid = w == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << w) - 1);
+    block(j, w);
+    for (int64_t g = 0; g < G; g++) {
+      const T* qg = Q + (b * a.H + h * G + g) * D;
+      Pair q[P];
+      __m512 dots[16];
+      for (int c = 0; c < P; c++) q[c] = load32(qg + 32 * c);
+      for (int i = 0; i < 16; i++) {
+        const Pair k = load32(K + at[i]);
+        dots[i] = _mm512_fmadd_ps(q[0].b, k.b, _mm512_mul_ps(q[0].a, k.a));
+      }
+      for (int c = 1; c < P; c++)
+        for (int i = 0; i < 16; i++) {
+          const Pair k = load32(K + at[i] + 32 * c);
+          dots[i] = _mm512_fmadd_ps(q[c].b, k.b, _mm512_fmadd_ps(q[c].a, k.a, dots[i]));
+        }
+      __m512 scores = _mm512_mul_ps(sum16(dots), _mm512_set1_ps(a.scale));
+      const int64_t mi = (b * a.Hm + (a.Hm == 1 ? 0 : h * G + g)) * S + s0 + j;
+      if (a.Mb) {
+        const __mmask16 on = _mm_mask_test_epi8_mask(valid, _mm_maskz_loadu_epi8(valid, a.Mb + mi), _mm_set1_epi8(1));
+        scores = _mm512_mask_blend_ps(on, _mm512_set1_ps(-INFINITY), scores);
+      } else {
+        scores = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY),
+                                      _mm512_add_ps(scores, _mm512_maskz_loadu_ps(valid, a.Mf + mi)));
+      }
+      _mm512_storeu_ps(&top[g * 16], _mm512_max_ps(_mm512_loadu_ps(&top[g * 16]), scores));
+      _mm512_storeu_ps(&p[g * n16 + j], scores);
+    }
+  }
+  for (int64_t g = 0; g < G; g++) {   // softmax numerators in place, 16 scores at a time
+    float* pg = &p[g * n16];
+    float t = _mm512_reduce_max_ps(_mm512_loadu_ps(&top[g * 16]));
+    m[g] = t;
+    if (t == -INFINITY) t = 0;    // nothing attended in this run: all zero
+    const __m512 shift = _mm512_set1_ps(t);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n16; s += 16) {   // past n: -inf, e^ = 0
+      const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(pg + s), shift));
+      _mm512_storeu_ps(pg + s, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    l[g] = _mm512_reduce_add_ps(sum);
+  }
+  acc.assign(G * D, 0.0f);   // the heads' outputs, each 32 elements a Pair (put back in order at the end)
+  for (int64_t j = 0; j < n; j += 16) {   // values: each head gathers the block's 16 while they are in L1
+    const int64_t w = std::min<int64_t>(16, n - j);
+    block(j, w);
+    for (int64_t g = 0; g < G; g++) {
+      Pair even[P], odd[P];   // two chains: each FMA waits on the one two keys back
+      for (int c = 0; c < P; c++) {
+        even[c] = {_mm512_loadu_ps(&acc[g * D + 32 * c]), _mm512_loadu_ps(&acc[g * D + 32 * c + 16])};
+        odd[c] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+      }
+      const float* e = &p[g * n16 + j];
+      for (int64_t i = 0; i < w; i += 2) {   // a zero weight (masked, or underflowed): its value is never read
+        if (e[i] != 0.0f) {
+          const __m512 ev = _mm512_set1_ps(e[i]);
+          for (int c = 0; c < P; c++) {
+            const Pair v = load32(V + at[i] + 32 * c);
+            even[c] = {_mm512_fmadd_ps(ev, v.a, even[c].a), _mm512_fmadd_ps(ev, v.b, even[c].b)};
+          }
+        }
+        if (i + 1 < w && e[i + 1] != 0.0f) {
+          const __m512 ev = _mm512_set1_ps(e[i + 1]);
+          for (int c = 0; c < P; c++) {
+            const Pair v = load32(V + at[i + 1] + 32 * c);
+            odd[c] = {_mm512_fmadd_ps(ev, v.a, odd[c].a), _mm512_fmadd_ps(ev, v.b, odd[c].b)};
+          }
+        }
+      }
+      for (int c = 0; c < P; c++) {
+        _mm512_storeu_ps(&acc[g * D + 32 * c], _mm512_add_ps(even[c].a, odd[c].a));
+        _mm512_storeu_ps(&acc[g * D + 32 * c + 16], _mm512_add_ps(even[c].b, odd[c].b));
+      }
+    }
+  }
+  for (int64_t j = 0; j < G * D; j += 32) put32<T>(o + j, {_mm512_loadu_ps(&acc[j]), _mm512_loadu_ps(&acc[j + 16])});
+}
+
+Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& at, const Tensor& mask,
+              double scale) {
+  const bool paged = k.dim() == 3;
+  TORCH_CHECK(q.dim() == 3 && (paged || k.dim() == 4) && v.sizes() == k.sizes() && mask.dim() == 3 &&
+              at.size(0) == q.size(0) && mask.size(0) == q.size(0) && at.dim() == (paged ? 2 : 1) &&
+              (!paged || at.size(1) == mask.size(2)) && (paged || mask.size(2) <= k.size(2)) &&
+              k.size(-1) == q.size(2) && q.size(1) % k.size(-3) == 0 &&
+              (mask.size(1) == 1 || mask.size(1) == q.size(1)) && q.size(2) % 32 == 0 && q.size(2) <= 256,
+              "zoofast attend: q [B, H, D], k and v [B', Hkv, N, D] with at [B] (cache rows) or [Hkv, N, D] with at "
+              "[B, S] (slots), mask [B, 1 or H, S], D % 32 == 0, D <= 256");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
-              read.scalar_type() == at::kLong && q.device().is_cpu() && k.is_contiguous() && v.is_contiguous(),
-              "zoofast paged_attend: CPU tensors, k and v contiguous in q's dtype, read int64");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(0), N = k.size(1), S = read.size(1);
-  Tensor qc = q.contiguous(), r = read.contiguous(), out = at::empty({B, H, D}, q.options());
+              at.scalar_type() == at::kLong && q.device().is_cpu() && k.is_contiguous() && v.is_contiguous(),
+              "zoofast attend: CPU tensors, k and v contiguous in q's dtype, at int64");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(-3), S = mask.size(2), G = H / Hkv;
+  Tensor qc = q.contiguous(), ac = at.contiguous(), out = at::empty({B, H, D}, q.options());
+  const int64_t* where = ac.data_ptr<int64_t>();
+  const int64_t bound = paged ? k.size(1) : k.size(0);   // slots of the pool, or rows of the cache
+  TORCH_CHECK(std::all_of(where, where + ac.numel(), [&](int64_t i) { return 0 <= i && i < bound; }),
+              "zoofast attend: a cache row or slot out of range");
   Tensor mb = mask.scalar_type() == at::kBool ? mask.contiguous() : Tensor();
   Tensor mf = mb.defined() ? Tensor() : mask.to(at::kFloat).contiguous();
+  const Attend a{where, paged, mb.defined() ? mb.data_ptr<bool>() : nullptr,
+                 mf.defined() ? mf.data_ptr<float>() : nullptr, H, Hkv, k.size(-2), S, D, mask.size(1), float(scale)};
+  // runs of keys: enough tasks for every thread (8 a thread, so that uneven runs even out), none under 32 keys
+  const int64_t want = 8 * at::get_num_threads(), runs = std::clamp<int64_t>(want / (B * Hkv), 1, (S + 31) / 32);
+  const int64_t len = (S + runs - 1) / runs, tasks = B * Hkv * runs;
+  std::vector<float> m(tasks * G), l(tasks * G), o(tasks * G * D);
   auto run = [&](auto zero) {
     using T = decltype(zero);
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
-      attend_rows<T>(qc.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), r.data_ptr<int64_t>(),
-                     mb.defined() ? mb.data_ptr<bool>() : nullptr, mf.defined() ? mf.data_ptr<float>() : nullptr,
-                     out.data_ptr<T>(), H, Hkv, N, S, D, mask.size(1), float(scale), i0, i1);
+    const T *Q = qc.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
+    decltype(&attend_run<T, 1>) runners[] = {attend_run<T, 1>, attend_run<T, 2>, attend_run<T, 3>, attend_run<T, 4>,
+                                             attend_run<T, 5>, attend_run<T, 6>, attend_run<T, 7>, attend_run<T, 8>};
+    const auto runner = runners[D / 32 - 1];
+    at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; i++) {
+        const int64_t bh = i / runs, s0 = i % runs * len;
+        if (s0 < S) runner(a, Q, K, V, bh / Hkv, bh % Hkv, s0, std::min(S, s0 + len), &m[i * G], &l[i * G],
+                           &o[i * G * D]);
+        else for (int64_t g = 0; g < G; g++) m[i * G + g] = -INFINITY, l[i * G + g] = 0;
+      }
     });
+    T* O = out.data_ptr<T>();
+    for (int64_t bh = 0; bh < B * Hkv; bh++)   // merge the runs: each scaled by e^(its maximum - the maximum)
+      for (int64_t g = 0; g < G; g++) {
+        float top = -INFINITY, total = 0;
+        for (int64_t r = 0; r < runs; r++) top = std::max(top, m[(bh * runs + r) * G + g]);
+        std::vector<float> y(D, 0.0f);
+        for (int64_t r = 0; r < runs; r++) {
+          const int64_t t = (bh * runs + r) * G + g;
+          if (m[t] == -INFINITY) continue;
+          const float w = std::exp(m[t] - top);
+          total += w * l[t];
+          for (int64_t d = 0; d < D; d++) y[d] += w * o[t * D + d];
+        }
+        const float inv = total > 0 ? 1.0f / total : 0.0f;   // nothing attended: all zero
+        for (int64_t d = 0; d < D; d++) O[(bh * G + g) * D + d] = T(y[d] * inv);
+      }
   };
   switch (q.scalar_type()) {
     case at::kFloat: run(float(0)); break;
     case at::kBFloat16: run(at::BFloat16(0)); break;
     case at::kHalf: run(at::Half(0)); break;
-    default: TORCH_CHECK(false, "zoofast paged_attend: fp32, bf16 or fp16 tensors");
+    default: TORCH_CHECK(false, "zoofast attend: fp32, bf16 or fp16 tensors");
   }
   return out;
 }
@@ -461,12 +590,12 @@ TORCH_LIBRARY(OPS, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scales, int n_out) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor w, int groupsize, int n_out) -> Tensor");
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
-  m.def("paged_attend(Tensor q, Tensor k, Tensor v, Tensor read, Tensor mask, float scale) -> Tensor");
+  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor at, Tensor mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(OPS, CPU, m) {
   m.impl("int8_gemv", int8_gemv);
   m.impl("int4_gemv", int4_gemv);
   m.impl("bf16_gemv", bf16_gemv);
-  m.impl("paged_attend", paged_attend);
+  m.impl("attend", attend);
 }

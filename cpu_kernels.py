@@ -1,8 +1,8 @@
 # cpu_kernels.cpp built for this machine, once: the int8 and int4 decode GEMVs with activations quantized on the fly
-# (llama.cpp's VNNI trick), the bf16 one, and decode attention over a paged KV cache. Built with the system's g++ against the installed torch into
-# ~/.cache/zoofast (about 15 s the first time), loaded from there after. available() is False where the CPU lacks
-# AVX512-VNNI, g++ is missing, the build fails (one line says why) or ZOOFAST_KERNELS=0: linears then use torch's
-# own kernels (oneDNN's for bf16).
+# (llama.cpp's VNNI trick), the bf16 one, and decode attention over a KV cache (static or paged). Built with the
+# system's g++ against the installed torch into ~/.cache/zoofast (about 15 s the first time), loaded from there after.
+# available() is False where the CPU lacks AVX512-VNNI, g++ is missing, the build fails (one line says why) or
+# ZOOFAST_KERNELS=0: linears then use torch's own kernels (oneDNN's for bf16), attention model.attend_one.
 import functools
 import hashlib
 import os
@@ -83,8 +83,8 @@ def _register_fakes():
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])
 
-    @torch.library.register_fake("zoofast_kernels::paged_attend")
-    def _(q, k, v, read, mask, scale):
+    @torch.library.register_fake("zoofast_kernels::attend")
+    def _(q, k, v, at, mask, scale):
         return q.new_empty(q.shape)
 
 
@@ -96,6 +96,11 @@ def load(kind: str = "int") -> bool:
         _register_fakes()
         load.done = True
     return True
+
+
+def attends(head_dim: int) -> bool:
+    """cpu_kernels.cpp's decode attention serves a KV cache of this head size (on the CPU)."""
+    return head_dim % 32 == 0 and head_dim <= 256 and load()
 
 
 # ---- the layout the kernel takes, from quantize.py's ---------------------------------------------------------

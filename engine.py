@@ -18,7 +18,6 @@ from typing import Iterator, Optional
 
 import torch
 
-import cpu_kernels
 import generate as gen
 import lora
 import structured
@@ -185,8 +184,7 @@ class Engine:
         self.prompt_lookup = prompt_lookup
         self.drafted = self.accepted = 0
         with torch.no_grad():
-            self.model.setup_caches(max_batch_size, self.max_seq_length, pages=self.pages,
-                                    kernel=self.device == "cpu" and config.head_dim % 16 == 0 and cpu_kernels.load())
+            self.model.setup_caches(max_batch_size, self.max_seq_length, pages=self.pages)
         self.free_pages = list(range(self.pages))
         self.row_pages: list = [[] for _ in range(max_batch_size)]   # each row's pages, in position order
         self.kv_bytes = sum(b.numel() * b.element_size() for n, b in self.model.named_buffers()

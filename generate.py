@@ -17,6 +17,7 @@ if (os.cpu_count() or 1) <= 4:
 import torch  # noqa: E402
 
 import cli  # noqa: E402
+import cpu_kernels  # noqa: E402
 from cli import (DEFAULT_CHECKPOINT, DEFAULT_MODEL, command_line, find_checkpoint, pick_device,  # noqa: E402, F401
                  prepare_default)   # re-exported: eval.py, server.py and the scripts use them through this module
 from model import Transformer, run_layers  # noqa: E402
@@ -45,6 +46,8 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
             cli.check_memory(memory_needed(model, precision, *reserve, prefill_rows, kv_tokens), device)
         model = model.to(device=device, dtype=precision)
     model.retie_and_rebuild()  # re-tie after the move, rope table back to fp32
+    if any(p.device.type == "cpu" for p in model.layers.parameters()):   # their decode attention: the cache in place
+        model.attention_kernel = cpu_kernels.attends(model.config.head_dim)
     if record is not None:
         from quantize import pack_for_device
         pack_for_device(model)  # int4: the portable layout on disk -> this device's packed layout

@@ -178,21 +178,35 @@ class KVCache(nn.Module):
     """Static cache [B, H_kv, S, D], allocated once. Row b's token at position p lives in slot p,
     so rows of a batch can sit at different positions (batched prompts, serving slots)."""
 
-    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype, device=None):
+    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype, device=None, kernel=False):
         super().__init__()
         shape = (max_batch_size, n_heads, max_seq_length, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.kernel = kernel   # cpu_kernels' attend for decode steps (reads the cache in place)
+
+    def store(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Optional[Tensor] = None) -> Tensor:
+        """input_pos [B, T]; k, v [B, H, T, D]; rows [B]: the cache rows of the batch's rows (default 0..B-1).
+        Returns the rows written, [B]."""
+        r = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+        self.k_cache[r.unsqueeze(-1), :, input_pos] = k.transpose(1, 2)
+        self.v_cache[r.unsqueeze(-1), :, input_pos] = v.transpose(1, 2)
+        return r
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Optional[Tensor] = None):
-        # input_pos [B, T]; k, v [B, H, T, D]; rows [B]: the cache rows of the batch's rows (default 0..B-1)
-        B = k.shape[0]
-        r = (torch.arange(B, device=k.device) if rows is None else rows).unsqueeze(-1)
-        self.k_cache[r, :, input_pos] = k.transpose(1, 2)
-        self.v_cache[r, :, input_pos] = v.transpose(1, 2)
+        """store, then the rows' whole caches [B, H, S_max, D] (views when rows is None)."""
+        r = self.store(input_pos, k, v, rows)
         if rows is None:
-            return self.k_cache[:B], self.v_cache[:B]
-        return self.k_cache[rows], self.v_cache[rows]
+            return self.k_cache[:k.shape[0]], self.v_cache[:k.shape[0]]
+        return self.k_cache[r], self.v_cache[r]
+
+    def attend(self, q: Tensor, write: Tensor, k: Tensor, v: Tensor, rows: Optional[Tensor], mask: Tensor) -> Tensor:
+        """A decode step's attention with the kernel: q [B, H, 1, D] (write = input_pos, k, v, rows as in store;
+        mask [B, 1 or H, 1, S] as in attend_one, S <= the cache's length) -> [B, H, 1, D]."""
+        r = self.store(write, k, v, rows)
+        B, H, _, D = q.shape
+        return torch.ops.zoofast_kernels.attend(q.view(B, H, D), self.k_cache, self.v_cache, r,
+                                                mask.reshape(B, -1, mask.shape[-1]), D ** -0.5).view(B, H, 1, D)
 
 
 class PagedKVCache(nn.Module):
@@ -206,7 +220,7 @@ class PagedKVCache(nn.Module):
         shape = (n_heads, (pages + 1) * PAGE, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.kernel = kernel   # cpu_kernels' paged_attend for decode steps (reads the pages in place)
+        self.kernel = kernel   # cpu_kernels' attend for decode steps (reads the pages in place)
 
     def store(self, write: Tensor, k: Tensor, v: Tensor):
         # write [B, T]: slots; k, v [B, H, T, D]
@@ -223,8 +237,8 @@ class PagedKVCache(nn.Module):
         attend_one) -> [B, H, 1, D]."""
         self.store(write, k, v)
         B, H, _, D = q.shape
-        return torch.ops.zoofast_kernels.paged_attend(q.view(B, H, D), self.k_cache, self.v_cache, read,
-                                                      mask.reshape(B, -1, read.shape[1]), D ** -0.5).view(B, H, 1, D)
+        return torch.ops.zoofast_kernels.attend(q.view(B, H, D), self.k_cache, self.v_cache, read,
+                                                mask.reshape(B, -1, read.shape[1]), D ** -0.5).view(B, H, 1, D)
 
     def copy(self, source: Tensor, target: Tensor):
         """Slots target <- slots source (a cached prefix copied from one row to another)."""
@@ -246,6 +260,7 @@ class Transformer(nn.Module):
         self.max_seq_length = -1
         self.heads = slice(None)   # this model's attention heads (tp.py keeps a rank's share)
         self.head_apart = False    # a tied head with its own copy of the embedding (device_map: on another device)
+        self.attention_kernel = False   # CPU decode attention through cpu_kernels' attend (setup_caches)
         self.register_buffer("rope_cache", rope_table(config, config.block_size), persistent=False)
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.register_buffer("ntk_alpha", torch.ones(1), persistent=False)   # per-row state set by a prefill
@@ -254,11 +269,11 @@ class Transformer(nn.Module):
         self.register_buffer("page_table", None, persistent=False)   # a paged cache's [rows, pages a row + 1]
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None, pages: Optional[int] = None,
-                     kernel: bool = False):
+                     kernel: Optional[bool] = None):
         """A static cache of max_batch_size rows x max_seq_length positions; or, given `pages`, one pool of that many
         pages of PAGE positions (PagedKVCache) that rows of up to max_seq_length positions draw on through
-        page_table (every entry the scratch page until someone hands pages out); kernel: its decode steps run
-        cpu_kernels' paged_attend (loaded by the caller)."""
+        page_table (every entry the scratch page until someone hands pages out); kernel: the decode steps of CPU
+        layers run cpu_kernels' attend (default: attention_kernel, which load_model sets where that builds)."""
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context {self.config.block_size}")
         if pages is None and self.page_table is None and \
@@ -268,8 +283,9 @@ class Transformer(nn.Module):
         for layer in self.layers:   # made on the layer's device (device_map.py may spread them)
             device = next(layer.parameters()).device
             n_heads, head_dim = layer.attention.n_local_heads, self.config.head_dim
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, n_heads, head_dim, dtype, device) \
-                if pages is None else PagedKVCache(pages, n_heads, head_dim, dtype, device, kernel)
+            fast = (self.attention_kernel if kernel is None else kernel) and device.type == "cpu"
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, n_heads, head_dim, dtype, device, fast) \
+                if pages is None else PagedKVCache(pages, n_heads, head_dim, dtype, device, fast)
         self.page_table = None if pages is None else torch.full(
             (max_batch_size, round_up(max_seq_length, PAGE) // PAGE + 1), pages, dtype=torch.long,
             device=self.tok_embeddings.weight.device)
@@ -463,8 +479,8 @@ class Attention(nn.Module):
         if p.q_scale is not None:
             q = (q * p.q_scale).type_as(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # [B, H, T, D]
-        if p.read is not None and T == 1 and self.kv_cache.kernel:
-            y = self.kv_cache.attend(q, p.cache_pos, k, v, p.read, mask)
+        if T == 1 and p.cache_pos is not None and self.kv_cache.kernel:   # keys and values read where they lie
+            y = self.kv_cache.attend(q, p.cache_pos, k, v, p.rows if p.read is None else p.read, mask)
             return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
         if p.read is not None:
             k, v = self.kv_cache.update(p.cache_pos, k, v, p.read)
@@ -480,8 +496,9 @@ class Attention(nn.Module):
 
 
 def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of one query per row (a decode step) as two small matmuls, the softmax in fp32. On CPU the
-    flash kernel's fixed cost per call is most of a small model's decode step (115 us a layer here).
+    """Attention of one query per row (a decode step) as two small matmuls, the softmax in fp32, where cpu_kernels'
+    attend does not serve (a GPU, a CPU without its build, a head size it does not take). On CPU the flash kernel's
+    fixed cost per call is most of a small model's decode step (115 us a layer here).
     q [B, H, 1, D]; k, v [B, H_kv, S, D]; mask [B, 1 or H, 1, S], bool or an additive bias."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]

@@ -1,7 +1,7 @@
-"""cpu_kernels.cpp's decode GEMVs (int8, int4, bf16): what each computes (int8/int4: activations quantized in blocks of
-32, emulated here in torch), how close that stays to the float product, batched rows equal rows alone, compiled equals
-eager, and the fallback when it cannot be built. Skipped where the CPU has no AVX512-VNNI (then torch's kernels run,
-tested elsewhere); the bf16 GEMV's tests also where it has no AVX512-BF16."""
+"""cpu_kernels.cpp's decode GEMVs (int8, int4, bf16) and decode attention: what each computes (int8/int4: activations
+quantized in blocks of 32, emulated here in torch), how close that stays to the float product, batched rows equal rows
+alone, compiled equals eager, and the fallback when it cannot be built. Skipped where the CPU has no AVX512-VNNI (then
+torch's kernels run, tested elsewhere); the bf16 GEMV's tests also where it has no AVX512-BF16."""
 import json
 
 import pytest
@@ -224,3 +224,89 @@ def test_without_the_kernels_torch_runs_each_precision(tmp_path, monkeypatch):
     import packed
     model = gen.load_model(path, "cpu", torch.bfloat16)
     assert not any(isinstance(m, packed.Bf16Linear) for m in model.modules())
+
+
+def reference_attention(q, k, v, mask):
+    """fp64 softmax attention of one query a head: q [B, H, D], k, v [B, Hkv, S, D], mask [B, 1 or H, S] (bool, or an
+    additive bias) -> [B, H, D]; a row with nothing attended gives zeros."""
+    B, H, D = q.shape
+    G = H // k.shape[1]
+    k, v = (t.double().repeat_interleave(G, 1) for t in (k, v))
+    scores = torch.einsum("bhd,bhsd->bhs", q.double(), k) * D ** -0.5
+    scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask.double()
+    weights = torch.nan_to_num(scores.softmax(-1), nan=0.0)
+    return torch.einsum("bhs,bhsd->bhd", weights, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, H, Hkv, D, N, S", [(1, 9, 3, 64, 300, 257), (3, 8, 8, 128, 40, 33),
+                                                (2, 4, 1, 32, 2100, 2048), (2, 6, 2, 256, 100, 77)])
+def test_attend_reads_a_static_cache_in_place(dtype, B, H, Hkv, D, N, S):
+    """One query a head against cache rows `at` (any order), positions 0..S-1 of a longer cache: runs of keys split
+    across threads, tails of blocks of 16, grouped heads, masks with holes, an ALiBi bias, a row attending nothing."""
+    torch.manual_seed(0)
+    q = torch.randn(B, H, D, dtype=dtype)
+    k, v = torch.randn(B + 1, Hkv, N, D, dtype=dtype), torch.randn(B + 1, Hkv, N, D, dtype=dtype)
+    rows = torch.randperm(B + 1)[:B]
+    mask = (torch.rand(B, 1, S) < 0.7) & (torch.arange(S) < torch.randint(1, S + 1, (B, 1, 1)))
+    mask[-1] = False                                                    # nothing attended: zeros
+    bias = torch.randn(B, H, S, dtype=dtype)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for m in (mask, bias):
+        out = torch.ops.zoofast_kernels.attend(q, k, v, rows, m, D ** -0.5)
+        want = reference_attention(q, k[rows, :, :S], v[rows, :, :S], m)
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    assert out[-1].abs().sum() > 0 and torch.ops.zoofast_kernels.attend(q, k, v, rows, mask, 1.0)[-1].eq(0).all()
+
+
+def test_attend_reads_a_paged_pool_at_its_slots():
+    torch.manual_seed(0)
+    B, H, Hkv, D, slots, S = 2, 8, 2, 64, 160, 70
+    q, k, v = torch.randn(B, H, D), torch.randn(Hkv, slots, D), torch.randn(Hkv, slots, D)
+    at = torch.stack([torch.randperm(slots)[:S] for _ in range(B)])
+    mask = torch.arange(S) < torch.tensor([[[S]], [[31]]])
+    out = torch.ops.zoofast_kernels.attend(q, k, v, at, mask, D ** -0.5)
+    gathered = lambda t: t[:, at].transpose(0, 1)  # noqa: E731   [B, Hkv, S, D]
+    torch.testing.assert_close(out.double(), reference_attention(q, gathered(k), gathered(v), mask))
+
+
+def test_attend_refuses_what_it_cannot_take():
+    q, k, mask = torch.zeros(1, 4, 64), torch.zeros(2, 2, 16, 64), torch.ones(1, 1, 8, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.zoofast_kernels.attend(q, k, k, torch.tensor([2]), mask, 1.0)
+    with pytest.raises(RuntimeError, match="D % 32 == 0"):
+        torch.ops.zoofast_kernels.attend(torch.zeros(1, 4, 48), torch.zeros(2, 2, 16, 48), torch.zeros(2, 2, 16, 48),
+                                         torch.tensor([0]), mask, 1.0)
+    with pytest.raises(RuntimeError, match="D % 32 == 0"):   # more positions attended than the cache holds
+        torch.ops.zoofast_kernels.attend(q, k, k, torch.tensor([0]), torch.ones(1, 1, 17, dtype=torch.bool), 1.0)
+    with pytest.raises(RuntimeError, match="in q's dtype"):
+        torch.ops.zoofast_kernels.attend(q, k.bfloat16(), k.bfloat16(), torch.tensor([0]), mask, 1.0)
+
+
+@torch.no_grad()
+def test_decode_through_the_attention_kernel_gives_attend_ones_logits(tmp_path):
+    """A static cache's decode steps through cpu_kernels' attend (load_model's default here) give the logits of
+    model.attend_one's, rows at different positions, eager and compiled; and a sliding window is kept."""
+    config = ModelArgs(block_size=300, vocab_size=256, n_layer=2, n_head=4, n_local_heads=2, dim=128,
+                       intermediate_size=256, name="tiny", sliding_window=100)
+    torch.manual_seed(0)
+    torch.save(Transformer(config).state_dict(), tmp_path / "model.pth")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    fast = gen.load_model(tmp_path / "model.pth", "cpu", torch.float32)
+    plain = gen.load_model(tmp_path / "model.pth", "cpu", torch.float32)
+    assert fast.attention_kernel
+    fast.setup_caches(2, 300)
+    plain.setup_caches(2, 300, kernel=False)
+    assert all(l.attention.kv_cache.kernel for l in fast.layers)
+    assert not any(l.attention.kv_cache.kernel for l in plain.layers)
+    ids = torch.randint(0, 256, (2, 160))
+    for m in (fast, plain):   # prompts of 150 and 140 tokens (past the window), then 10 decode steps
+        m(ids[:, :150], torch.arange(150).expand(2, 150))
+        m.out = [m(ids[:, 150 + i: 151 + i], torch.tensor([[150 + i], [140 + i]]))[:, -1] for i in range(10)]
+    for a, b in zip(fast.out, plain.out):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    prompt = [[1, 5, 9, 200, 3]]
+    eager = gen.generate(fast, prompt, 20, temperature=0)
+    assert eager == gen.generate(plain, prompt, 20, temperature=0)
+    assert gen.generate(fast, prompt, 20, temperature=0, steps=gen.compile_steps("cpu")) == eager

@@ -319,12 +319,12 @@ def test_a_small_kv_pool_queues_requests_and_replies_the_same(default_checkpoint
 @pytest.mark.parametrize("kernel", [False, True])
 def test_a_paged_cache_gives_the_static_caches_logits(default_checkpoint, kernel):
     """Rows whose positions live in scattered pages of one pool (PagedKVCache, decode steps through cpu_kernels'
-    paged_attend or a gather) give the logits of the static cache, prefill and decode."""
+    attend or a gather) give the logits of the static cache (model.attend_one's), prefill and decode."""
     if kernel and not cpu_kernels.load():
         pytest.skip("cpu_kernels did not build here (AVX512-VNNI and g++ needed)")
     static = gen.load_model(default_checkpoint / "model.pth", "cpu", torch.float32)
     paged = gen.load_model(default_checkpoint / "model.pth", "cpu", torch.float32)
-    static.setup_caches(2, 64)
+    static.setup_caches(2, 64, kernel=False)
     paged.setup_caches(2, 64, pages=9, kernel=kernel)
     paged.page_table[0, :4] = torch.tensor([5, 2, 7, 0])
     paged.page_table[1, :4] = torch.tensor([1, 3, 8, 6])
