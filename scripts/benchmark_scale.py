@@ -62,8 +62,9 @@ def run_sampled(cmd: list, **kw) -> dict:
 
 # ---- our engine, in its own process ------------------------------------------------------------------------
 
-def worker(path: str, tokens: int, prefill: list, whole: bool = False):
-    """Load, compile, decode `tokens` greedy tokens after a 16-token prompt, then prefill each length; one JSON line."""
+def worker(path: str, tokens: int, prefill: list, whole: bool = False, depth: int = 0):
+    """Load, compile, decode `tokens` greedy tokens after a 16-token prompt (and after a `depth`-token one), then
+    prefill each length; one JSON line."""
     import torch
     import generate as gen
 
@@ -85,6 +86,13 @@ def worker(path: str, tokens: int, prefill: list, whole: bool = False):
     result = {"load_s": load, "compile_s": compile_s, "decode_tps": tokens / (stamps[-1] - stamps[0]),
               "bytes_per_token": gen.weight_bytes_per_token(model), "weights": weights,
               "decode_peak": hwm(), "decode_kv": list(kv.values())[1], "prefill": {}}
+    if depth:   # a long context: its cache (and graph) set up by a first run, so that only the decode is timed
+        ids = torch.randint(1000, 20000, (depth,), generator=torch.Generator().manual_seed(depth)).tolist()
+        gen.generate(model, [ids], tokens + 1, temperature=0, steps=steps)
+        stamps = []
+        gen.generate(model, [ids], tokens + 1, temperature=0, steps=steps,
+                     callback=lambda *a: stamps.append(time.perf_counter()))
+        result["depth_tps"] = tokens / (stamps[-1] - stamps[0])
     for n in prefill:
         ids = torch.randint(1000, 20000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
         t0, first = time.perf_counter(), []
@@ -124,26 +132,29 @@ def gptq(path: Path, layers: int, samples: int, seq_length: int) -> dict:
     return r | res
 
 
-def ours(path: Path, tokens: int, prefill: list, cache: Path, whole: bool) -> dict:
+def ours(path: Path, tokens: int, prefill: list, cache: Path, whole: bool, depth: int) -> dict:
     """One run of our engine in its own process, compiling into the Inductor cache `cache` (a fresh one: a cold
     compile, as a user's first run)."""
     r = run_sampled([sys.executable, __file__, "--worker", str(path), "--tokens", str(tokens),
-                     "--prefill", ",".join(map(str, prefill)), *["--whole"] * whole], cwd=REPO,
+                     "--prefill", ",".join(map(str, prefill)), "--depth", str(depth), *["--whole"] * whole], cwd=REPO,
                     env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(cache)})
     res = json.loads(next(line for line in r["out"].splitlines() if line.startswith("RESULT "))[7:])
     res["prefill"] = {int(n): t for n, t in res["prefill"].items()}
     return res | {"peak": r["rss"] * 1e9, "weights": path.stat().st_size}
 
 
-def llama(gguf: Path, bin_dir: Path, tokens: int, prefill: list) -> dict:
+def llama(gguf: Path, bin_dir: Path, tokens: int, prefill: list, depth: int) -> dict:
+    """llama-bench: prefill each length, decode `tokens` after none (and after `depth`: its -d, which also repeats
+    each prefill after that context; those rows are dropped)."""
     r = run_sampled([str(bin_dir / "llama-bench"), "-m", str(gguf), "-t", str(os.cpu_count()), "-r", "1",
-                     "-p", ",".join(map(str, prefill)) or "0", "-n", str(tokens), "-o", "json"])
+                     "-p", ",".join(map(str, prefill)) or "0", "-n", str(tokens), "-d", f"0,{depth}" if depth else "0",
+                     "-o", "json"])
     rows = json.loads(r["out"][r["out"].index("["):])
     result = {"prefill": {}, "peak": r["rss"] * 1e9, "weights": gguf.stat().st_size}
     for row in rows:
         if row["n_gen"]:
-            result["decode_tps"] = row["avg_ts"]
-        elif row["n_prompt"]:
+            result["depth_tps" if row.get("n_depth") else "decode_tps"] = row["avg_ts"]
+        elif row["n_prompt"] and not row.get("n_depth"):
             result["prefill"][row["n_prompt"]] = row["avg_ts"]
     return result
 
@@ -207,13 +218,14 @@ def benchmark(args):
             path = file_of(v, args.work)
             if v in OURS:
                 cache = args.work / "inductor" / v.replace(" ", "")
-                res = ours(path, args.tokens, prefill, cache, whole=v.endswith(" whole"))
+                res = ours(path, args.tokens, prefill, cache, whole=v.endswith(" whole"), depth=args.depth)
             else:
-                res = llama(path, args.llama_cpp / "build" / "bin", args.tokens, prefill)
+                res = llama(path, args.llama_cpp / "build" / "bin", args.tokens, prefill, args.depth)
             runs[v].append(res)
             partial = {k: rs for k, rs in runs.items() if rs}
             write(args, steps, partial, bandwidth, quiet=True)   # a table after each run: a long run can be cut short
-            print(f"round {r + 1}: {v}: {res['decode_tps']:.2f} tok/s, prefill "
+            after = f" ({res['depth_tps']:.2f} after {args.depth})" if args.depth else ""
+            print(f"round {r + 1}: {v}: {res['decode_tps']:.2f} tok/s{after}, prefill "
                   f"{', '.join(f'{k}: {t:.0f}' for k, t in res['prefill'].items())} tok/s, "
                   f"peak RSS {res['peak'] / 1e9:.2f} GB", file=sys.stderr)
     write(args, steps, runs, bandwidth)
@@ -229,7 +241,8 @@ def write(args, steps, runs, bandwidth, quiet=False):
     done = max(len(rs) for rs in runs.values()) if runs else 0
     lines = [f"`{args.hf}`: {cpu}, {os.cpu_count()} threads, {platform.system()}; median of {done} interleaved "
              f"round(s) (prefill: the first {min(done, args.prefill_rounds)}); decode: {args.tokens} greedy tokens after a "
-             f"16-token prompt, batch 1 (llama-bench: after none).",
+             f"16-token prompt, batch 1 (llama-bench: after none)"
+             + (f", and after a {args.depth}-token context (llama-bench -d {args.depth})." if args.depth else "."),
              f"Read bandwidth (a streaming sum over 1 GiB): {bw:.1f} GB/s (rounds: "
              f"{', '.join(f'{b:.1f}' for b in bandwidth)}). llama.cpp: {args.llama_build}.", "",
              "| step | seconds | peak RSS GB | peak RssAnon GB |", "|---|---:|---:|---:|"]
@@ -237,14 +250,16 @@ def write(args, steps, runs, bandwidth, quiet=False):
         share = f" ({100 * r['anon'] * 1e9 / model_bytes:.0f}% of the model)" if "convert" in name and model_bytes else ""
         lines.append(f"| {name} | {r['s']:.0f} | {r['rss']:.2f} | {r['anon']:.2f}{share} |")
     pf = " | ".join(f"prefill {n} tok/s" for n in args.prefill)
+    deep = [f"decode tok/s after {args.depth}"] if args.depth else []
     lines += ["", f"| engine | variant | weights GB | load s | compile s (cold / cached) | decode tok/s | weight GB/s | % of roofline "
-              f"| {pf} | peak RSS GB | peak / (weights + KV) |",
-              "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(args.prefill) + "---:|---:|"]
+              f"| {' | '.join(deep + [pf])} | peak RSS GB | peak / (weights + KV) |",
+              "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * (len(args.prefill) + len(deep)) + "---:|---:|"]
     for v, rs in runs.items():
         tps = med(r["decode_tps"] for r in rs)
         nbytes = rs[0].get("bytes_per_token", rs[0]["weights"])
-        prefill = " | ".join(f"{med(r['prefill'][n] for r in rs if n in r['prefill']):.0f}"
-                             if any(n in r["prefill"] for r in rs) else "-" for n in args.prefill)
+        prefill = " | ".join([f"{med(r['depth_tps'] for r in rs):.2f}"] * bool(args.depth) +
+                             [f"{med(r['prefill'][n] for r in rs if n in r['prefill']):.0f}"
+                              if any(n in r["prefill"] for r in rs) else "-" for n in args.prefill])
         if v in OURS:
             top = max(args.prefill) if args.prefill else None
             long = [r for r in rs if f"peak_{top}" in r]
@@ -276,6 +291,7 @@ def main():
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--prefill", default="512,8192", help="prompt lengths, comma-separated")
     p.add_argument("--prefill_rounds", type=int, default=1, help="rounds that also measure prefill (it is slow)")
+    p.add_argument("--depth", type=int, default=0, help="also decode after a context of this many tokens")
     p.add_argument("--variants", default=",".join(ORDER), help=f"of {', '.join(ORDER)}")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--gptq_layers", type=int, default=0, help="also time GPTQ on the first N blocks (and the head)")
@@ -287,7 +303,7 @@ def main():
     with cli.command_line():
         args.prefill = [int(n) for n in args.prefill.split(",") if n]
         if args.worker:
-            return worker(args.worker, args.tokens, args.prefill, args.whole)
+            return worker(args.worker, args.tokens, args.prefill, args.whole, args.depth)
         if args.gptq_worker:
             return gptq_worker(args.gptq_worker, args.gptq_layers, args.gptq_samples, 512)
         args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -298,6 +314,8 @@ def main():
                                                            (args.llama_cpp / "build/bin/llama-bench").is_file()):
             raise ValueError("--llama_cpp must be a llama.cpp tree with build/bin/llama-bench built")
         cli.positive(args, "rounds", "tokens")
+        if args.depth < 0:
+            raise ValueError(f"--depth must be >= 0, got {args.depth}")
         args.work = (args.work or args.hf.parent / "bench").resolve()   # the workers run in the repo's folder
         if args.out:
             cli.writable_file(args.out)

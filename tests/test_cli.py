@@ -182,6 +182,8 @@ FLAG_CASES = {   # id -> (script and arguments, {zoo} for the zoo folder; words 
                                      "--llama_cpp must be a llama.cpp tree"),
     "benchmark-scale-rounds-0": (["scripts/benchmark_scale.py", "--hf", "{zoo}/tiny", "--variants", "bf16",
                                   "--rounds", "0"], "--rounds must be positive"),
+    "benchmark-scale-depth-negative": (["scripts/benchmark_scale.py", "--hf", "{zoo}/tiny", "--variants", "bf16",
+                                        "--depth", "-5"], "--depth must be >= 0"),
     "convert-hf-dir-missing": (["convert_hf_checkpoint.py", "--checkpoint_dir", "{zoo}/org/new"],
                                "no Hugging Face folder"),
     "convert-out-parent-is-a-file": (["convert_hf_checkpoint.py", "--checkpoint_dir", "{zoo}/afile/x", "--hf_dir",
