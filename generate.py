@@ -1,6 +1,7 @@
 # Load a checkpoint, prefill the prompt, then decode one token at a time under torch.compile.
 import argparse
 import collections
+import contextlib
 import functools
 import itertools
 import math
@@ -219,24 +220,31 @@ def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(
     # On a GPU the host reads each step's tokens one step late, from a non-blocking copy: the device runs step i + 1
     # while Python streams and checks step i (it may compute one step past the last stop, which is dropped)
     lag, in_flight, seen = int(cur_token.is_cuda), collections.deque(), 0
-    for i in range(num_new_tokens):
-        next_token = step(model, cur_token, input_pos, **sampling)
-        input_pos += 1
-        # clone: under CUDA graphs the output buffer is overwritten by the next replay
-        cur_token = next_token.clone()
-        new_tokens.append(cur_token)
-        in_flight.append(to_host(cur_token.view(-1)))
-        while len(in_flight) > lag or (in_flight and i == num_new_tokens - 1):
-            tok, ready = in_flight.popleft()
-            if ready is not None:
-                ready.synchronize()
-            seen += 1
-            if callback is not None:
-                callback(tok, done)
-            if stop is not None:
-                done |= torch.isin(tok, stop)
-                if done.all():
-                    return torch.cat(new_tokens[:seen], dim=1)
+    # A compiled step on CPU checks Dynamo's guards (~1000 of them: every weight, module and hook dict) at its first
+    # call only: the steps after it run the same graph on inputs of the same shapes (the attended length is a
+    # dynamic size), so torch's skip_guard_eval_unsafe stance, made for such a loop, is safe here (4-10% a step)
+    trusted = step is not decode_one_token and cur_token.device.type == "cpu"
+    with contextlib.ExitStack() as stance:
+        for i in range(num_new_tokens):
+            if i == 1 and trusted:
+                stance.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
+            next_token = step(model, cur_token, input_pos, **sampling)
+            input_pos += 1
+            # clone: under CUDA graphs the output buffer is overwritten by the next replay
+            cur_token = next_token.clone()
+            new_tokens.append(cur_token)
+            in_flight.append(to_host(cur_token.view(-1)))
+            while len(in_flight) > lag or (in_flight and i == num_new_tokens - 1):
+                tok, ready = in_flight.popleft()
+                if ready is not None:
+                    ready.synchronize()
+                seen += 1
+                if callback is not None:
+                    callback(tok, done)
+                if stop is not None:
+                    done |= torch.isin(tok, stop)
+                    if done.all():
+                        return torch.cat(new_tokens[:seen], dim=1)
     return torch.cat(new_tokens, dim=1)
 
 

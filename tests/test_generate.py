@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cpu_kernels
 import generate as gen
 from conftest import tiny_model
 
@@ -143,6 +144,35 @@ def test_compiled_decode_compiles_once_up_to_the_cache_end():
     out = gen.generate(model, [[5, 6, 7]], 250, temperature=0, steps=steps)   # S = 256 = the cache's length
     assert counters["stats"]["unique_graphs"] == before
     assert out == gen.generate(model, [[5, 6, 7]], 250, temperature=0)
+
+def test_decode_past_its_first_step_skips_the_guards_and_stays_right():
+    """decode_n_tokens checks Dynamo's guards at each compiled step's first call only (skip_guard_eval_unsafe after
+    it). Each generate still starts guarded: a longer cache, a model of another shape, a 7-layer model (staged runs
+    of 5 and 2 layers: two graphs that the differing guards tell apart) and the attention kernel on or off each get
+    their own graph, and every output equals eager."""
+    from torch._dynamo.utils import counters
+    steps = gen.compile_steps("cpu")
+    seen = []
+    real = torch.compiler.set_stance
+
+    def spy(*a, **kw):   # the stance is entered once a decode, after its first step
+        seen.append(kw)
+        return real(*a, **kw)
+    torch.compiler.set_stance, graphs = spy, counters["stats"]["unique_graphs"]
+    try:
+        for model, n in [(tiny_model(seed=3, block_size=512), 10), (tiny_model(seed=3, block_size=512), 300),
+                         (tiny_model(seed=4, dim=96, n_head=3, n_local_heads=1), 20), (tiny_model(seed=5, n_layer=7), 20)]:
+            for kernel in (False, True):
+                model.attention_kernel = kernel and cpu_kernels.attends(model.config.head_dim)
+                model.setup_caches(1, 64 if n < 100 else 512, kernel=model.attention_kernel)
+                prompts = [[5, 6, 7, 8, 9]]
+                assert gen.generate(model, prompts, n, temperature=0, steps=steps) == \
+                    gen.generate(model, prompts, n, temperature=0)
+    finally:
+        torch.compiler.set_stance = real
+    assert seen and all(kw == {"skip_guard_eval_unsafe": True} for kw in seen)
+    assert counters["stats"]["unique_graphs"] > graphs + 3   # the shapes above recompiled, guarded
+
 
 # ---- the real default model through the CLI -----------------------------------------------------
 
