@@ -63,8 +63,8 @@ def run_sampled(cmd: list, **kw) -> dict:
 # ---- our engine, in its own process ------------------------------------------------------------------------
 
 def worker(path: str, tokens: int, prefill: list, whole: bool = False, depth: int = 0):
-    """Load, compile, decode `tokens` greedy tokens after a 16-token prompt (and after a `depth`-token one), then
-    prefill each length; one JSON line."""
+    """Load, compile, decode `tokens` greedy tokens after a 16-token prompt (and after a `depth`-token one), each
+    after an untimed run of the same (llama-bench warms up too), then prefill each length; one JSON line."""
     import torch
     import generate as gen
 
@@ -79,6 +79,7 @@ def worker(path: str, tokens: int, prefill: list, whole: bool = False, depth: in
     t0 = time.perf_counter()
     gen.generate(model, [prompt], 3, temperature=0, steps=steps)
     compile_s = time.perf_counter() - t0
+    gen.generate(model, [prompt], tokens + 1, temperature=0, steps=steps)   # a warm-up run, as llama-bench makes
     stamps = []
     gen.generate(model, [prompt], tokens + 1, temperature=0, steps=steps,
                  callback=lambda *a: stamps.append(time.perf_counter()))
