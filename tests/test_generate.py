@@ -105,6 +105,19 @@ def test_sampling_follows_the_distribution():
     assert gen.sample(logits[:1], temperature=0).item() == 0
 
 
+def test_top_k_sampling_draws_what_the_whole_distribution_would():
+    """sample() draws from the k largest logits alone (put back in vocabulary order): for the same seeded stream, the
+    token sample_with_probs draws from the whole distribution, with per-row settings and top_p on top."""
+    torch.manual_seed(0)
+    for trial in range(20):
+        logits = torch.randn(3, 5000) * 3   # distinct values: no tie at the k-th
+        for t, k, p in [(0.8, 200, None), (1.0, 5, None), (1.3, 50, 0.8),
+                        ([0.7, 1.0, 1.5], [10, 200, 3], [None, 0.5, 0.9])]:
+            fast = gen.sample(logits, t, k, p, generator=torch.Generator().manual_seed(trial))
+            full = gen.sample_with_probs(logits, t, k, p, generator=torch.Generator().manual_seed(trial))[0]
+            assert fast.tolist() == full.tolist() and fast.dtype == full.dtype
+
+
 def test_rows_sampled_together_equal_each_row_alone():
     """The server samples every slot in one pass, each with its own settings and seeded stream: the same draws as
     sampling each row by itself."""
@@ -161,7 +174,8 @@ def test_decode_past_its_first_step_skips_the_guards_and_stays_right():
     torch.compiler.set_stance, graphs = spy, counters["stats"]["unique_graphs"]
     try:
         for model, n in [(tiny_model(seed=3, block_size=512), 10), (tiny_model(seed=3, block_size=512), 300),
-                         (tiny_model(seed=4, dim=96, n_head=3, n_local_heads=1), 20), (tiny_model(seed=5, n_layer=7), 20)]:
+                         (tiny_model(seed=4, dim=96, n_head=3, n_local_heads=1), 20),
+                         (tiny_model(seed=5, n_layer=7), 20)]:
             for kernel in (False, True):
                 model.attention_kernel = kernel and cpu_kernels.attends(model.config.head_dim)
                 model.setup_caches(1, 64 if n < 100 else 512, kernel=model.attention_kernel)
