@@ -345,9 +345,10 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
 // server's, model.PagedKVCache: row b's positions at slots at[b], at [B, S]); mask [B, Hm, S] (Hm 1 or H): bool
 // (attended or not) or an additive bias (ALiBi). Each key and value is read once, in place (gathering them first
 // would copy every row's cache each step); the softmax in fp32. -> [B, H, D], q's dtype.
-// A task is a (row, KV head, run of keys): its G query heads meet each key and value once, 16 lanes of D at a time;
-// a long cache is split into runs so that both cores have work when B * Hkv is small (flash-decoding: each run keeps
-// its own maximum, sum and unnormalized output; the runs are merged at the end).
+// A task is a (row, KV head, run of keys): its G query heads meet each block of 16 keys and values while it is in
+// L1; a long cache is split into runs so that both cores have work when B * Hkv is small (flash-decoding: each run
+// keeps its own maximum, sum and unnormalized output; the runs are merged at the end).
+
 // 32 elements as two fp32 vectors, in an order of their own: bf16 even elements then odd ones (a shift and a mask,
 // no shuffle: Zen 4 runs 512-bit shuffles at half rate), fp32 and fp16 first 16 then next 16. A dot product of two
 // rows loaded alike needs no order; an output (put32) is put back in place
@@ -556,11 +557,12 @@ Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a
       }
     });
     T* O = out.data_ptr<T>();
+    std::vector<float> y(D);
     for (int64_t bh = 0; bh < B * Hkv; bh++)   // merge the runs: each scaled by e^(its maximum - the maximum)
       for (int64_t g = 0; g < G; g++) {
         float top = -INFINITY, total = 0;
         for (int64_t r = 0; r < runs; r++) top = std::max(top, m[(bh * runs + r) * G + g]);
-        std::vector<float> y(D, 0.0f);
+        std::fill(y.begin(), y.end(), 0.0f);
         for (int64_t r = 0; r < runs; r++) {
           const int64_t t = (bh * runs + r) * G + g;
           if (m[t] == -INFINITY) continue;
