@@ -9,6 +9,7 @@ import torch
 
 import cpu_kernels
 import generate as gen
+import model as model_py
 from conftest import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +134,15 @@ def test_rows_sampled_together_equal_each_row_alone():
         seeds = [s + 100 for s in seeds]
 
 
+def test_stage_runs_cover_every_layer_once_in_the_fewest_equal_runs():
+    for n_layer, most, lengths in [(30, 16, [15, 15]), (28, 16, [14, 14]), (32, 16, [16, 16]), (7, 16, [7]),
+                                   (17, 16, [9, 8]), (80, 16, [16] * 5), (40, 16, [14, 14, 12]), (1, 16, [1]),
+                                   (7, 5, [4, 3])]:
+        runs = model_py.stage_runs(n_layer, most)
+        assert [r.stop - r.start for r in runs] == lengths
+        assert [i for r in runs for i in range(n_layer)[r]] == list(range(n_layer))
+
+
 def test_compiled_equals_eager():
     model = tiny_model(seed=5)
     prompts = [[5, 6, 7, 8], list(range(40, 50))]
@@ -158,12 +168,13 @@ def test_compiled_decode_compiles_once_up_to_the_cache_end():
     assert counters["stats"]["unique_graphs"] == before
     assert out == gen.generate(model, [[5, 6, 7]], 250, temperature=0)
 
-def test_decode_past_its_first_step_skips_the_guards_and_stays_right():
+def test_decode_past_its_first_step_skips_the_guards_and_stays_right(monkeypatch):
     """decode_n_tokens checks Dynamo's guards at each compiled step's first call only (skip_guard_eval_unsafe after
-    it). Each generate still starts guarded: a longer cache, a model of another shape, a 7-layer model (staged runs
-    of 5 and 2 layers: two graphs that the differing guards tell apart) and the attention kernel on or off each get
-    their own graph, and every output equals eager."""
+    it). Each generate still starts guarded: a longer cache, a model of another shape, a 7-layer model (runs of at
+    most 5 layers here: 4 and 3, two graphs that the differing guards tell apart) and the attention kernel on or off
+    each get their own graph, and every output equals eager."""
     from torch._dynamo.utils import counters
+    monkeypatch.setattr(model_py, "STAGE", 5)
     steps = gen.compile_steps("cpu")
     seen = []
     real = torch.compiler.set_stance
