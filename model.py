@@ -159,7 +159,7 @@ def resolve_name(name: str) -> str:
 # The most layers a compiled stage runs. Compiling the decode step layer run by layer run rather than whole: the
 # layers of a run have one structure, so one Inductor graph (the weights its inputs) serves every run of equal length.
 # stage_runs splits a model into the fewest runs of at most STAGE, of equal length where they can be (30 layers: 2 of
-# 15, 28: 2 of 14, 32: 2 of 16), so most models compile one graph and call it twice a step. Each call costs ~0.1 ms of
+# 15, 28: 2 of 14, 32: 2 of 16), so most models compile one graph and call it twice a step. Each call costs ~0.25 ms of
 # Dynamo and wrapper work: 2 runs of 15 decode 7% faster than 6 of 5 (135M int4 g32, 2-core Zen 4), for a cold
 # compile of 15 s instead of 7 (with the C++ wrapper built apart from its kernels, generate.compile_step).
 STAGE = 16
