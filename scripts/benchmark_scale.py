@@ -258,7 +258,7 @@ def write(args, steps, runs, bandwidth, quiet=False):
     for v, rs in runs.items():
         tps = med(r["decode_tps"] for r in rs)
         nbytes = rs[0].get("bytes_per_token", rs[0]["weights"])
-        prefill = " | ".join([f"{med(r['depth_tps'] for r in rs):.2f}"] * bool(args.depth) +
+        prefill = " | ".join(([f"{med(r['depth_tps'] for r in rs):.2f}"] if args.depth else []) +
                              [f"{med(r['prefill'][n] for r in rs if n in r['prefill']):.0f}"
                               if any(n in r["prefill"] for r in rs) else "-" for n in args.prefill])
         if v in OURS:

@@ -2,6 +2,7 @@
 # line an `error:` line, no traceback, and nothing left behind (no temp file, no new or changed file). Then, in
 # process: cli.write_atomic's contract, ModelArgs.from_dict's checks, a converter failing in its tokenizer step
 # leaves the checkpoint folder as it was, and Ctrl-C during quantize's or a converter's write leaves no temp file.
+import argparse
 import json
 import os
 import shutil
@@ -377,3 +378,22 @@ def test_no_script_shadows_an_installed_package():
     ours = {p.stem for p in REPO.glob("*.py")}
     installed = set(importlib.metadata.packages_distributions())
     assert "transformers" in installed and not ours & installed, ours & installed
+
+
+@pytest.mark.parametrize("depth", [0, 2000])
+def test_benchmark_scale_writes_its_table_with_and_without_a_depth(depth, tmp_path, capsys):
+    """A table after each run, --depth or not (without it, the depth column was evaluated anyway: a KeyError after
+    the first run of a 7B benchmark)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark_scale
+    ours = {"decode_tps": 2.0, "weights": 4e9, "bytes_per_token": 4e9, "load_s": 1.0, "compile_s": 9.0,
+            "decode_peak": 5e9, "decode_kv": 1e6, "prefill": {512: 50.0}, "peak_512": 6e9, "kv_512": 2e6}
+    theirs = {"decode_tps": 1.9, "weights": 4e9, "peak": 5e9, "prefill": {512: 40.0}}
+    if depth:
+        ours["depth_tps"], theirs["depth_tps"] = 1.5, 1.4
+    args = argparse.Namespace(hf=tmp_path / "hf", work=tmp_path, tokens=16, prefill=[512], prefill_rounds=1,
+                              depth=depth, llama_build="test", out=tmp_path / "table.md")
+    benchmark_scale.write(args, {}, {"bf16": [ours], "BF16": [theirs]}, [25.0])
+    table = (tmp_path / "table.md").read_text()
+    assert "| zoofast | bf16 | 4.00 |" in table and "| llama.cpp | BF16 | 4.00 |" in table
+    assert ("| 1.50 | 50 |" in table) == bool(depth) and "| 50 |" in table
