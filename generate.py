@@ -110,9 +110,9 @@ def prefill_logits(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor,
     return model(x, input_pos, rows=rows, last=last)
 
 
-def decode_logits(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, stage=None) -> torch.Tensor:
-    """The one decode forward: x, input_pos [B, 1] -> next-token logits [B, V]. stage: see Transformer.forward."""
-    return model(x, input_pos, stage=stage)[:, -1]
+def decode_logits(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, stage=None, p=None) -> torch.Tensor:
+    """The one decode forward: x, input_pos [B, 1] -> next-token logits [B, V]. stage, p: see Transformer.forward."""
+    return model(x, input_pos, stage=stage, p=p)[:, -1]
 
 
 def prefill_forward(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor,
@@ -144,9 +144,9 @@ def prefill(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, last: 
     return sample(logits, **sampling)
 
 
-def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, stage=None, **sampling):
+def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, stage=None, p=None, **sampling):
     """x, input_pos [B, 1] -> the next token of each row [B, 1]."""
-    return sample(decode_logits(model, x, input_pos, stage), **sampling)
+    return sample(decode_logits(model, x, input_pos, stage, p), **sampling)
 
 
 def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(), callback=None,
@@ -199,14 +199,14 @@ def to_host(t: torch.Tensor):
 # ---- speculative decoding ----------------------------------------------------------------------
 
 def draft_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, temperature: float = 0.0,
-                    top_k=None, top_p=None, vocab_size=None, stage=None):
+                    top_k=None, top_p=None, vocab_size=None, stage=None, p=None):
     """A draft step: its token [1, 1] and the probabilities it was drawn from [1, V] (the logits when greedy)."""
-    return sample_with_probs(decode_logits(model, x, input_pos, stage), temperature, top_k, top_p, vocab_size)
+    return sample_with_probs(decode_logits(model, x, input_pos, stage, p), temperature, top_k, top_p, vocab_size)
 
 
-def verify(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, stage=None) -> torch.Tensor:
+def verify(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor, stage=None, p=None) -> torch.Tensor:
     """The target scores the current token and the K draft tokens in one forward: logits [1, K + 1, V]."""
-    return model(tokens, input_pos, stage=stage)
+    return model(tokens, input_pos, stage=stage, p=p)
 
 
 def speculative_accept(draft_tokens, draft_probs, target_probs, greedy: bool) -> torch.Tensor:
@@ -444,11 +444,20 @@ def compiled(fn: Callable, device: str, tree: bool = True, whole: bool = False, 
     """A forward step (decode_one_token, verify, ...) compiled. On CUDA whole: one CUDA graph replay a step. On CPU
     in stages: its runs of layers (model.stage_runs) go through one compiled run_layers (a graph shared by every run
     of the same structure), the embedding, positions and head eager between them (see model.STAGE for what it buys);
-    whole=True compiles the CPU step whole too: one graph call a step and no eager work between graphs, but attention
-    over the whole cache and 1.8x the compile (--compile_whole's help has the numbers)."""
-    if device.startswith("cuda") or whole:
+    whole=True compiles the CPU step whole too but for its positions, computed eager (with them the attended length,
+    a dynamic size of the graph, as in stages): one graph call a step and no eager work between graphs, 1.8x the
+    compile (--compile_whole's help has the numbers)."""
+    if device.startswith("cuda"):
         return compile_step(fresh(fn), device, tree, **kw)
+    if whole:
+        return functools.partial(with_positions, compile_step(fresh(fn), device, tree, **kw))
     return functools.partial(fn, stage=compile_step(fresh(run_layers), device, **kw))
+
+
+def with_positions(step: Callable, model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, *args, **kwargs):
+    """step(model, x, input_pos, ...) given the positions of x's tokens (Transformer.positions), computed here."""
+    p = model.positions(x, input_pos, None, None, model.tok_embeddings.weight.dtype)
+    return step(model, x, input_pos, *args, p=p, **kwargs)
 
 
 def compile_notice(device: str, steps: int = 1):
@@ -605,9 +614,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile_whole", action="store_true",
-                   help="--compile with the CPU decode step as one graph, not in runs of layers: faster after a "
-                        "short prompt (1.14x at 135M int4), slower after a long one (it attends to the whole cache: "
-                        "0.86x after 2000 tokens), 1.8x the compile time (44 s cold on 2 cores)")
+                   help="--compile with the CPU decode step as one graph, not in runs of layers: 1.11x the decode "
+                        "speed after 16 tokens, 1.05x after 2000 (135M int4 g32), 1.8x the compile time (44 s cold "
+                        "on 2 cores)")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     p.add_argument("--prefill_chunk", type=int, default=PREFILL_CHUNK,
                    help="prompt positions a prefill forward takes at once (bounds a long prompt's memory)")

@@ -1,6 +1,5 @@
 # One Transformer for the whole zoo. Every difference between families is a behaviour field of
 # ModelArgs; the per-checkpoint entries at the bottom are plain data. Imports torch only.
-import functools
 import math
 import typing
 from dataclasses import asdict, dataclass, fields
@@ -171,7 +170,6 @@ def round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-@functools.lru_cache
 def stage_runs(n_layer: int, most: int) -> tuple:
     """Slices of the layers: the fewest runs of at most `most` layers, as equal in length as they can be."""
     size = -(-n_layer // -(-n_layer // most))
@@ -318,15 +316,18 @@ class Transformer(nn.Module):
         self.mask_pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
 
     def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None, rows: Optional[Tensor] = None,
-                last: Optional[Tensor] = None, stage: Optional[Callable] = None) -> Tensor:
+                last: Optional[Tensor] = None, stage: Optional[Callable] = None,
+                p: Optional["Positions"] = None) -> Tensor:
         """idx [B, T]. input_pos [B, T] (or [T]) writes into and reads from the KV cache;
         None runs a plain causal forward over positions 0..T-1 without touching any cache.
         rows [B]: the cache rows the batch uses (default 0..B-1; a server prefills a request into its slot).
         Returns logits [B, T, V]; with last [B] (an index into T per row), only those rows' logits [B, V]: a long
         prompt's [T, V] logits are gigabytes, and a prefill needs one position of them.
-        stage(layers, x, p): what runs each run of layers in turn (run_layers, or generate.py's compiled form of it)."""
+        stage(layers, x, p): what runs each run of layers in turn (run_layers, or generate.py's compiled form of it).
+        p: idx's positions (self.positions), where the caller computed them (generate.with_positions)."""
         x = self.tok_embeddings(idx)
-        p = self.positions(idx, input_pos, rows, last, x.dtype)
+        if p is None:
+            p = self.positions(idx, input_pos, rows, last, x.dtype)
         layers = list(self.layers)   # a plain list: slicing the ModuleList built a Module each run, ~15 us
         for run in stage_runs(len(layers), STAGE):
             x = (stage or run_layers)(layers[run], x, p)
@@ -345,7 +346,7 @@ class Transformer(nn.Module):
             pos = torch.arange(T, device=idx.device).expand(B, T)
         # Attention reads the cache's filled part only: S positions, the furthest row's position + 1 (a decode step
         # rounds it up to ATTEND_STEP, so a compiled stage sees few lengths: its graph takes S as a dynamic size). A
-        # graph compiled whole (CUDA graphs, --compile_whole) keeps the whole cache. A row at position -1 is a
+        # graph compiled whole with this inside (CUDA graphs) keeps the whole cache. A row at position -1 is a
         # placeholder (a server's free slot riding along in a batch): it writes the cache's last position, which no
         # request uses, and attends to position 0 alone
         S = T if not cached else self.max_seq_length if torch.compiler.is_compiling() else \
@@ -377,7 +378,7 @@ class Transformer(nn.Module):
             write, read = self.slots(state, pos), self.slots(state, keys.expand(B, S))
         if cached and T == 1 and not torch.compiler.is_compiling():   # a compiled stage takes the attended length as
             # a size it knows nothing of, so one graph serves every S (maybe_mark_dynamic let Dynamo specialize
-            # S < the cache's length and compile a second graph mid-decode); a step compiled whole reads the whole cache
+            # S < the cache's length and compile a second graph mid-decode), as does a CPU step compiled whole
             torch._dynamo.decorators.mark_unbacked(mask, mask.dim() - 1)
             if read is not None:
                 torch._dynamo.decorators.mark_unbacked(read, read.dim() - 1)

@@ -91,7 +91,8 @@ def test_bf16_int8_model_decodes_through_the_kernel_compiled_as_eager(tmp_path):
     linears = [m for m in model.modules() if isinstance(m, Q.WeightOnlyInt8Linear)]
     assert linears and all(m.vnni and m.weight.dtype == torch.uint8 and m.weight.dim() == 3 for m in linears)
     # frozen Parameters, not buffers: Dynamo's guards skip them past a decode's first step (quantize.hold)
-    assert all(type(t) is torch.nn.Parameter and not t.requires_grad for m in linears for t in (m.weight, m.fp32_scales))
+    held = [t for m in linears for t in (m.weight, m.fp32_scales)]
+    assert all(type(t) is torch.nn.Parameter and not t.requires_grad for t in held)
     prompt = [[1, 5, 9, 200, 3]]
     eager = gen.generate(model, prompt, 12, temperature=0)
     assert gen.generate(model, prompt, 12, temperature=0, steps=gen.compile_steps("cpu")) == eager

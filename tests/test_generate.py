@@ -155,13 +155,33 @@ def test_compiled_equals_eager():
     assert gen.generate(model, prompts, 16, temperature=0, steps=gen.compile_steps("cpu", whole=True)) == eager
 
 
-def test_compiled_decode_compiles_once_up_to_the_cache_end():
-    """A decode step attends to the cache's filled part, a length the staged graph takes as dynamic: decoding on to
-    the cache's very end (S = the cache length, where Dynamo once specialized and compiled a second graph mid-decode)
-    reuses the first graph."""
+def test_a_cpu_step_compiled_whole_attends_to_the_filled_part_of_the_cache(monkeypatch):
+    """--compile_whole on CPU: the positions (and with them the attended length) computed eager before the graph,
+    so a step 10 tokens into a 512-position cache attends to 128 positions, not to all 512 (what a whole step with
+    the positions inside its graph reads), and decodes as eager does."""
+    model = tiny_model(seed=3, block_size=512)
+    steps = gen.compile_steps("cpu", whole=True)
+    out = gen.generate(model, [[5, 6, 7]], 10, temperature=0, steps=steps)
+    lengths, real = [], model.positions
+
+    def spy(idx, *args):
+        p = real(idx, *args)
+        lengths.append((idx.shape[1], p.mask.shape[-1]))
+        return p
+    monkeypatch.setattr(model, "positions", spy)
+    assert gen.generate(model, [[5, 6, 7]], 10, temperature=0, steps=steps) == out
+    assert lengths == [(3, 3)] + [(1, 128)] * 9   # the prefill's, then each decode step's, all outside the graph
+    assert out == gen.generate(model, [[5, 6, 7]], 10, temperature=0)
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_compiled_decode_compiles_once_up_to_the_cache_end(whole):
+    """A decode step attends to the cache's filled part, a length the staged graph (and the CPU step compiled whole)
+    takes as dynamic: decoding on to the cache's very end (S = the cache length, where Dynamo once specialized and
+    compiled a second graph mid-decode) reuses the first graph."""
     from torch._dynamo.utils import counters
     model = tiny_model(seed=3, block_size=512)
-    steps = gen.compile_steps("cpu")
+    steps = gen.compile_steps("cpu", whole=whole)
     gen.generate(model, [[5, 6, 7]], 4, temperature=0, steps=steps)   # compiles: a 256-position cache, S = 128
     before = counters["stats"]["unique_graphs"]
     out = gen.generate(model, [[5, 6, 7]], 250, temperature=0, steps=steps)   # S = 256 = the cache's length
