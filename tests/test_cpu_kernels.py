@@ -93,6 +93,7 @@ def test_bf16_int8_model_decodes_through_the_kernel_compiled_as_eager(tmp_path):
     # frozen Parameters, not buffers: Dynamo's guards skip them past a decode's first step (quantize.hold)
     held = [t for m in linears for t in (m.weight, m.fp32_scales)]
     assert all(type(t) is torch.nn.Parameter and not t.requires_grad for t in held)
+    assert len({t.untyped_storage().data_ptr() for t in held}) == 1   # one buffer on 2 MB pages (packed.huge_pages)
     prompt = [[1, 5, 9, 200, 3]]
     eager = gen.generate(model, prompt, 12, temperature=0)
     assert gen.generate(model, prompt, 12, temperature=0, steps=gen.compile_steps("cpu")) == eager
@@ -200,6 +201,7 @@ def test_bf16_int4_model_decodes_through_the_kernel_compiled_as_eager(tmp_path):
     linears = [m for m in model.modules() if isinstance(m, Q.WeightOnlyInt4Linear)]
     assert linears and all(m.vnni and m.weight.dim() == 3 for m in linears)
     assert all(type(m.weight) is torch.nn.Parameter and not m.weight.requires_grad for m in linears)
+    assert len({m.weight.untyped_storage().data_ptr() for m in linears}) == 1
     prompt = [[1, 5, 9, 200, 3]]
     eager = gen.generate(model, prompt, 12, temperature=0)
     assert gen.generate(model, prompt, 12, temperature=0, steps=gen.compile_steps("cpu")) == eager

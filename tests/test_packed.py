@@ -36,8 +36,10 @@ def test_bf16_linears_run_the_kernel_on_the_checkpoints_own_weights(default_chec
     linears = [m for m in model.modules() if isinstance(m, Bf16Linear)]
     assert len(linears) == 5 * model.config.n_layer + 1   # wqkv wo w1 w2 w3 in each layer, and the head
     assert model.output.weight is model.tok_embeddings.weight   # the tied head is the embedding, not a copy
-    mapped = file_mappings()
-    assert all(any(a <= m.weight.data_ptr() < b for a, b in mapped) for m in linears)   # the file's pages, no copy
+    # copied once into one buffer on 2 MB pages (packed.huge_pages), each weight's pages of the file handed back
+    assert len({m.weight.untyped_storage().data_ptr() for m in linears}) == 1
+    assert not any(a <= m.weight.data_ptr() < b for a, b in file_mappings() for m in linears)
+    assert resident_bytes_of(path) < 0.05 * path.stat().st_size
     assert gen.weight_bytes_per_token(model) == gen.weight_bytes_per_token(plain)
     torch.testing.assert_close(model(IDS), plain(IDS), atol=0, rtol=0)   # prefill: nn.Linear's own GEMM
     # decode: the kernel sums in another order than oneDNN (each GEMV within a bf16 rounding of exact: test_kernels);
