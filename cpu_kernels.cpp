@@ -16,7 +16,7 @@
 //          for 16 rows are then one vector each (bf16, as the model holds them), stored just before the group's
 //          codes (one stream of bytes, as a Q4_0 block is), and no row needs a horizontal sum:
 //          y[n] = sum_g (s_gn * sum_{b in g} xs_b * dot_b(q, xq) + (z_gn - 8 s_gn) * sum_{b in g} xs_b * sum_b(xq))
-//   bf16:  the checkpoint's own row-major [N, K] weights (nothing copied: mmapped pages serve it), AVX512-BF16's
+//   bf16:  the checkpoint's own row-major [N, K] weights (packed.py moves them onto 2 MB pages), AVX512-BF16's
 //          vdpbf16ps (32 products an instruction).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

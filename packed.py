@@ -1,5 +1,6 @@
 # CPU bf16/fp16 linears. Where cpu_kernels.cpp builds with AVX512-BF16, a bf16 linear keeps the checkpoint's own
-# row-major weight (mmapped, nothing copied; a tied head is the embedding itself) and its decode GEMVs run through
+# row-major weight (a tied head is the embedding itself; huge_pages copies it once onto 2 MB pages) and its decode
+# GEMVs run through
 # cpu_kernels.cpp's bf16 GEMV (vdpbf16ps), prefill's GEMMs through oneDNN as nn.Linear does (as fast from this layout
 # as from a packed one at 256 rows). Elsewhere (fp16, or no kernel) each weight is reordered once into oneDNN's
 # blocked layout, which reads a 7B model's GEMVs at 24 GB/s against 17 GB/s from row-major, and the original is
