@@ -124,7 +124,7 @@ def huge_pages(model: nn.Module) -> nn.Module:
     every weight once, and the hardware prefetcher stops at each page's end: the default model's bf16 GEMVs read
     29-33 GB/s from 4 KB pages and 38-48 from 2 MB ones (a C++ loop over its 151 weights, 2 threads, Zen 4). One
     weight at a time, each source freed (or, mmapped from the checkpoint, its pages handed back) before the next:
-    the peak is one weight over the model. Where THP is off, or madvise refuses, the copy still happens (4 KB)."""
+    the peak is one weight over the model. Nothing is copied where THP is off ('never')."""
     owners: dict = {}   # id -> (tensor, [(module, attribute name)])
     for m in model.modules():
         if not (isinstance(m, Bf16Linear) or getattr(m, "vnni", False)):
@@ -133,8 +133,8 @@ def huge_pages(model: nn.Module) -> nn.Module:
             t = getattr(m, name, None)
             if isinstance(t, Tensor) and t.device.type == "cpu" and t.numel() and t.is_contiguous():
                 owners.setdefault(id(t), (t, []))[1].append((m, name))
-    if not owners or _madvise is None:
-        return model
+    if not owners or _madvise is None or "[never]" in _read("/sys/kernel/mm/transparent_hugepage/enabled"):
+        return model   # a copy onto 4 KB pages would buy nothing
     for m in model.modules():   # a tied head's weight is the embedding's too: every holder is moved together
         for name, t in itertools.chain(m._parameters.items(), m._buffers.items()):
             if t is not None and id(t) in owners and (m, name) not in owners[id(t)][1]:
@@ -163,6 +163,13 @@ def huge_pages(model: nn.Module) -> nn.Module:
         release(t, mapped)
         del t, holders   # the last reference to an anonymous source: freed before the next is copied
     return model
+
+
+def _read(path: str) -> str:
+    try:
+        return open(path).read()
+    except OSError:
+        return ""
 
 
 def file_mappings() -> list:
