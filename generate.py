@@ -55,7 +55,7 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
         pack_for_device(model)  # int4: the portable layout on disk -> this device's packed layout
     if pack:
         from packed import huge_pages, pack_linears
-        pack_linears(model)     # CPU bf16: cpu_kernels.cpp on the mmapped weights, else oneDNN's blocked layout
+        pack_linears(model)     # CPU bf16: cpu_kernels.cpp on the checkpoint's layout, else oneDNN's blocked one
         huge_pages(model)       # what the CPU GEMVs stream, copied onto 2 MB pages
     return model.eval()
 
