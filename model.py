@@ -172,7 +172,8 @@ def round_up(n: int, step: int) -> int:
 
 def stage_runs(n_layer: int, most: int) -> tuple:
     """Slices of the layers: the fewest runs of at most `most` layers, as equal in length as they can be."""
-    size = -(-n_layer // -(-n_layer // most))
+    runs = -(-n_layer // most)
+    size = -(-n_layer // runs)
     return tuple(slice(i, min(i + size, n_layer)) for i in range(0, n_layer, size))
 
 

@@ -125,18 +125,18 @@ def huge_pages(model: nn.Module) -> nn.Module:
     29-33 GB/s from 4 KB pages and 38-48 from 2 MB ones (a C++ loop over its 151 weights, 2 threads, Zen 4). One
     weight at a time, each source freed (or, mmapped from the checkpoint, its pages handed back) before the next:
     the peak is one weight over the model. Nothing is copied where THP is off ('never')."""
-    owners: dict = {}   # id -> (tensor, [(module, attribute name)])
+    owners: dict = {}   # id -> (Parameter, [(module, parameter name)])
     for m in model.modules():
         if not (isinstance(m, Bf16Linear) or getattr(m, "vnni", False)):
             continue
-        for name in ("weight", "fp32_scales"):
-            t = getattr(m, name, None)
-            if isinstance(t, Tensor) and t.device.type == "cpu" and t.numel() and t.is_contiguous():
+        for name in ("weight", "fp32_scales"):   # Parameters all (nn.Linear's; quantize.hold's)
+            t = m._parameters.get(name)
+            if t is not None and t.device.type == "cpu" and t.numel() and t.is_contiguous():
                 owners.setdefault(id(t), (t, []))[1].append((m, name))
     if not owners or _madvise is None or "[never]" in _read("/sys/kernel/mm/transparent_hugepage/enabled"):
         return model   # a copy onto 4 KB pages would buy nothing
     for m in model.modules():   # a tied head's weight is the embedding's too: every holder is moved together
-        for name, t in itertools.chain(m._parameters.items(), m._buffers.items()):
+        for name, t in m._parameters.items():
             if t is not None and id(t) in owners and (m, name) not in owners[id(t)][1]:
                 owners[id(t)][1].append((m, name))
     huge, align = 2 << 20, 64
@@ -154,12 +154,7 @@ def huge_pages(model: nn.Module) -> nn.Module:
         offset += size
         param = nn.Parameter(view, requires_grad=False)   # one object for every holder: a tied head stays tied
         for m, name in holders:
-            if name in m._parameters:
-                m._parameters[name] = param
-            elif name in m._buffers:
-                m._buffers[name] = view
-            else:
-                setattr(m, name, view)
+            m._parameters[name] = param
         release(t, mapped)
         del t, holders   # the last reference to an anonymous source: freed before the next is copied
     return model
