@@ -316,3 +316,22 @@ def test_decode_through_the_attention_kernel_gives_attend_ones_logits(tmp_path):
     eager = gen.generate(fast, prompt, 20, temperature=0)
     assert eager == gen.generate(plain, prompt, 20, temperature=0)
     assert gen.generate(fast, prompt, 20, temperature=0, steps=gen.compile_steps("cpu")) == eager
+
+
+def test_each_kernels_fake_gives_the_kernels_shapes_strides_and_dtype():
+    """The compiled step (generate.compile_step) runs without Inductor's size and stride asserts on the custom ops'
+    outputs: each op's registered fake must say exactly what the kernel returns (torch.library.opcheck)."""
+    kernels.load()
+    g = 32
+    int8 = kernels.int8_layout(torch.randint(-127, 128, (40, 96), dtype=torch.int8), torch.rand(40))
+    int4 = kernels.int4_layout(torch.randint(0, 16, (40, 96), dtype=torch.uint8), torch.rand(96 // g, 40, 2))
+    k, v = torch.randn(3, 2, 50, 64), torch.randn(3, 2, 50, 64)
+    cases = [(torch.ops.zoofast_kernels.int8_gemv, (torch.randn(3, 96), *int8, 40)),
+             (torch.ops.zoofast_kernels.int4_gemv, (torch.randn(3, 96).bfloat16(), int4, g, 40)),
+             (torch.ops.zoofast_kernels.attend, (torch.randn(2, 4, 64), k, v, torch.tensor([2, 0]),
+                                                 torch.ones(2, 1, 33, dtype=torch.bool), 0.125))]
+    if kernels.load("bf16"):
+        cases.append((torch.ops.zoofast_kernels.bf16_gemv, (torch.randn(3, 96).bfloat16(),
+                                                            torch.randn(40, 96).bfloat16())))
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -102,3 +102,12 @@ def test_packed_frees_the_mmapped_originals(default_checkpoint, tmp_path, monkey
     plain = gen.load_model(path, "cpu", torch.bfloat16, pack=False)
     plain(IDS[:, :3])   # reads every page of the file
     assert in_packed < 0.05 * path.stat().st_size < 0.05 * resident_bytes_of(path) * 1.1
+
+
+@pytest.mark.skipif(not can_pack(torch.bfloat16), reason="oneDNN has no native bf16 here: nothing is packed")
+def test_packed_linears_fake_gives_the_kernels_shapes_strides_and_dtype():
+    """A compiled step runs without Inductor's size and stride asserts (generate.compile_step): the op's fake must say
+    exactly what oneDNN's linear returns."""
+    linear = PackedLinear(torch.nn.Linear(96, 40, bias=False).to(torch.bfloat16))
+    torch.library.opcheck(packed.packed_linear, (torch.randn(3, 96).bfloat16(), linear.packed_key, 40),
+                          test_utils=("test_schema", "test_faketensor"))
