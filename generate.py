@@ -26,13 +26,15 @@ from sampling import logits_to_probs, multinomial_sample_one_no_sync, sample, sa
 
 
 def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=False, reserve=None,
-               prefill_rows=None, pack=True, kv_tokens=None, device_map: Optional[str] = None) -> Transformer:
+               prefill_rows=None, pack=True, kv_tokens=None, device_map: Optional[str] = None,
+               fuse: bool = True) -> Transformer:
     """checkpoint_path: a model*.pth inside a checkpoint folder that holds our config.json. use_tp (under
     torchrun): keep only this rank's shard, sliced off the mmapped checkpoint before anything is copied.
     reserve (rows, positions): the KV cache to be set up; a model and cache that cannot fit in the free memory
     are refused in one line (ValueError) before the weights are copied (prefill_rows, kv_tokens: see memory_needed).
     pack=False keeps every nn.Linear a plain one (for code that reads or copies the weights). device_map: layers
-    spread over devices (device_map.py's "cuda:0=20,cpu=12"), instead of all on `device`."""
+    spread over devices (device_map.py's "cuda:0=20,cpu=12"), instead of all on `device`. fuse=False keeps each
+    feed-forward's w1 and w3 apart on CPU (packed.fuse_gate_up)."""
     def swap(*a):   # quantize.py's output: its modules rebuilt before the weights are assigned
         from quantize import swap_modules
         swap_modules(*a)
@@ -50,6 +52,9 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
     model.retie_and_rebuild()  # re-tie after the move, rope table back to fp32
     if any(p.device.type == "cpu" for p in model.layers.parameters()):   # their decode attention: the cache in place
         model.attention_kernel = cpu_kernels.attends(model.config.head_dim)
+    if pack and fuse:
+        from packed import fuse_gate_up
+        fuse_gate_up(model)     # CPU: gate and up as one linear, one GEMV a step
     if record is not None:
         from quantize import pack_for_device
         pack_for_device(model)  # int4: the portable layout on disk -> this device's packed layout

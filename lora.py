@@ -152,6 +152,7 @@ def attach(model, adapter_dirs: list, checkpoint_dir) -> None:
                              f"(convert_hf_checkpoint.py --lora)")
         for name, ab in our_pairs(pairs, table, model.config).items():
             per_linear.setdefault(name, {})[k] = ab
+    per_linear = onto_fused(per_linear, model)
     model.register_buffer("lora_ids", torch.zeros(1, dtype=torch.long, device=model.tok_embeddings.weight.device),
                           persistent=False)
     for name, by_adapter in per_linear.items():
@@ -169,6 +170,25 @@ def attach(model, adapter_dirs: list, checkpoint_dir) -> None:
         module.register_buffer("lora_A", A.to(device), persistent=False)
         module.register_buffer("lora_B", B.to(device), persistent=False)
         module.register_forward_hook(functools.partial(apply, model))
+
+
+def onto_fused(per_linear: dict, model) -> dict:
+    """{linear: {adapter: (A, B)}} with w1's and w3's moved onto their feed-forward's w13 where load_model fused the
+    two (packed.fuse_gate_up, [gate; up] rows): A_w1 and A_w3 stacked along the rank, B block-diagonal (as wqkv)."""
+    out, modules = {}, dict(model.named_modules())
+    for name, by_adapter in per_linear.items():
+        ff, _, w = name.rpartition(".")
+        fused = getattr(modules.get(ff), "w13", None) if w in ("w1", "w3") else None
+        if fused is None:
+            out[name] = by_adapter
+            continue
+        half = fused.out_features // 2
+        for k, (a, b) in by_adapter.items():
+            a0, b0 = out.setdefault(f"{ff}.w13", {}).get(k, (a.new_zeros(0, a.shape[1]), b.new_zeros(2 * half, 0)))
+            rows = b.new_zeros(2 * half, a.shape[0])
+            (rows[:half] if w == "w1" else rows[half:]).copy_(b)
+            out[f"{ff}.w13"][k] = (torch.cat([a0, a]), torch.cat([b0, rows], 1))
+    return out
 
 
 def apply(model, module, inputs, out: Tensor) -> Tensor:

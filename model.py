@@ -539,8 +539,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)   # gate (or up)
         self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias) if self.gated else None
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)   # down
+        self.register_module("w13", None)   # w1 and w3 as one linear, [gate; up] (packed.fuse_gate_up, on CPU)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(self.act(gate) * up)
         h = self.act(self.w1(x))
         return self.w2(h * self.w3(x) if self.gated else h)
 

@@ -118,6 +118,34 @@ def pack_linears(model: nn.Module) -> nn.Module:
     return model
 
 
+def fuse_gate_up(model: nn.Module) -> nn.Module:
+    """Each CPU SwiGLU feed-forward's gate and up (w1, w3: one input) as one linear w13, w3's rows after w1's: one
+    GEMV a decode step instead of two, and one quantization of x for int8/int4. Run before packing, on the
+    checkpoint's layouts, where rows concatenate (an int4 linear's scales_and_zeros along its dim 1); the
+    originals' mmapped pages are handed back."""
+    from model import FeedForward
+    from quantize import WeightOnlyInt4Linear, WeightOnlyInt8Linear
+    kinds = (nn.Linear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)
+    mapped = file_mappings()
+    for ff in model.modules():
+        if not isinstance(ff, FeedForward) or not ff.gated or type(ff.w1) is not type(ff.w3) or \
+                type(ff.w1) not in kinds or ff.w1.weight.device.type != "cpu":
+            continue
+        a, b = ff.w1, ff.w3
+        bias, n = a.bias is not None, a.out_features + b.out_features
+        with torch.device("meta"):
+            ff.w13 = (WeightOnlyInt4Linear(a.in_features, n, bias, a.groupsize) if type(a) is WeightOnlyInt4Linear
+                      else WeightOnlyInt8Linear(a.in_features, n, bias) if type(a) is WeightOnlyInt8Linear
+                      else nn.Linear(a.in_features, n, bias))
+        parts = b.state_dict()
+        ff.w13.load_state_dict({k: torch.cat([t, parts[k]], 1 if k == "scales_and_zeros" else 0)
+                                for k, t in a.state_dict().items()}, assign=True)
+        for t in itertools.chain(a.state_dict().values(), parts.values()):
+            release(t, mapped)
+        ff.w1 = ff.w3 = None
+    return model
+
+
 def huge_pages(model: nn.Module) -> nn.Module:
     """Move the weights cpu_kernels.cpp's GEMVs stream (bf16 linears, packed int8/int4 ones) into one buffer the
     kernel backs with 2 MB pages (MADV_HUGEPAGE, which THP's default 'madvise' mode waits for). A decode step streams

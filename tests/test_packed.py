@@ -34,7 +34,7 @@ def test_bf16_linears_run_the_kernel_on_the_checkpoints_own_weights(default_chec
     plain = gen.load_model(path, "cpu", torch.bfloat16, pack=False)
     model = gen.load_model(path, "cpu", torch.bfloat16)
     linears = [m for m in model.modules() if isinstance(m, Bf16Linear)]
-    assert len(linears) == 5 * model.config.n_layer + 1   # wqkv wo w1 w2 w3 in each layer, and the head
+    assert len(linears) == 4 * model.config.n_layer + 1   # wqkv wo w13 (w1 | w3) w2 in each layer, and the head
     assert model.output.weight is model.tok_embeddings.weight   # the tied head is the embedding, not a copy
     # copied once into one buffer on 2 MB pages (packed.huge_pages), each weight's pages of the file handed back
     assert len({m.weight.untyped_storage().data_ptr() for m in linears}) == 1
@@ -65,7 +65,7 @@ def test_packed_model_matches_plain(default_checkpoint, monkeypatch):
     monkeypatch.setattr(packed, "use_kernel", lambda linear: False)   # as on a CPU without cpu_kernels.cpp's bf16 GEMV
     path = default_checkpoint / "model.pth"
     plain = gen.load_model(path, "cpu", torch.bfloat16, pack=False)
-    model = gen.load_model(path, "cpu", torch.bfloat16)
+    model = gen.load_model(path, "cpu", torch.bfloat16, fuse=False)   # the packing alone: w1 and w3 as plain's
     linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert len(linears) == 5 * model.config.n_layer + 1
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
@@ -111,3 +111,31 @@ def test_packed_linears_fake_gives_the_kernels_shapes_strides_and_dtype():
     linear = PackedLinear(torch.nn.Linear(96, 40, bias=False).to(torch.bfloat16))
     torch.library.opcheck(packed.packed_linear, (torch.randn(3, 96).bfloat16(), linear.packed_key, 40),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+@torch.no_grad()
+def test_gate_and_up_fused_into_one_linear_give_the_logits_of_the_two(tmp_path, mode):
+    """load_model on CPU runs each SwiGLU feed-forward's w1 and w3 as one linear w13 (packed.fuse_gate_up), in every
+    precision and with biases; decode logits equal those of the two linears apart (fuse=False, as for a LoRA run),
+    a prefill's within a rounding of them."""
+    import json
+    import quantize as Q
+    from model import ModelArgs, Transformer
+    config = ModelArgs(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_local_heads=2, dim=128,
+                       intermediate_size=96, mlp_bias=True, name="tiny")
+    torch.manual_seed(0)
+    torch.save(Transformer(config).state_dict(), tmp_path / "model.pth")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    path = tmp_path / "model.pth" if mode == "bf16" else Q.quantize(tmp_path / "model.pth", mode, 32,
+                                                                      log=lambda *a: None)
+    fused, apart = (gen.load_model(path, "cpu", torch.bfloat16, fuse=f) for f in (True, False))
+    ff = fused.layers[0].feed_forward
+    assert ff.w1 is None and ff.w3 is None and ff.w13.out_features == 192 and ff.w13.bias is not None
+    assert apart.layers[0].feed_forward.w13 is None and apart.layers[0].feed_forward.w1 is not None
+    ids = torch.randint(0, 256, (2, 20))
+    torch.testing.assert_close(fused(ids), apart(ids), rtol=2e-2, atol=2e-2)
+    for m in (fused, apart):
+        m.setup_caches(2, 32)
+    pos = torch.tensor([[0], [0]])
+    assert torch.equal(fused(ids[:, :1], pos), apart(ids[:, :1], pos))
