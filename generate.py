@@ -444,7 +444,7 @@ def compile_step(fn: Callable, device: str, tree: bool = True, **kw) -> Callable
     # Built apart from its kernels, the wrapper (plain calls, ~100 KB of C++ for 15 layers) compiles at -O1 and the
     # kernels at -O3: a cold compile of 2 runs of 15 layers took 15 s instead of 32, decode as fast (135M int4 g32).
     # No size or alignment asserts: the wrapper checked every input and every custom op's output each call (~20 a
-    # layer), 4.8% of a 135M int4 step; Dynamo's guards check the inputs, tests/test_cpu_kernels.py the ops' fakes.
+    # layer), 4.8% of a 135M int4 step; Dynamo's guards check the inputs, opcheck tests the custom ops' fakes.
     return torch.compile(fn, fullgraph=True, options={"cpp_wrapper": True, "cpp_wrapper_build_separate": True,
                                                       "size_asserts": False, "alignment_asserts": False}, **kw)
 
