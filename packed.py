@@ -137,10 +137,10 @@ def fuse_gate_up(model: nn.Module) -> nn.Module:
             ff.w13 = (WeightOnlyInt4Linear(a.in_features, n, bias, a.groupsize) if type(a) is WeightOnlyInt4Linear
                       else WeightOnlyInt8Linear(a.in_features, n, bias) if type(a) is WeightOnlyInt8Linear
                       else nn.Linear(a.in_features, n, bias))
-        parts = b.state_dict()
+        first, parts = a.state_dict(), b.state_dict()
         ff.w13.load_state_dict({k: torch.cat([t, parts[k]], 1 if k == "scales_and_zeros" else 0)
-                                for k, t in a.state_dict().items()}, assign=True)
-        for t in itertools.chain(a.state_dict().values(), parts.values()):
+                                for k, t in first.items()}, assign=True)
+        for t in itertools.chain(first.values(), parts.values()):
             release(t, mapped)
         ff.w1 = ff.w3 = None
     return model

@@ -321,7 +321,6 @@ def test_decode_through_the_attention_kernel_gives_attend_ones_logits(tmp_path):
 def test_each_kernels_fake_gives_the_kernels_shapes_strides_and_dtype():
     """The compiled step (generate.compile_step) runs without Inductor's size and stride asserts on the custom ops'
     outputs: each op's registered fake must say exactly what the kernel returns (torch.library.opcheck)."""
-    kernels.load()
     g = 32
     int8 = kernels.int8_layout(torch.randint(-127, 128, (40, 96), dtype=torch.int8), torch.rand(40))
     int4 = kernels.int4_layout(torch.randint(0, 16, (40, 96), dtype=torch.uint8), torch.rand(96 // g, 40, 2))
