@@ -1,8 +1,10 @@
 # cpu_kernels.cpp built for this machine, once: the int8 and int4 decode GEMVs with activations quantized on the fly
 # (llama.cpp's VNNI trick), the bf16 one, and decode attention over a KV cache (static or paged). Built with the
 # system's g++ against the installed torch into ~/.cache/zoofast (about 15 s the first time), loaded from there after.
-# available() is False where the CPU lacks AVX512-VNNI, g++ is missing, the build fails (one line says why) or
-# ZOOFAST_KERNELS=0: linears then use torch's own kernels (oneDNN's for bf16), attention model.attend_one.
+# Where the CPU has AVX2 but no AVX512-VNNI, cpu_kernels_avx2.cpp's int8 and int4 GEMVs instead (the same layouts);
+# bf16 and attention then run torch's kernels. available() is False where the CPU has neither, g++ is missing, the
+# build fails (one line says why) or ZOOFAST_KERNELS=0: linears then use torch's own kernels (oneDNN's for bf16),
+# attention model.attend_one. ZOOFAST_KERNELS=avx2 takes the AVX2 build on an AVX-512 CPU too (tests, comparisons).
 import functools
 import hashlib
 import os
@@ -17,8 +19,12 @@ import cli
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 # bf16 inputs of up to this many rows (decode, a verify, a server's batch) run the bf16 GEMV; oneDNN's GEMM wins above
 GEMV_ROWS = 16
-FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"]
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}
+# each build: its source, g++'s flags, the CPU flags it needs (/proc/cpuinfo's names); the first this CPU has is taken
+BUILDS = {
+    "avx512": (SOURCE, ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"],
+               {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma"}),
+    "avx2": (SOURCE.with_name("cpu_kernels_avx2.cpp"), ["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+}
 
 
 @functools.cache
@@ -36,15 +42,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zoofast"
 
 
-def build(out: Path):
-    """g++ cpu_kernels.cpp -> out, through a temporary file renamed into place (a killed build leaves nothing)."""
+def isa() -> str | None:
+    """The build this process takes: the first of BUILDS the CPU can run (ZOOFAST_KERNELS names one, or 0: none)."""
+    want = os.environ.get("ZOOFAST_KERNELS", "1")
+    if want == "0":
+        return None
+    return next((name for name in ([want] if want in BUILDS else BUILDS) if BUILDS[name][2] <= cpu_flags()), None)
+
+
+def build(out: Path, name: str = "avx512", ops: str = "zoofast_kernels"):
+    """g++ BUILDS[name]'s source, its ops named `ops` -> out, through a temporary file renamed into place (a killed
+    build leaves nothing)."""
     torch_dir = Path(torch.__file__).parent
+    source, flags, _ = BUILDS[name]
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def compile_into(f):
-        cmd = ["g++", "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", *FLAGS,
+        cmd = ["g++", "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", *flags, f"-DOPS={ops}",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{torch_dir / 'include'}",
-               str(SOURCE), "-o", f.name, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
+               str(source), "-o", f.name, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
                f"-Wl,-rpath,{torch_dir / 'lib'}"]   # libgomp.so.1: torch's own OpenMP runtime, already loaded
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
@@ -53,24 +69,29 @@ def build(out: Path):
 
 
 @functools.cache
-def available() -> bool:
-    """The library built and loaded: its int8 and int4 GEMVs run here (the bf16 one also needs load("bf16"))."""
-    if os.environ.get("ZOOFAST_KERNELS", "1") == "0" or not CPU_FLAGS <= cpu_flags():
-        return False
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([torch.__version__, *FLAGS]).encode()).hexdigest()[:16]
-    lib = cache_dir() / f"cpu_kernels-{key}.so"
+def library(name: str, ops: str = "zoofast_kernels") -> bool:
+    """BUILDS[name] built (once per machine, torch version and source) and loaded, its ops as torch.ops.<ops>."""
+    source, flags, _ = BUILDS[name]
+    key = hashlib.sha256(source.read_bytes() + " ".join([torch.__version__, *flags, ops]).encode()).hexdigest()[:16]
+    lib = cache_dir() / f"{source.stem}-{key}.so"
     try:
         if not lib.exists():
             print(f"building the CPU kernels into {lib.parent} (once) ...", file=sys.stderr, flush=True)
-            build(lib)
+            build(lib, name, ops)
         torch.ops.load_library(str(lib))
     except (OSError, RuntimeError) as e:
-        print(f"note: torch's own kernels (cpu_kernels.cpp did not build: {e})", file=sys.stderr, flush=True)
+        print(f"note: torch's own kernels ({source.name} did not build: {e})", file=sys.stderr, flush=True)
         return False
     return True
 
 
-def _register_fakes():
+@functools.cache
+def available() -> bool:
+    """A build loaded: its int8 and int4 GEMVs run here (the bf16 one and attention need the AVX-512 build)."""
+    return isa() is not None and library(isa())
+
+
+def _register_fakes(name: str):
     @torch.library.register_fake("zoofast_kernels::int8_gemv")
     def _(x, w, scales, n_out):
         return x.new_empty(x.shape[0], n_out)
@@ -78,6 +99,9 @@ def _register_fakes():
     @torch.library.register_fake("zoofast_kernels::int4_gemv")
     def _(x, w, groupsize, n_out):
         return x.new_empty(x.shape[0], n_out)
+
+    if name != "avx512":   # the AVX2 build has the two GEMVs alone
+        return
 
     @torch.library.register_fake("zoofast_kernels::bf16_gemv")
     def _(x, w):
@@ -89,18 +113,19 @@ def _register_fakes():
 
 
 def load(kind: str = "int") -> bool:
-    """available() (kind "bf16": and the CPU has AVX512-BF16), with the ops' shapes registered for torch.compile."""
-    if not available() or kind == "bf16" and "avx512_bf16" not in cpu_flags():
+    """available() (kind "bf16": the AVX-512 build, on a CPU with AVX512-BF16), with the ops' shapes registered for
+    torch.compile."""
+    if not available() or kind == "bf16" and (isa() != "avx512" or "avx512_bf16" not in cpu_flags()):
         return False
     if not getattr(load, "done", False):
-        _register_fakes()
+        _register_fakes(isa())
         load.done = True
     return True
 
 
 def attends(head_dim: int) -> bool:
     """cpu_kernels.cpp's decode attention serves a KV cache of this head size (on the CPU)."""
-    return head_dim % 32 == 0 and head_dim <= 256 and load()
+    return head_dim % 32 == 0 and head_dim <= 256 and load() and isa() == "avx512"
 
 
 # ---- the layout the kernel takes, from quantize.py's ---------------------------------------------------------

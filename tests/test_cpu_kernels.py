@@ -1,7 +1,9 @@
-"""cpu_kernels.cpp's decode GEMVs (int8, int4, bf16) and decode attention: what each computes (int8/int4: activations
-quantized in blocks of 32, emulated here in torch), how close that stays to the float product, batched rows equal rows
-alone, compiled equals eager, and the fallback when it cannot be built. Skipped where the CPU has no AVX512-VNNI (then
-torch's kernels run, tested elsewhere); the bf16 GEMV's tests also where it has no AVX512-BF16."""
+"""cpu_kernels.cpp's decode GEMVs (int8, int4, bf16) and decode attention, and cpu_kernels_avx2.cpp's int8 and int4
+GEMVs: what each computes (int8/int4: activations quantized in blocks of 32, emulated here in torch), how close that
+stays to the float product, batched rows equal rows alone, compiled equals eager, and the fallback when it cannot be
+built. The int8/int4 GEMV tests run each build this CPU can run (an AVX-512 CPU runs the AVX2 one too). Skipped where
+the CPU has neither AVX2 nor AVX512-VNNI (then torch's kernels run, tested elsewhere); the bf16 GEMV's and
+attention's tests also where the AVX-512 build does not run (and the bf16 GEMV's where the CPU has no AVX512-BF16)."""
 import json
 
 import pytest
@@ -12,7 +14,17 @@ import cpu_kernels as kernels
 import quantize as Q
 from model import ModelArgs, Transformer
 
-pytestmark = pytest.mark.skipif(not kernels.load(), reason="no AVX512-VNNI CPU (or no g++): torch's kernels run")
+pytestmark = pytest.mark.skipif(not kernels.load(), reason="no AVX2 CPU (or no g++): torch's kernels run")
+needs_attend = pytest.mark.skipif(not kernels.attends(64), reason="attention runs torch's kernels: no AVX512-VNNI")
+
+
+@pytest.fixture(params=[name for name, (_, _, flags) in kernels.BUILDS.items() if flags <= kernels.cpu_flags()])
+def ops(request):
+    """The int8/int4 GEMVs of each build this CPU runs: the one loaded as torch.ops.zoofast_kernels, others apart."""
+    if request.param == kernels.isa():
+        return torch.ops.zoofast_kernels
+    assert kernels.library(request.param, f"zoofast_{request.param}")
+    return getattr(torch.ops, f"zoofast_{request.param}")
 
 
 def quantized_activations(x: torch.Tensor):
@@ -45,7 +57,7 @@ def emulated_int4(x: torch.Tensor, codes: torch.Tensor, sz: torch.Tensor, g: int
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M, N, K", [(1, 48, 64), (3, 200, 576), (1, 1536, 576), (5, 576, 1536), (2, 33, 96),
                                      (11, 40, 128)])
-def test_int8_gemv_is_the_block_quantized_product(M, N, K, dtype):
+def test_int8_gemv_is_the_block_quantized_product(M, N, K, dtype, ops):
     g = torch.Generator().manual_seed(N + K)
     w = torch.randn(N, K, generator=g) * 0.05
     x = (torch.randn(M, K, generator=g) * torch.linspace(0.1, 4, K)).to(dtype)   # uneven blocks, as activations
@@ -53,7 +65,7 @@ def test_int8_gemv_is_the_block_quantized_product(M, N, K, dtype):
     codes, scales = Q.quantize_int8(w)
     packed, packed_scales = kernels.int8_layout(codes, scales)
     assert packed.shape == (-(-N // 16), K // 4, 64) and packed_scales.shape == (-(-N // 16) * 16,)
-    y = torch.ops.zoofast_kernels.int8_gemv(x, packed, packed_scales, N)
+    y = ops.int8_gemv(x, packed, packed_scales, N)
     assert y.dtype == dtype and y.shape == (M, N)
     ref = emulated(x, codes, scales)
     if dtype == torch.float32:
@@ -62,18 +74,18 @@ def test_int8_gemv_is_the_block_quantized_product(M, N, K, dtype):
         torch.testing.assert_close(y.double(), ref, rtol=8e-3, atol=8e-3 * ref.abs().max().item())
     exact = x.double() @ Q.dequantize_int8(codes, scales).double().t()
     assert ((y.double() - exact).norm() / exact.norm()).item() < 0.01   # int8 activations: under 1% off
-    rows = torch.cat([torch.ops.zoofast_kernels.int8_gemv(x[i: i + 1], packed, packed_scales, N) for i in range(M)])
+    rows = torch.cat([ops.int8_gemv(x[i: i + 1], packed, packed_scales, N) for i in range(M)])
     assert torch.equal(y, rows)   # a batch row is computed as it would be alone
 
 
-def test_int8_gemv_refuses_what_it_cannot_take():
+def test_int8_gemv_refuses_what_it_cannot_take(ops):
     w, s = kernels.int8_layout(torch.zeros(16, 64, dtype=torch.int8), torch.ones(16))
     with pytest.raises(RuntimeError, match="K % 32"):
-        torch.ops.zoofast_kernels.int8_gemv(torch.zeros(1, 48), w, s, 16)
+        ops.int8_gemv(torch.zeros(1, 48), w, s, 16)
     with pytest.raises(RuntimeError, match="weight"):
-        torch.ops.zoofast_kernels.int8_gemv(torch.zeros(1, 96), w, s, 16)
+        ops.int8_gemv(torch.zeros(1, 96), w, s, 16)
     with pytest.raises(RuntimeError, match="fp32 scales"):
-        torch.ops.zoofast_kernels.int8_gemv(torch.zeros(1, 64), w, s.to(torch.bfloat16), 16)
+        ops.int8_gemv(torch.zeros(1, 64), w, s.to(torch.bfloat16), 16)
 
 
 def tiny_int8(tmp_path):
@@ -110,16 +122,19 @@ def test_bf16_int8_model_decodes_through_the_kernel_compiled_as_eager(tmp_path):
 
 def test_a_failed_build_is_one_line_and_falls_back(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(kernels, "build", lambda out: (_ for _ in ()).throw(RuntimeError("g++: not found")))
+    monkeypatch.setattr(kernels, "build", lambda out, name, ops: (_ for _ in ()).throw(RuntimeError("g++: not found")))
     kernels.available.cache_clear()
+    kernels.library.cache_clear()
     try:
         assert kernels.available() is False
         err = capsys.readouterr().err.strip().splitlines()
-        assert err[-1] == "note: torch's own kernels (cpu_kernels.cpp did not build: g++: not found)"
+        source = kernels.BUILDS[kernels.isa()][0].name
+        assert err[-1] == f"note: torch's own kernels ({source} did not build: g++: not found)"
         assert not list(tmp_path.rglob("*.so"))
     finally:
         monkeypatch.undo()
         kernels.available.cache_clear()
+        kernels.library.cache_clear()
     assert kernels.available()
 
 
@@ -132,7 +147,7 @@ def test_the_build_writes_through_a_temporary_file(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M, N, K, g", [(1, 16, 64, 32), (3, 200, 576, 32), (2, 1536, 576, 64), (5, 40, 1536, 128),
                                         (1, 33, 96, 32), (4, 64, 512, 256), (11, 48, 128, 32)])
-def test_int4_gemv_is_the_block_quantized_product(M, N, K, g, dtype):
+def test_int4_gemv_is_the_block_quantized_product(M, N, K, g, dtype, ops):
     gen_ = torch.Generator().manual_seed(N + K + g)
     w = torch.randn(N, K, generator=gen_) * 0.05
     x = (torch.randn(M, K, generator=gen_) * torch.linspace(0.1, 4, K)).to(dtype)
@@ -140,7 +155,7 @@ def test_int4_gemv_is_the_block_quantized_product(M, N, K, g, dtype):
     codes, sz = Q.quantize_int4(w, g)
     packed = kernels.int4_layout(codes, sz)
     assert packed.shape == (-(-N // 16), K // g, 64 + 8 * g) and packed.dtype == torch.uint8
-    y = torch.ops.zoofast_kernels.int4_gemv(x, packed, g, N)
+    y = ops.int4_gemv(x, packed, g, N)
     assert y.dtype == dtype and y.shape == (M, N)
     ref = emulated_int4(x, codes, sz, g)
     if dtype == torch.float32:
@@ -149,20 +164,20 @@ def test_int4_gemv_is_the_block_quantized_product(M, N, K, g, dtype):
         torch.testing.assert_close(y.double(), ref, rtol=8e-3, atol=8e-3 * ref.abs().max().item())
     exact = x.double() @ Q.dequantize_int4(codes, sz.to(torch.bfloat16), g).double().t()
     assert ((y.double() - exact).norm() / exact.norm()).item() < 0.01   # int8 activations: under 1% off
-    rows = torch.cat([torch.ops.zoofast_kernels.int4_gemv(x[i: i + 1], packed, g, N) for i in range(M)])
+    rows = torch.cat([ops.int4_gemv(x[i: i + 1], packed, g, N) for i in range(M)])
     assert torch.equal(y, rows)
 
 
-def test_int4_gemv_refuses_what_it_cannot_take():
+def test_int4_gemv_refuses_what_it_cannot_take(ops):
     packed = kernels.int4_layout(torch.zeros(16, 64, dtype=torch.uint8), torch.ones(2, 16, 2))
     with pytest.raises(RuntimeError, match="K % 32"):
-        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 48), packed, 32, 16)
+        ops.int4_gemv(torch.zeros(1, 48), packed, 32, 16)
     with pytest.raises(RuntimeError, match="weight"):
-        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 96), packed, 32, 16)
+        ops.int4_gemv(torch.zeros(1, 96), packed, 32, 16)
     with pytest.raises(RuntimeError, match="groupsize"):
-        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 64), packed, 48, 16)
+        ops.int4_gemv(torch.zeros(1, 64), packed, 48, 16)
     with pytest.raises(RuntimeError, match="weight"):
-        torch.ops.zoofast_kernels.int4_gemv(torch.zeros(1, 64), packed.view(torch.int8), 32, 16)
+        ops.int4_gemv(torch.zeros(1, 64), packed.view(torch.int8), 32, 16)
 
 
 needs_bf16 = pytest.mark.skipif(not kernels.load("bf16"), reason="no AVX512-BF16: oneDNN runs bf16 linears")
@@ -244,6 +259,7 @@ def reference_attention(q, k, v, mask):
     return torch.einsum("bhs,bhsd->bhd", weights, v)
 
 
+@needs_attend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B, H, Hkv, D, N, S", [(1, 9, 3, 64, 300, 257), (3, 8, 8, 128, 40, 33),
                                                 (2, 4, 1, 32, 2100, 2048), (2, 6, 2, 256, 100, 77)])
@@ -266,6 +282,7 @@ def test_attend_reads_a_static_cache_in_place(dtype, B, H, Hkv, D, N, S):
     assert out[-1].abs().sum() > 0 and torch.ops.zoofast_kernels.attend(q, k, v, rows, mask, 1.0)[-1].eq(0).all()
 
 
+@needs_attend
 def test_attend_reads_a_paged_pool_at_its_slots():
     torch.manual_seed(0)
     B, H, Hkv, D, slots, S = 2, 8, 2, 64, 160, 70
@@ -277,6 +294,7 @@ def test_attend_reads_a_paged_pool_at_its_slots():
     torch.testing.assert_close(out.double(), reference_attention(q, gathered(k), gathered(v), mask))
 
 
+@needs_attend
 def test_attend_refuses_what_it_cannot_take():
     q, k, mask = torch.zeros(1, 4, 64), torch.zeros(2, 2, 16, 64), torch.ones(1, 1, 8, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="out of range"):
@@ -290,6 +308,7 @@ def test_attend_refuses_what_it_cannot_take():
         torch.ops.zoofast_kernels.attend(q, k.bfloat16(), k.bfloat16(), torch.tensor([0]), mask, 1.0)
 
 
+@needs_attend
 @torch.no_grad()
 def test_decode_through_the_attention_kernel_gives_attend_ones_logits(tmp_path):
     """A static cache's decode steps through cpu_kernels' attend (load_model's default here) give the logits of
@@ -326,9 +345,10 @@ def test_each_kernels_fake_gives_the_kernels_shapes_strides_and_dtype():
     int4 = kernels.int4_layout(torch.randint(0, 16, (40, 96), dtype=torch.uint8), torch.rand(96 // g, 40, 2))
     k, v = torch.randn(3, 2, 50, 64), torch.randn(3, 2, 50, 64)
     cases = [(torch.ops.zoofast_kernels.int8_gemv, (torch.randn(3, 96), *int8, 40)),
-             (torch.ops.zoofast_kernels.int4_gemv, (torch.randn(3, 96).bfloat16(), int4, g, 40)),
-             (torch.ops.zoofast_kernels.attend, (torch.randn(2, 4, 64), k, v, torch.tensor([2, 0]),
-                                                 torch.ones(2, 1, 33, dtype=torch.bool), 0.125))]
+             (torch.ops.zoofast_kernels.int4_gemv, (torch.randn(3, 96).bfloat16(), int4, g, 40))]
+    if kernels.attends(64):
+        cases.append((torch.ops.zoofast_kernels.attend, (torch.randn(2, 4, 64), k, v, torch.tensor([2, 0]),
+                                                         torch.ones(2, 1, 33, dtype=torch.bool), 0.125)))
     if kernels.load("bf16"):
         cases.append((torch.ops.zoofast_kernels.bf16_gemv, (torch.randn(3, 96).bfloat16(),
                                                             torch.randn(40, 96).bfloat16())))

@@ -1,0 +1,255 @@
+// cpu_kernels.cpp's int8 and int4 decode GEMVs for CPUs with AVX2 but no AVX-512 (Zen 2/3, Intel's client cores
+// before and without it): the same weight layouts (cpu_kernels.int8_layout / int4_layout) and the same arithmetic
+// (activations quantized on the fly to int8 in blocks of 32), each 64-byte chunk as two 256-bit halves (output rows
+// 0-7 and 8-15 of a row block). cpu_kernels.py builds this one where cpu_kernels.cpp's AVX-512 cannot run; the bf16
+// GEMV and the decode attention are AVX-512 only (torch's kernels run there).
+//
+// AVX2 has no VNNI dot: vpmaddubsw multiplies unsigned by signed bytes into int16 pair sums, vpmaddwd adds pairs
+// of those into int32 (llama.cpp's AVX2 dots):
+//   int8:  the codes back to signed (the layout's + 128 flipped off), then |w| times x with w's sign (vpsignb):
+//          pairs of at most 2 * 128 * 127 products, no int16 overflow; y[n] = s[n] * sum_b xs_b * dot_b(w, xq)
+//   int4:  the codes 0..15 are unsigned already: a 32-column block's 8 products a lane (at most 8 * 15 * 127) add up
+//          in int16 before one vpmaddwd; the group's scales and zeros as in cpu_kernels.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+constexpr int64_t BLOCK = 32;
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// one row of x (K floats) -> xq (int8), scale (K/32: xs_b), block_sum (K/32: xs_b * sum_b(xq)), as cpu_kernels.cpp
+void quantize_row(const float* x, int64_t K, int8_t* xq, float* scale, float* block_sum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t b = 0; b < K / BLOCK; b++) {
+    __m256 v[4];
+    for (int i = 0; i < 4; i++) v[i] = _mm256_loadu_ps(x + b * BLOCK + 8 * i);
+    const __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    const float amax = hmax(a), s = amax / 127.f, inv = amax > 0 ? 127.f / amax : 0.f;
+    __m256i q[4];
+    for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));   // nearest even
+    // packs work within 128-bit lanes: a permute puts the 8 groups of 4 bytes back in order
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256((__m256i*)(xq + b * BLOCK),
+                        _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    scale[b] = s;
+    block_sum[b] = s * hsum(_mm256_cvtepi32_ps(sum));
+  }
+}
+
+void row_to_float(const Tensor& x, int64_t m, float* buf) {
+  const int64_t K = x.size(1);
+  if (x.scalar_type() == at::kFloat) {
+    std::memcpy(buf, x.data_ptr<float>() + m * K, K * sizeof(float));
+  } else if (x.scalar_type() == at::kBFloat16) {
+    const uint16_t* src = (const uint16_t*)x.data_ptr<at::BFloat16>() + m * K;
+    for (int64_t k = 0; k < K; k += 8)
+      _mm256_storeu_ps(buf + k, _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(src + k))), 16)));
+  } else {
+    const at::Half* src = x.data_ptr<at::Half>() + m * K;
+    for (int64_t k = 0; k < K; k += 8)
+      _mm256_storeu_ps(buf + k, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + k))));
+  }
+}
+
+struct Quantized {
+  std::vector<int8_t> xq;
+  std::vector<float> scale, block_sum, buf;
+};
+
+const Quantized& quantize(const Tensor& x) {   // this thread's buffers, reused from call to call
+  thread_local Quantized q;
+  const int64_t M = x.size(0), K = x.size(1);
+  q.xq.resize(M * K);
+  q.scale.resize(M * K / BLOCK);
+  q.block_sum.resize(M * K / BLOCK);
+  q.buf.resize(K);
+  for (int64_t m = 0; m < M; m++) {
+    row_to_float(x, m, q.buf.data());
+    quantize_row(q.buf.data(), K, q.xq.data() + m * K, q.scale.data() + m * K / BLOCK,
+                 q.block_sum.data() + m * K / BLOCK);
+  }
+  return q;
+}
+
+void check_inputs(const Tensor& x, const Tensor& w) {
+  TORCH_CHECK(w.is_contiguous() && x.is_contiguous() && x.device().is_cpu(), "zoofast gemv: contiguous CPU tensors");
+  auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "zoofast gemv: fp32, bf16 or fp16 x");
+}
+
+// the first `valid` of 8 floats into y at flat index `at`, in y's dtype; bf16 rounded to nearest even
+inline void put8(const Tensor& y, int64_t at, __m256 v, int64_t valid) {
+  if (valid <= 0) return;
+  const int64_t n = std::min<int64_t>(valid, 8);
+  alignas(32) uint16_t h[8];
+  if (y.scalar_type() == at::kFloat) {
+    alignas(32) float f[8];
+    _mm256_store_ps(f, v);
+    std::memcpy(y.data_ptr<float>() + at, f, n * sizeof(float));
+    return;
+  } else if (y.scalar_type() == at::kBFloat16) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i round = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1)),
+                                           _mm256_set1_epi32(0x7FFF));
+    const __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, round), 16);   // 8 x 16 bits, in 32-bit lanes
+    _mm_store_si128((__m128i*)h, _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1)));
+  } else {
+    _mm_store_si128((__m128i*)h, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  std::memcpy((uint16_t*)y.data_ptr() + at, h, n * sizeof(uint16_t));
+}
+
+// sum of a chunk half's 8 rows x 4 columns: int8 codes + 128 (w) against 4 bytes of x broadcast, into int32 lanes
+inline __m256i dot8(__m256i w, __m256i x) {
+  const __m256i s = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));   // signed codes
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(x, s)), _mm256_set1_epi16(1));
+}
+
+// one block of 16 weight rows (r) against row m of x; each 64-byte chunk is two halves: rows 0-7, rows 8-15
+void int8_row(const Quantized& q, const uint8_t* rows, const float* S, int64_t K, int64_t r, int64_t m,
+              const Tensor& y, int64_t n_out) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+  for (int64_t b = 0; b < K / BLOCK; b++) {
+    const int32_t* xq = (const int32_t*)(q.xq.data() + m * K) + b * 8;
+    const uint8_t* chunk = rows + b * 8 * 64;
+    __m256i d0 = _mm256_setzero_si256(), d1 = d0;
+    for (int c = 0; c < 8; c++) {
+      const __m256i x = _mm256_set1_epi32(xq[c]);
+      d0 = _mm256_add_epi32(d0, dot8(_mm256_loadu_si256((const __m256i*)(chunk + c * 64)), x));
+      d1 = _mm256_add_epi32(d1, dot8(_mm256_loadu_si256((const __m256i*)(chunk + c * 64 + 32)), x));
+    }
+    const __m256 xs = _mm256_set1_ps(q.scale[m * K / BLOCK + b]);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), xs, acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), xs, acc1);
+  }
+  put8(y, m * n_out + r * 16, _mm256_mul_ps(acc0, _mm256_loadu_ps(S + r * 16)), n_out - r * 16);
+  put8(y, m * n_out + r * 16 + 8, _mm256_mul_ps(acc1, _mm256_loadu_ps(S + r * 16 + 8)), n_out - r * 16 - 8);
+}
+
+// w: [N16/16, K/4, 64] uint8, codes + 128, 16 rows interleaved; scales: [N16] fp32 (cpu_kernels.cpp's layout)
+Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t n_out) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0), N16 = blocks * 16;
+  TORCH_CHECK(x.dim() == 2 && K % BLOCK == 0, "zoofast int8_gemv: x must be [M, K], K % 32 == 0");
+  check_inputs(x, w);
+  TORCH_CHECK(w.dim() == 3 && w.size(1) * 4 == K && w.size(2) == 64 && n_out <= N16,
+              "zoofast int8_gemv: weight [N/16, K/4, 64] for x's K");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N16, "zoofast int8_gemv: fp32 scales [N16]");
+  const Quantized& q = quantize(x);
+  Tensor y = at::empty({M, n_out}, x.options());
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  const float* S = scales.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+      for (int64_t m = 0; m < M; m++) int8_row(q, W + r * (K / 4) * 64, S, K, r, m, y, n_out);
+  });
+  return y;
+}
+
+inline __m256 load_bf16(const uint16_t* p) {   // 8 bf16 values as fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// one block of 16 weight rows against row m of x, PG blocks of 32 columns a group (cpu_kernels.cpp's int4_tile)
+template <int PG>
+void int4_row(const Quantized& q, const uint8_t* rows, int64_t K, int64_t r, int64_t m, const Tensor& y,
+              int64_t n_out) {
+  constexpr int64_t group_bytes = 64 + PG * 256;   // 16 scales and 16 zeros (bf16), then the group's codes
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 out0 = _mm256_setzero_ps(), out1 = out0;
+  for (int64_t g = 0; g < K / (PG * BLOCK); g++) {
+    const uint8_t* group = rows + g * group_bytes;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+    float xsum = 0;
+    for (int j = 0; j < PG; j++) {
+      const int64_t b = g * PG + j;
+      const int32_t* xb = (const int32_t*)(q.xq.data() + m * K + b * BLOCK);
+      __m256i s0 = _mm256_setzero_si256(), s1 = s0;   // int16: 8 products a lane at most, |.| <= 8 * 15 * 127
+      for (int c = 0; c < 4; c++) {
+        const uint8_t* chunk = group + 64 + (j * 4 + c) * 64;
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)chunk);
+        const __m256i v1 = _mm256_loadu_si256((const __m256i*)(chunk + 32));
+        const __m256i xl = _mm256_set1_epi32(xb[2 * c]), xh = _mm256_set1_epi32(xb[2 * c + 1]);
+        s0 = _mm256_add_epi16(s0, _mm256_add_epi16(
+            _mm256_maddubs_epi16(_mm256_and_si256(v0, low), xl),
+            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low), xh)));
+        s1 = _mm256_add_epi16(s1, _mm256_add_epi16(
+            _mm256_maddubs_epi16(_mm256_and_si256(v1, low), xl),
+            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low), xh)));
+      }
+      const __m256 xs = _mm256_set1_ps(q.scale[m * K / BLOCK + b]);
+      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s0, ones)), xs, acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s1, ones)), xs, acc1);
+      xsum += q.block_sum[m * K / BLOCK + b];
+    }
+    const uint16_t* sz = (const uint16_t*)group;
+    const __m256 xsv = _mm256_set1_ps(xsum), minus8 = _mm256_set1_ps(-8.f);
+    const __m256 s0 = load_bf16(sz), s1 = load_bf16(sz + 8);
+    const __m256 z0 = _mm256_fmadd_ps(s0, minus8, load_bf16(sz + 16)), z1 = _mm256_fmadd_ps(s1, minus8, load_bf16(sz + 24));
+    out0 = _mm256_fmadd_ps(z0, xsv, _mm256_fmadd_ps(acc0, s0, out0));
+    out1 = _mm256_fmadd_ps(z1, xsv, _mm256_fmadd_ps(acc1, s1, out1));
+  }
+  put8(y, m * n_out + r * 16, out0, n_out - r * 16);
+  put8(y, m * n_out + r * 16 + 8, out1, n_out - r * 16 - 8);
+}
+
+// w: [N16/16, K/g, 64 + 8g] uint8 (cpu_kernels.cpp's layout)
+Tensor int4_gemv(const Tensor& x, const Tensor& w, int64_t groupsize, int64_t n_out) {
+  const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0);
+  TORCH_CHECK(x.dim() == 2 && K % BLOCK == 0, "zoofast int4_gemv: x must be [M, K], K % 32 == 0");
+  check_inputs(x, w);
+  TORCH_CHECK(groupsize == 32 || groupsize == 64 || groupsize == 128 || groupsize == 256,
+              "zoofast int4_gemv: groupsize 32, 64, 128 or 256");
+  TORCH_CHECK(K % groupsize == 0 && w.dim() == 3 && w.size(1) == K / groupsize && w.size(2) == 64 + 8 * groupsize &&
+              w.scalar_type() == at::kByte && n_out <= blocks * 16,
+              "zoofast int4_gemv: weight [N/16, K/g, 64 + 8g] uint8 for x's K");
+  const Quantized& q = quantize(x);
+  Tensor y = at::empty({M, n_out}, x.options());
+  const uint8_t* W = w.data_ptr<uint8_t>();
+  const int64_t block_bytes = w.size(1) * w.size(2);
+  auto row = groupsize == 32 ? int4_row<1> : groupsize == 64 ? int4_row<2> : groupsize == 128 ? int4_row<4>
+                                                                                              : int4_row<8>;
+  at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++)
+      for (int64_t m = 0; m < M; m++) row(q, W + r * block_bytes, K, r, m, y, n_out);
+  });
+  return y;
+}
+
+}  // namespace
+
+#ifndef OPS
+#define OPS zoofast_kernels
+#endif
+TORCH_LIBRARY(OPS, m) {
+  m.def("int8_gemv(Tensor x, Tensor w, Tensor scales, int n_out) -> Tensor");
+  m.def("int4_gemv(Tensor x, Tensor w, int groupsize, int n_out) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(OPS, CPU, m) {
+  m.impl("int8_gemv", int8_gemv);
+  m.impl("int4_gemv", int4_gemv);
+}
