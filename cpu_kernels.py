@@ -1,10 +1,11 @@
 # cpu_kernels.cpp built for this machine, once: the int8 and int4 decode GEMVs with activations quantized on the fly
 # (llama.cpp's VNNI trick), the bf16 one, and decode attention over a KV cache (static or paged). Built with the
 # system's g++ against the installed torch into ~/.cache/zoofast (about 15 s the first time), loaded from there after.
-# Where the CPU has AVX2 but no AVX512-VNNI, cpu_kernels_avx2.cpp's int8 and int4 GEMVs instead (the same layouts);
-# bf16 and attention then run torch's kernels. available() is False where the CPU has neither, g++ is missing, the
-# build fails (one line says why) or ZOOFAST_KERNELS=0: linears then use torch's own kernels (oneDNN's for bf16),
-# attention model.attend_one. ZOOFAST_KERNELS=avx2 takes the AVX2 build on an AVX-512 CPU too (tests, comparisons).
+# Where the CPU has AVX2 but no AVX512-VNNI, cpu_kernels_avx2.cpp's GEMVs instead (int8 and int4 on the same
+# layouts, bf16); attention then runs model.attend_one. available() is False where the CPU has neither, g++ is
+# missing, the build fails (one line says why) or ZOOFAST_KERNELS=0: linears then use torch's own kernels (oneDNN's
+# for bf16), attention model.attend_one. ZOOFAST_KERNELS=avx2 takes the AVX2 build on an AVX-512 CPU too (tests and
+# comparisons).
 import functools
 import hashlib
 import os
@@ -87,7 +88,7 @@ def library(name: str, ops: str = "zoofast_kernels") -> bool:
 
 @functools.cache
 def available() -> bool:
-    """A build loaded: its int8 and int4 GEMVs run here (the bf16 one and attention need the AVX-512 build)."""
+    """A build loaded: its int8 and int4 GEMVs run here (load("bf16") and attends() say what else)."""
     return isa() is not None and library(isa())
 
 
@@ -100,12 +101,12 @@ def _register_fakes(name: str):
     def _(x, w, groupsize, n_out):
         return x.new_empty(x.shape[0], n_out)
 
-    if name != "avx512":   # the AVX2 build has the two GEMVs alone
-        return
-
     @torch.library.register_fake("zoofast_kernels::bf16_gemv")
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])
+
+    if name != "avx512":   # the AVX2 build has the GEMVs alone
+        return
 
     @torch.library.register_fake("zoofast_kernels::attend")
     def _(q, k, v, at, mask, scale):
@@ -113,9 +114,9 @@ def _register_fakes(name: str):
 
 
 def load(kind: str = "int") -> bool:
-    """available() (kind "bf16": the AVX-512 build, on a CPU with AVX512-BF16), with the ops' shapes registered for
-    torch.compile."""
-    if not available() or kind == "bf16" and (isa() != "avx512" or "avx512_bf16" not in cpu_flags()):
+    """available() (kind "bf16": and the bf16 GEMV runs: the AVX2 build's, or the AVX-512 one's on a CPU with
+    AVX512-BF16), with the ops' shapes registered for torch.compile."""
+    if not available() or kind == "bf16" and isa() == "avx512" and "avx512_bf16" not in cpu_flags():
         return False
     if not getattr(load, "done", False):
         _register_fakes(isa())

@@ -1,12 +1,12 @@
-# CPU bf16/fp16 linears. Where cpu_kernels.cpp builds with AVX512-BF16, a bf16 linear keeps the checkpoint's own
-# row-major weight (a tied head is the embedding itself; huge_pages copies it once onto 2 MB pages) and its decode
-# GEMVs run through
-# cpu_kernels.cpp's bf16 GEMV (vdpbf16ps), prefill's GEMMs through oneDNN as nn.Linear does (as fast from this layout
-# as from a packed one at 256 rows). Elsewhere (fp16, or no kernel) each weight is reordered once into oneDNN's
-# blocked layout, which reads a 7B model's GEMVs at 24 GB/s against 17 GB/s from row-major, and the original is
-# freed: eager prefill and every compiled graph share that one copy. Inductor's freezing reaches the same kernels
-# by prepacking inside each graph, which keeps one copy per graph plus the original: 3.5x the weights' bytes at
-# 1.5B, and no 7B bf16 model in 24 GB.
+# CPU bf16/fp16 linears. Where cpu_kernels builds a bf16 GEMV (cpu_kernels.cpp's vdpbf16ps on AVX512-BF16, or
+# cpu_kernels_avx2.cpp's FMAs on AVX2), a bf16 linear keeps the checkpoint's own row-major weight (a tied head is the
+# embedding itself; huge_pages copies it once onto 2 MB pages) and its decode GEMVs run through that, prefill's GEMMs
+# through oneDNN as nn.Linear does (as fast from this layout as from a packed one at 256 rows), or, where the CPU has
+# no bf16 instructions, through fp32 GEMMs on blocks of the weight widened in turn. Elsewhere (fp16, or no kernel)
+# each weight is reordered once into oneDNN's blocked layout, which reads a 7B model's GEMVs at 24 GB/s against
+# 17 GB/s from row-major, and the original is freed: eager prefill and every compiled graph share that one copy.
+# Inductor's freezing reaches the same kernels by prepacking inside each graph, which keeps one copy per graph plus
+# the original: 3.5x the weights' bytes at 1.5B, and no 7B bf16 model in 24 GB.
 import collections
 import ctypes
 import itertools
@@ -67,24 +67,42 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
 
 
+# rows of a bf16 weight widened to fp32 at a time, where oneDNN has no native bf16 GEMM (fp32_linear)
+FP32_ROWS = 4096
+
+
+def fp32_linear(x: Tensor, weight: Tensor, bias) -> Tensor:
+    """x @ weight^T in fp32 GEMMs, FP32_ROWS rows of the bf16 weight widened at a time (a 7B head whole would be
+    2 GB): where the CPU has no bf16 instructions torch's bf16 GEMM runs 6-7x slower than this (a 256-row prefill of
+    a 1536x576 linear on a Zen 3, AVX2: 25 ms against 3.4)."""
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    y = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    for i in range(0, weight.shape[0], FP32_ROWS):
+        y[:, i: i + FP32_ROWS] = x2 @ weight[i: i + FP32_ROWS].float().t()
+    y = y.view(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
 class Bf16Linear(nn.Module):
-    """nn.Linear's own weight, decode through cpu_kernels.cpp's bf16 GEMV."""
+    """nn.Linear's own weight, decode through cpu_kernels' bf16 GEMV; prefill's GEMMs through oneDNN where it has
+    bf16 natively, else fp32_linear."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
+        self.native = can_pack(torch.bfloat16)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
         if rows > cpu_kernels.GEMV_ROWS:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.weight, self.bias) if self.native else fp32_linear(x, self.weight, self.bias)
         y = torch.ops.zoofast_kernels.bf16_gemv(x.reshape(rows, self.in_features).contiguous(), self.weight)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, cpu_kernels.cpp bf16 GEMV"
+        return f"in_features={self.in_features}, out_features={self.out_features}, cpu_kernels' bf16 GEMV"
 
 
 def use_kernel(linear: nn.Linear) -> bool:

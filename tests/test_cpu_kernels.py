@@ -18,13 +18,27 @@ pytestmark = pytest.mark.skipif(not kernels.load(), reason="no AVX2 CPU (or no g
 needs_attend = pytest.mark.skipif(not kernels.attends(64), reason="attention runs torch's kernels: no AVX512-VNNI")
 
 
-@pytest.fixture(params=[name for name, (_, _, flags) in kernels.BUILDS.items() if flags <= kernels.cpu_flags()])
-def ops(request):
-    """The int8/int4 GEMVs of each build this CPU runs: the one loaded as torch.ops.zoofast_kernels, others apart."""
-    if request.param == kernels.isa():
+RUNS = [name for name, (_, _, flags) in kernels.BUILDS.items() if flags <= kernels.cpu_flags()]
+
+
+def ops_of(name: str):
+    """A build's ops: the one loaded as torch.ops.zoofast_kernels, others apart (as torch.ops.zoofast_NAME)."""
+    if name == kernels.isa():
         return torch.ops.zoofast_kernels
-    assert kernels.library(request.param, f"zoofast_{request.param}")
-    return getattr(torch.ops, f"zoofast_{request.param}")
+    assert kernels.library(name, f"zoofast_{name}")
+    return getattr(torch.ops, f"zoofast_{name}")
+
+
+@pytest.fixture(params=RUNS)
+def ops(request):
+    """The int8/int4 GEMVs of each build this CPU runs."""
+    return ops_of(request.param)
+
+
+@pytest.fixture(params=[n for n in RUNS if n != "avx512" or "avx512_bf16" in kernels.cpu_flags()])
+def bf16_ops(request):
+    """The bf16 GEMV of each build this CPU runs (the AVX-512 one's needs AVX512-BF16)."""
+    return ops_of(request.param)
 
 
 def quantized_activations(x: torch.Tensor):
@@ -180,32 +194,27 @@ def test_int4_gemv_refuses_what_it_cannot_take(ops):
         ops.int4_gemv(torch.zeros(1, 64), packed.view(torch.int8), 32, 16)
 
 
-needs_bf16 = pytest.mark.skipif(not kernels.load("bf16"), reason="no AVX512-BF16: oneDNN runs bf16 linears")
-
-
-@needs_bf16
 @pytest.mark.parametrize("M, N, K", [(1, 1, 32), (1, 1536, 576), (3, 200, 96), (8, 576, 1536), (2, 49, 4096),
                                      (9, 7, 64), (16, 1536, 576), (13, 33, 96)])
-def test_bf16_gemv_is_the_product_rounded_once(M, N, K):
+def test_bf16_gemv_is_the_product_rounded_once(M, N, K, bf16_ops):
     g = torch.Generator().manual_seed(N + K)
     w = torch.randn(N, K, generator=g).to(torch.bfloat16)
     x = (torch.randn(M, K, generator=g) * torch.linspace(0.1, 4, K)).to(torch.bfloat16)
-    y = torch.ops.zoofast_kernels.bf16_gemv(x, w)
+    y = bf16_ops.bf16_gemv(x, w)
     exact = x.double() @ w.double().t()
     assert y.dtype == torch.bfloat16 and y.shape == (M, N)
     # fp32 sums of exact bf16 products, rounded to bf16 once: within a bf16 rounding of the exact product
     torch.testing.assert_close(y.double(), exact, rtol=2 ** -8, atol=1e-5 * exact.abs().max().item())
-    rows = torch.cat([torch.ops.zoofast_kernels.bf16_gemv(x[i: i + 1], w) for i in range(M)])
+    rows = torch.cat([bf16_ops.bf16_gemv(x[i: i + 1], w) for i in range(M)])
     assert torch.equal(y, rows)
 
 
-@needs_bf16
-def test_bf16_gemv_refuses_what_it_cannot_take():
+def test_bf16_gemv_refuses_what_it_cannot_take(bf16_ops):
     with pytest.raises(RuntimeError, match="K % 32"):
-        torch.ops.zoofast_kernels.bf16_gemv(torch.zeros(1, 48, dtype=torch.bfloat16),
-                                            torch.zeros(4, 48, dtype=torch.bfloat16))
+        bf16_ops.bf16_gemv(torch.zeros(1, 48, dtype=torch.bfloat16),
+                           torch.zeros(4, 48, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="bf16 tensors"):
-        torch.ops.zoofast_kernels.bf16_gemv(torch.zeros(1, 64), torch.zeros(4, 64, dtype=torch.bfloat16))
+        bf16_ops.bf16_gemv(torch.zeros(1, 64), torch.zeros(4, 64, dtype=torch.bfloat16))
 
 
 @torch.no_grad()
