@@ -1,8 +1,8 @@
 // cpu_kernels.cpp's decode GEMVs for CPUs with AVX2 but no AVX-512 (Zen 2/3, Intel's client cores before and without
 // it): int8 and int4 on the same weight layouts (cpu_kernels.int8_layout / int4_layout) with the same arithmetic
 // (activations quantized on the fly to int8 in blocks of 32), each 64-byte chunk as two 256-bit halves (output rows
-// 0-7 and 8-15 of a row block); bf16 on the checkpoint's row-major weights, widened to fp32 for FMAs (no bf16 dot in
-// AVX2). cpu_kernels.py builds this one where cpu_kernels.cpp's AVX-512 cannot run; decode attention is AVX-512 only
+// 0-7 and 8-15 of a row block), a prefill's rows 4 at a time; bf16 on the checkpoint's row-major weights, widened to
+// fp32 for FMAs (no bf16 dot in AVX2). cpu_kernels.py builds this one where cpu_kernels.cpp's AVX-512 cannot run; decode attention is AVX-512 only
 // (torch's kernels run here).
 //
 // AVX2 has no VNNI dot: vpmaddubsw multiplies unsigned by signed bytes into int16 pair sums, vpmaddwd adds pairs
@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 using at::Tensor;
@@ -128,32 +129,52 @@ inline void put8(const Tensor& y, int64_t at, __m256 v, int64_t valid) {
   std::memcpy((uint16_t*)y.data_ptr() + at, h, n * sizeof(uint16_t));
 }
 
-// sum of a chunk half's 8 rows x 4 columns: int8 codes + 128 (w) against 4 bytes of x broadcast, into int32 lanes
-inline __m256i dot8(__m256i w, __m256i x) {
-  const __m256i s = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));   // signed codes
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(s), _mm256_sign_epi8(x, s)), _mm256_set1_epi16(1));
-}
-
-// one block of 16 weight rows (r) against row m of x; each 64-byte chunk is two halves: rows 0-7, rows 8-15
-void int8_row(const Quantized& q, const uint8_t* rows, const float* S, int64_t K, int64_t r, int64_t m,
-              const Tensor& y, int64_t n_out) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+// One block of 16 weight rows (r) against MT rows of x (m0...): each 64-byte chunk is two halves (output rows 0-7,
+// 8-15), each half loaded, signed (the + 128 flipped off) and made absolute once for the MT rows; x's 4 bytes take
+// the weights' signs (vpsignb), so vpmaddubsw's pairs stay within 2 * 128 * 127
+template <int MT>
+void int8_tile(const Quantized& q, const uint8_t* rows, const float* S, int64_t K, int64_t r, int64_t m0,
+               const Tensor& y, int64_t n_out) {
+  const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+  __m256 acc[MT][2];
+  for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < K / BLOCK; b++) {
-    const int32_t* xq = (const int32_t*)(q.xq.data() + m * K) + b * 8;
     const uint8_t* chunk = rows + b * 8 * 64;
     for (int c = 0; c < 8; c++) _mm_prefetch((const char*)(chunk + c * 64 + AHEAD), _MM_HINT_T0);
-    __m256i d0 = _mm256_setzero_si256(), d1 = d0;
+    __m256i d[MT][2];
+    for (int i = 0; i < MT; i++) d[i][0] = d[i][1] = _mm256_setzero_si256();
     for (int c = 0; c < 8; c++) {
-      const __m256i x = _mm256_set1_epi32(xq[c]);
-      d0 = _mm256_add_epi32(d0, dot8(_mm256_loadu_si256((const __m256i*)(chunk + c * 64)), x));
-      d1 = _mm256_add_epi32(d1, dot8(_mm256_loadu_si256((const __m256i*)(chunk + c * 64 + 32)), x));
+      __m256i x[MT];
+      for (int i = 0; i < MT; i++) x[i] = _mm256_set1_epi32(((const int32_t*)(q.xq.data() + (m0 + i) * K))[b * 8 + c]);
+      for (int h = 0; h < 2; h++) {
+        const __m256i s = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(chunk + c * 64 + h * 32)), flip);
+        const __m256i a = _mm256_abs_epi8(s);
+        for (int i = 0; i < MT; i++)
+          d[i][h] = _mm256_add_epi32(d[i][h], _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(x[i], s)),
+                                                                ones));
+      }
     }
-    const __m256 xs = _mm256_set1_ps(q.scale[m * K / BLOCK + b]);
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), xs, acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), xs, acc1);
+    for (int i = 0; i < MT; i++) {
+      const __m256 xs = _mm256_set1_ps(q.scale[(m0 + i) * K / BLOCK + b]);
+      for (int h = 0; h < 2; h++) acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i][h]), xs, acc[i][h]);
+    }
   }
-  put8(y, m * n_out + r * 16, _mm256_mul_ps(acc0, _mm256_loadu_ps(S + r * 16)), n_out - r * 16);
-  put8(y, m * n_out + r * 16 + 8, _mm256_mul_ps(acc1, _mm256_loadu_ps(S + r * 16 + 8)), n_out - r * 16 - 8);
+  for (int i = 0; i < MT; i++)
+    for (int h = 0; h < 2; h++)
+      put8(y, (m0 + i) * n_out + r * 16 + 8 * h, _mm256_mul_ps(acc[i][h], _mm256_loadu_ps(S + r * 16 + 8 * h)),
+           n_out - r * 16 - 8 * h);
+}
+
+// rows m of y for one block of 16 weight rows, tiles of 4 rows of x (a prefill's weights loaded once for 4)
+template <typename Tile>
+void in_tiles(int64_t M, Tile tile) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>(), m);
+  switch (M - m) {
+    case 3: tile(std::integral_constant<int, 3>(), m); break;
+    case 2: tile(std::integral_constant<int, 2>(), m); break;
+    case 1: tile(std::integral_constant<int, 1>(), m); break;
+  }
 }
 
 // w: [N16/16, K/4, 64] uint8, codes + 128, 16 rows interleaved; scales: [N16] fp32 (cpu_kernels.cpp's layout)
@@ -170,7 +191,7 @@ Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t
   const float* S = scales.data_ptr<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++)
-      for (int64_t m = 0; m < M; m++) int8_row(q, W + r * (K / 4) * 64, S, K, r, m, y, n_out);
+      in_tiles(M, [&](auto mt, int64_t m) { int8_tile<mt>(q, W + r * (K / 4) * 64, S, K, r, m, y, n_out); });
   });
   return y;
 }
@@ -179,49 +200,63 @@ inline __m256 load_bf16(const uint16_t* p) {   // 8 bf16 values as fp32
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
-// one block of 16 weight rows against row m of x, PG blocks of 32 columns a group (cpu_kernels.cpp's int4_tile)
-template <int PG>
-void int4_row(const Quantized& q, const uint8_t* rows, int64_t K, int64_t r, int64_t m, const Tensor& y,
-              int64_t n_out) {
+// one block of 16 weight rows against MT rows of x (m0...), PG blocks of 32 columns a group (cpu_kernels.cpp's
+// int4_tile): each half chunk's nibbles unpacked once for the MT rows
+template <int MT, int PG>
+void int4_tile(const Quantized& q, const uint8_t* rows, int64_t K, int64_t r, int64_t m0, const Tensor& y,
+               int64_t n_out) {
   constexpr int64_t group_bytes = 64 + PG * 256;   // 16 scales and 16 zeros (bf16), then the group's codes
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 out0 = _mm256_setzero_ps(), out1 = out0;
+  __m256 out[MT][2];
+  for (int i = 0; i < MT; i++) out[i][0] = out[i][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < K / (PG * BLOCK); g++) {
     const uint8_t* group = rows + g * group_bytes;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-    float xsum = 0;
+    __m256 acc[MT][2];
+    float xsum[MT];
+    for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps(), xsum[i] = 0;
     for (int j = 0; j < PG; j++) {
       const int64_t b = g * PG + j;
-      const int32_t* xb = (const int32_t*)(q.xq.data() + m * K + b * BLOCK);
-      __m256i s0 = _mm256_setzero_si256(), s1 = s0;   // int16: 8 products a lane at most, |.| <= 8 * 15 * 127
+      __m256i s[MT][2];   // int16: 8 products a lane at most, |.| <= 8 * 15 * 127
+      for (int i = 0; i < MT; i++) s[i][0] = s[i][1] = _mm256_setzero_si256();
       for (int c = 0; c < 4; c++) {
         const uint8_t* chunk = group + 64 + (j * 4 + c) * 64;
         _mm_prefetch((const char*)(chunk + AHEAD), _MM_HINT_T0);
-        const __m256i v0 = _mm256_loadu_si256((const __m256i*)chunk);
-        const __m256i v1 = _mm256_loadu_si256((const __m256i*)(chunk + 32));
-        const __m256i xl = _mm256_set1_epi32(xb[2 * c]), xh = _mm256_set1_epi32(xb[2 * c + 1]);
-        s0 = _mm256_add_epi16(s0, _mm256_add_epi16(
-            _mm256_maddubs_epi16(_mm256_and_si256(v0, low), xl),
-            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v0, 4), low), xh)));
-        s1 = _mm256_add_epi16(s1, _mm256_add_epi16(
-            _mm256_maddubs_epi16(_mm256_and_si256(v1, low), xl),
-            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v1, 4), low), xh)));
+        __m256i xl[MT], xh[MT];
+        for (int i = 0; i < MT; i++) {
+          const int32_t* xb = (const int32_t*)(q.xq.data() + (m0 + i) * K + b * BLOCK);
+          xl[i] = _mm256_set1_epi32(xb[2 * c]), xh[i] = _mm256_set1_epi32(xb[2 * c + 1]);
+        }
+        for (int h = 0; h < 2; h++) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(chunk + 32 * h));
+          const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          for (int i = 0; i < MT; i++)
+            s[i][h] = _mm256_add_epi16(s[i][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl[i]),
+                                                                 _mm256_maddubs_epi16(hi, xh[i])));
+        }
       }
-      const __m256 xs = _mm256_set1_ps(q.scale[m * K / BLOCK + b]);
-      acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s0, ones)), xs, acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s1, ones)), xs, acc1);
-      xsum += q.block_sum[m * K / BLOCK + b];
+      for (int i = 0; i < MT; i++) {
+        const __m256 xs = _mm256_set1_ps(q.scale[(m0 + i) * K / BLOCK + b]);
+        for (int h = 0; h < 2; h++)
+          acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[i][h], ones)), xs, acc[i][h]);
+        xsum[i] += q.block_sum[(m0 + i) * K / BLOCK + b];
+      }
     }
     const uint16_t* sz = (const uint16_t*)group;
-    const __m256 xsv = _mm256_set1_ps(xsum), minus8 = _mm256_set1_ps(-8.f);
-    const __m256 s0 = load_bf16(sz), s1 = load_bf16(sz + 8);
-    const __m256 z0 = _mm256_fmadd_ps(s0, minus8, load_bf16(sz + 16));   // z - 8 s
-    const __m256 z1 = _mm256_fmadd_ps(s1, minus8, load_bf16(sz + 24));
-    out0 = _mm256_fmadd_ps(z0, xsv, _mm256_fmadd_ps(acc0, s0, out0));
-    out1 = _mm256_fmadd_ps(z1, xsv, _mm256_fmadd_ps(acc1, s1, out1));
+    for (int h = 0; h < 2; h++) {
+      const __m256 sc = load_bf16(sz + 8 * h);
+      const __m256 z8 = _mm256_fmadd_ps(sc, _mm256_set1_ps(-8.f), load_bf16(sz + 16 + 8 * h));   // z - 8 s
+      for (int i = 0; i < MT; i++)
+        out[i][h] = _mm256_fmadd_ps(z8, _mm256_set1_ps(xsum[i]), _mm256_fmadd_ps(acc[i][h], sc, out[i][h]));
+    }
   }
-  put8(y, m * n_out + r * 16, out0, n_out - r * 16);
-  put8(y, m * n_out + r * 16 + 8, out1, n_out - r * 16 - 8);
+  for (int i = 0; i < MT; i++)
+    for (int h = 0; h < 2; h++) put8(y, (m0 + i) * n_out + r * 16 + 8 * h, out[i][h], n_out - r * 16 - 8 * h);
+}
+
+template <int PG>
+void int4_rows(const Quantized& q, const uint8_t* rows, int64_t M, int64_t K, int64_t r, const Tensor& y,
+               int64_t n_out) {
+  in_tiles(M, [&](auto mt, int64_t m) { int4_tile<mt, PG>(q, rows, K, r, m, y, n_out); });
 }
 
 // w: [N16/16, K/g, 64 + 8g] uint8 (cpu_kernels.cpp's layout)
@@ -238,11 +273,10 @@ Tensor int4_gemv(const Tensor& x, const Tensor& w, int64_t groupsize, int64_t n_
   Tensor y = at::empty({M, n_out}, x.options());
   const uint8_t* W = w.data_ptr<uint8_t>();
   const int64_t block_bytes = w.size(1) * w.size(2);
-  auto row = groupsize == 32 ? int4_row<1> : groupsize == 64 ? int4_row<2> : groupsize == 128 ? int4_row<4>
-                                                                                              : int4_row<8>;
+  auto rows = groupsize == 32 ? int4_rows<1> : groupsize == 64 ? int4_rows<2> : groupsize == 128 ? int4_rows<4>
+                                                                                                  : int4_rows<8>;
   at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++)
-      for (int64_t m = 0; m < M; m++) row(q, W + r * block_bytes, K, r, m, y, n_out);
+    for (int64_t r = r0; r < r1; r++) rows(q, W + r * block_bytes, M, K, r, y, n_out);
   });
   return y;
 }
