@@ -1,8 +1,8 @@
 # cpu_kernels.cpp built for this machine, once: the int8 and int4 decode GEMVs with activations quantized on the fly
 # (llama.cpp's VNNI trick), the bf16 one, and decode attention over a KV cache (static or paged). Built with the
 # system's g++ against the installed torch into ~/.cache/zoofast (about 15 s the first time), loaded from there after.
-# Where the CPU has AVX2 but no AVX512-VNNI, cpu_kernels_avx2.cpp's GEMVs instead (int8 and int4 on the same
-# layouts, bf16); attention then runs model.attend_one. available() is False where the CPU has neither, g++ is
+# Where the CPU has AVX2 but no AVX512-VNNI, cpu_kernels_avx2.cpp instead: the same ops (int8 and int4 GEMVs on the
+# same layouts, bf16, attention) in 256-bit instructions. available() is False where the CPU has neither, g++ is
 # missing, the build fails (one line says why) or ZOOFAST_KERNELS=0: linears then use torch's own kernels (oneDNN's
 # for bf16), attention model.attend_one. ZOOFAST_KERNELS=avx2 takes the AVX2 build on an AVX-512 CPU too (tests and
 # comparisons).
@@ -88,11 +88,11 @@ def library(name: str, ops: str = "zoofast_kernels") -> bool:
 
 @functools.cache
 def available() -> bool:
-    """A build loaded: its int8 and int4 GEMVs run here (load("bf16") and attends() say what else)."""
+    """A build loaded: its int8 and int4 GEMVs and its attention run here (load("bf16"): its bf16 GEMV too)."""
     return isa() is not None and library(isa())
 
 
-def _register_fakes(name: str):
+def _register_fakes():
     @torch.library.register_fake("zoofast_kernels::int8_gemv")
     def _(x, w, scales, n_out):
         return x.new_empty(x.shape[0], n_out)
@@ -105,9 +105,6 @@ def _register_fakes(name: str):
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])
 
-    if name != "avx512":   # the AVX2 build has the GEMVs alone
-        return
-
     @torch.library.register_fake("zoofast_kernels::attend")
     def _(q, k, v, at, mask, scale):
         return q.new_empty(q.shape)
@@ -119,14 +116,14 @@ def load(kind: str = "int") -> bool:
     if not available() or kind == "bf16" and isa() == "avx512" and "avx512_bf16" not in cpu_flags():
         return False
     if not getattr(load, "done", False):
-        _register_fakes(isa())
+        _register_fakes()
         load.done = True
     return True
 
 
 def attends(head_dim: int) -> bool:
-    """cpu_kernels.cpp's decode attention serves a KV cache of this head size (on the CPU)."""
-    return head_dim % 32 == 0 and head_dim <= 256 and load() and isa() == "avx512"
+    """cpu_kernels' decode attention serves a KV cache of this head size (on the CPU)."""
+    return head_dim % 32 == 0 and head_dim <= 256 and load()
 
 
 # ---- the layout the kernel takes, from quantize.py's ---------------------------------------------------------

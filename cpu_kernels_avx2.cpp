@@ -2,8 +2,8 @@
 // it): int8 and int4 on the same weight layouts (cpu_kernels.int8_layout / int4_layout) with the same arithmetic
 // (activations quantized on the fly to int8 in blocks of 32), each 64-byte chunk as two 256-bit halves (output rows
 // 0-7 and 8-15 of a row block), a prefill's rows 4 at a time; bf16 on the checkpoint's row-major weights, widened to
-// fp32 for FMAs (no bf16 dot in AVX2). cpu_kernels.py builds this one where cpu_kernels.cpp's AVX-512 cannot run; decode attention is AVX-512 only
-// (torch's kernels run here).
+// fp32 for FMAs (no bf16 dot in AVX2); and decode attention over a KV cache. cpu_kernels.py builds this one where
+// cpu_kernels.cpp's AVX-512 cannot run.
 //
 // AVX2 has no VNNI dot: vpmaddubsw multiplies unsigned by signed bytes into int16 pair sums, vpmaddwd adds pairs
 // of those into int32 (llama.cpp's AVX2 dots):
@@ -17,6 +17,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -344,6 +345,146 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
   return y;
 }
 
+// Decode attention, as cpu_kernels.cpp's attend (the same operands, checks and results within a rounding): q [B, H,
+// D] against a static cache [B', Hkv, N, D] (row b in cache row at[b]) or a paged pool [Hkv, N, D] (row b's
+// positions at slots at[b, :]), mask [B, 1 or H, S] bool or additive. A task is a (row, KV head, run of keys); each
+// query head's scores are plain dot products (a horizontal sum a key: at decode's few heads and positions the keys
+// stay in L2 for the G heads), the softmax in fp32, each run's maximum, sum and unnormalized output merged at the end.
+template <typename T>
+inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(p);
+  else if constexpr (std::is_same_v<T, at::BFloat16>) return load_bf16((const uint16_t*)p);
+  else return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+}
+
+struct Attend {
+  const int64_t* at;
+  bool paged;
+  const bool* Mb;
+  const float* Mf;
+  int64_t H, Hkv, N, S, D, Hm;
+  float scale;
+};
+
+// keys s0..s1-1 of row b, KV head h, for its G query heads: m[g] (largest score), l[g] (sum of e^(score - m)), o[g]
+// (D floats: sum of e^(score - m) v)
+template <typename T>
+void attend_run(const Attend& a, const T* Q, const T* K, const T* V, int64_t b, int64_t h, int64_t s0, int64_t s1,
+                float* m, float* l, float* o) {
+  const int64_t G = a.H / a.Hkv, D = a.D, n = s1 - s0;
+  thread_local std::vector<float> p, qf;
+  p.resize(n);
+  qf.resize(D);
+  const int64_t base = a.paged ? h * a.N : (a.at[b] * a.Hkv + h) * a.N;
+  auto row = [&](int64_t s) { return (base + (a.paged ? a.at[b * a.S + s] : s)) * D; };
+  for (int64_t g = 0; g < G; g++) {
+    const T* qg = Q + (b * a.H + h * G + g) * D;
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(&qf[d], load8(qg + d));
+    const int64_t mi = (b * a.Hm + (a.Hm == 1 ? 0 : h * G + g)) * a.S + s0;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+      if (a.Mb && !a.Mb[mi + j]) {
+        p[j] = -INFINITY;
+        continue;
+      }
+      const T* k = K + row(s0 + j);
+      __m256 acc0 = _mm256_mul_ps(_mm256_loadu_ps(&qf[0]), load8(k)), acc1 = _mm256_setzero_ps();
+      for (int64_t d = 8; d < D; d += 16) {
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d]), load8(k + d), acc1);
+        if (d + 8 < D) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d + 8]), load8(k + d + 8), acc0);
+      }
+      p[j] = hsum(_mm256_add_ps(acc0, acc1)) * a.scale + (a.Mf ? a.Mf[mi + j] : 0.0f);
+      top = std::max(top, p[j]);
+    }
+    m[g] = top;
+    float* og = o + g * D;
+    std::fill(og, og + D, 0.0f);
+    if (top == -INFINITY) {   // nothing attended in this run
+      l[g] = 0;
+      continue;
+    }
+    float sum = 0;
+    for (int64_t j = 0; j < n; j++) sum += p[j] = p[j] == -INFINITY ? 0.0f : std::exp(p[j] - top);
+    l[g] = sum;
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {   // 64 output elements (8 registers) a pass over the values
+      const int64_t w = std::min<int64_t>(64, D - d0);
+      __m256 acc[8];
+      for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n; j++) {
+        if (p[j] == 0.0f) continue;   // masked or underflowed: its value is never read
+        const __m256 e = _mm256_set1_ps(p[j]);
+        const T* v = V + row(s0 + j) + d0;
+        for (int c = 0; c < w / 8; c++) acc[c] = _mm256_fmadd_ps(e, load8(v + 8 * c), acc[c]);
+      }
+      for (int c = 0; c < w / 8; c++) _mm256_storeu_ps(og + d0 + 8 * c, acc[c]);
+    }
+  }
+}
+
+Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& at, const Tensor& mask,
+              double scale) {
+  const bool paged = k.dim() == 3;
+  TORCH_CHECK(q.dim() == 3 && (paged || k.dim() == 4) && v.sizes() == k.sizes() && mask.dim() == 3 &&
+              at.size(0) == q.size(0) && mask.size(0) == q.size(0) && at.dim() == (paged ? 2 : 1) &&
+              (!paged || at.size(1) == mask.size(2)) && (paged || mask.size(2) <= k.size(2)) &&
+              k.size(-1) == q.size(2) && q.size(1) % k.size(-3) == 0 &&
+              (mask.size(1) == 1 || mask.size(1) == q.size(1)) && q.size(2) % 32 == 0 && q.size(2) <= 256,
+              "zoofast attend: q [B, H, D], k and v [B', Hkv, N, D] with at [B] (cache rows) or [Hkv, N, D] with at "
+              "[B, S] (slots), mask [B, 1 or H, S], D % 32 == 0, D <= 256");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+              at.scalar_type() == at::kLong && q.device().is_cpu() && k.is_contiguous() && v.is_contiguous(),
+              "zoofast attend: CPU tensors, k and v contiguous in q's dtype, at int64");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(-3), S = mask.size(2), G = H / Hkv;
+  Tensor qc = q.contiguous(), ac = at.contiguous(), out = at::empty({B, H, D}, q.options());
+  const int64_t* where = ac.data_ptr<int64_t>();
+  const int64_t bound = paged ? k.size(1) : k.size(0);
+  TORCH_CHECK(std::all_of(where, where + ac.numel(), [&](int64_t i) { return 0 <= i && i < bound; }),
+              "zoofast attend: a cache row or slot out of range");
+  Tensor mb = mask.scalar_type() == at::kBool ? mask.contiguous() : Tensor();
+  Tensor mf = mb.defined() ? Tensor() : mask.to(at::kFloat).contiguous();
+  const Attend a{where, paged, mb.defined() ? mb.data_ptr<bool>() : nullptr,
+                 mf.defined() ? mf.data_ptr<float>() : nullptr, H, Hkv, k.size(-2), S, D, mask.size(1), float(scale)};
+  // runs of keys: 8 tasks a thread where B * Hkv is small, none under 32 keys
+  const int64_t want = 8 * at::get_num_threads(), runs = std::clamp<int64_t>(want / (B * Hkv), 1, (S + 31) / 32);
+  const int64_t len = (S + runs - 1) / runs, tasks = B * Hkv * runs;
+  std::vector<float> m(tasks * G), l(tasks * G), o(tasks * G * D);
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const T *Q = qc.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
+    at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; i++) {
+        const int64_t bh = i / runs, s0 = i % runs * len;
+        if (s0 < S) attend_run<T>(a, Q, K, V, bh / Hkv, bh % Hkv, s0, std::min(S, s0 + len), &m[i * G], &l[i * G],
+                                  &o[i * G * D]);
+        else for (int64_t g = 0; g < G; g++) m[i * G + g] = -INFINITY, l[i * G + g] = 0;
+      }
+    });
+    T* O = out.data_ptr<T>();
+    for (int64_t bh = 0; bh < B * Hkv; bh++)   // merge the runs: each scaled by e^(its maximum - the maximum)
+      for (int64_t g = 0; g < G; g++) {
+        float top = -INFINITY, total = 0;
+        for (int64_t r = 0; r < runs; r++) top = std::max(top, m[(bh * runs + r) * G + g]);
+        std::vector<float> y(D, 0.0f);
+        for (int64_t r = 0; r < runs; r++) {
+          const int64_t t = (bh * runs + r) * G + g;
+          if (m[t] == -INFINITY) continue;
+          const float w = std::exp(m[t] - top);
+          total += w * l[t];
+          for (int64_t d = 0; d < D; d++) y[d] += w * o[t * D + d];
+        }
+        const float inv = total > 0 ? 1.0f / total : 0.0f;   // nothing attended: all zero
+        for (int64_t d = 0; d < D; d++) O[(bh * G + g) * D + d] = T(y[d] * inv);
+      }
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run(float(0)); break;
+    case at::kBFloat16: run(at::BFloat16(0)); break;
+    case at::kHalf: run(at::Half(0)); break;
+    default: TORCH_CHECK(false, "zoofast attend: fp32, bf16 or fp16 tensors");
+  }
+  return out;
+}
+
 }  // namespace
 
 #ifndef OPS
@@ -353,10 +494,12 @@ TORCH_LIBRARY(OPS, m) {
   m.def("int8_gemv(Tensor x, Tensor w, Tensor scales, int n_out) -> Tensor");
   m.def("int4_gemv(Tensor x, Tensor w, int groupsize, int n_out) -> Tensor");
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
+  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor at, Tensor mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(OPS, CPU, m) {
   m.impl("int8_gemv", int8_gemv);
   m.impl("int4_gemv", int4_gemv);
   m.impl("bf16_gemv", bf16_gemv);
+  m.impl("attend", attend);
 }

@@ -1,9 +1,9 @@
-"""cpu_kernels.cpp's decode GEMVs (int8, int4, bf16) and decode attention, and cpu_kernels_avx2.cpp's int8 and int4
-GEMVs: what each computes (int8/int4: activations quantized in blocks of 32, emulated here in torch), how close that
+"""cpu_kernels.cpp's decode GEMVs (int8, int4, bf16) and decode attention, and cpu_kernels_avx2.cpp's (the same ops
+in AVX2): what each computes (int8/int4: activations quantized in blocks of 32, emulated here in torch), how close that
 stays to the float product, batched rows equal rows alone, compiled equals eager, and the fallback when it cannot be
-built. The int8/int4 GEMV tests run each build this CPU can run (an AVX-512 CPU runs the AVX2 one too). Skipped where
-the CPU has neither AVX2 nor AVX512-VNNI (then torch's kernels run, tested elsewhere); the bf16 GEMV's and
-attention's tests also where the AVX-512 build does not run (and the bf16 GEMV's where the CPU has no AVX512-BF16)."""
+built. The kernels' own tests run each build this CPU can run (an AVX-512 CPU runs the AVX2 one too; the AVX-512
+bf16 GEMV needs AVX512-BF16). Skipped where the CPU has neither AVX2 nor AVX512-VNNI (then torch's kernels run,
+tested elsewhere)."""
 import json
 
 import pytest
@@ -15,7 +15,6 @@ import quantize as Q
 from model import ModelArgs, Transformer
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason="no AVX2 CPU (or no g++): torch's kernels run")
-needs_attend = pytest.mark.skipif(not kernels.attends(64), reason="attention runs torch's kernels: no AVX512-VNNI")
 
 
 RUNS = [name for name, (_, _, flags) in kernels.BUILDS.items() if flags <= kernels.cpu_flags()]
@@ -31,7 +30,7 @@ def ops_of(name: str):
 
 @pytest.fixture(params=RUNS)
 def ops(request):
-    """The int8/int4 GEMVs of each build this CPU runs."""
+    """The int8/int4 GEMVs and attention of each build this CPU runs."""
     return ops_of(request.param)
 
 
@@ -268,11 +267,10 @@ def reference_attention(q, k, v, mask):
     return torch.einsum("bhs,bhsd->bhd", weights, v)
 
 
-@needs_attend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B, H, Hkv, D, N, S", [(1, 9, 3, 64, 300, 257), (3, 8, 8, 128, 40, 33),
                                                 (2, 4, 1, 32, 2100, 2048), (2, 6, 2, 256, 100, 77)])
-def test_attend_reads_a_static_cache_in_place(dtype, B, H, Hkv, D, N, S):
+def test_attend_reads_a_static_cache_in_place(dtype, B, H, Hkv, D, N, S, ops):
     """One query a head against cache rows `at` (any order), positions 0..S-1 of a longer cache: runs of keys split
     across threads, tails of blocks of 16, grouped heads, masks with holes, an ALiBi bias, a row attending nothing."""
     torch.manual_seed(0)
@@ -284,40 +282,38 @@ def test_attend_reads_a_static_cache_in_place(dtype, B, H, Hkv, D, N, S):
     bias = torch.randn(B, H, S, dtype=dtype)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     for m in (mask, bias):
-        out = torch.ops.zoofast_kernels.attend(q, k, v, rows, m, D ** -0.5)
+        out = ops.attend(q, k, v, rows, m, D ** -0.5)
         want = reference_attention(q, k[rows, :, :S], v[rows, :, :S], m)
         assert out.dtype == dtype and out.shape == q.shape
         torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
-    assert out[-1].abs().sum() > 0 and torch.ops.zoofast_kernels.attend(q, k, v, rows, mask, 1.0)[-1].eq(0).all()
+    assert out[-1].abs().sum() > 0 and ops.attend(q, k, v, rows, mask, 1.0)[-1].eq(0).all()
 
 
-@needs_attend
-def test_attend_reads_a_paged_pool_at_its_slots():
+def test_attend_reads_a_paged_pool_at_its_slots(ops):
     torch.manual_seed(0)
     B, H, Hkv, D, slots, S = 2, 8, 2, 64, 160, 70
     q, k, v = torch.randn(B, H, D), torch.randn(Hkv, slots, D), torch.randn(Hkv, slots, D)
     at = torch.stack([torch.randperm(slots)[:S] for _ in range(B)])
     mask = torch.arange(S) < torch.tensor([[[S]], [[31]]])
-    out = torch.ops.zoofast_kernels.attend(q, k, v, at, mask, D ** -0.5)
+    out = ops.attend(q, k, v, at, mask, D ** -0.5)
     gathered = lambda t: t[:, at].transpose(0, 1)  # noqa: E731   [B, Hkv, S, D]
-    torch.testing.assert_close(out.double(), reference_attention(q, gathered(k), gathered(v), mask))
+    torch.testing.assert_close(out.double(), reference_attention(q, gathered(k), gathered(v), mask), rtol=1e-6,
+                               atol=1e-6)   # fp32 arithmetic against fp64
 
 
-@needs_attend
-def test_attend_refuses_what_it_cannot_take():
+def test_attend_refuses_what_it_cannot_take(ops):
     q, k, mask = torch.zeros(1, 4, 64), torch.zeros(2, 2, 16, 64), torch.ones(1, 1, 8, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="out of range"):
-        torch.ops.zoofast_kernels.attend(q, k, k, torch.tensor([2]), mask, 1.0)
+        ops.attend(q, k, k, torch.tensor([2]), mask, 1.0)
     with pytest.raises(RuntimeError, match="D % 32 == 0"):
-        torch.ops.zoofast_kernels.attend(torch.zeros(1, 4, 48), torch.zeros(2, 2, 16, 48), torch.zeros(2, 2, 16, 48),
+        ops.attend(torch.zeros(1, 4, 48), torch.zeros(2, 2, 16, 48), torch.zeros(2, 2, 16, 48),
                                          torch.tensor([0]), mask, 1.0)
     with pytest.raises(RuntimeError, match="D % 32 == 0"):   # more positions attended than the cache holds
-        torch.ops.zoofast_kernels.attend(q, k, k, torch.tensor([0]), torch.ones(1, 1, 17, dtype=torch.bool), 1.0)
+        ops.attend(q, k, k, torch.tensor([0]), torch.ones(1, 1, 17, dtype=torch.bool), 1.0)
     with pytest.raises(RuntimeError, match="in q's dtype"):
-        torch.ops.zoofast_kernels.attend(q, k.bfloat16(), k.bfloat16(), torch.tensor([0]), mask, 1.0)
+        ops.attend(q, k.bfloat16(), k.bfloat16(), torch.tensor([0]), mask, 1.0)
 
 
-@needs_attend
 @torch.no_grad()
 def test_decode_through_the_attention_kernel_gives_attend_ones_logits(tmp_path):
     """A static cache's decode steps through cpu_kernels' attend (load_model's default here) give the logits of
@@ -354,10 +350,9 @@ def test_each_kernels_fake_gives_the_kernels_shapes_strides_and_dtype():
     int4 = kernels.int4_layout(torch.randint(0, 16, (40, 96), dtype=torch.uint8), torch.rand(96 // g, 40, 2))
     k, v = torch.randn(3, 2, 50, 64), torch.randn(3, 2, 50, 64)
     cases = [(torch.ops.zoofast_kernels.int8_gemv, (torch.randn(3, 96), *int8, 40)),
-             (torch.ops.zoofast_kernels.int4_gemv, (torch.randn(3, 96).bfloat16(), int4, g, 40))]
-    if kernels.attends(64):
-        cases.append((torch.ops.zoofast_kernels.attend, (torch.randn(2, 4, 64), k, v, torch.tensor([2, 0]),
-                                                         torch.ones(2, 1, 33, dtype=torch.bool), 0.125)))
+             (torch.ops.zoofast_kernels.int4_gemv, (torch.randn(3, 96).bfloat16(), int4, g, 40)),
+             (torch.ops.zoofast_kernels.attend, (torch.randn(2, 4, 64), k, v, torch.tensor([2, 0]),
+                                                 torch.ones(2, 1, 33, dtype=torch.bool), 0.125))]
     if kernels.load("bf16"):
         cases.append((torch.ops.zoofast_kernels.bf16_gemv, (torch.randn(3, 96).bfloat16(),
                                                             torch.randn(40, 96).bfloat16())))
