@@ -340,14 +340,9 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
   return y;
 }
 
-// Decode attention: one query per row and head, q [B, H, D], against keys and values where they lie, in a static
-// cache [B', Hkv, N, D] (row b's positions 0..S-1 in cache row at[b], at [B]) or a paged one's pool [Hkv, N, D] (a
-// server's, model.PagedKVCache: row b's positions at slots at[b], at [B, S]); mask [B, Hm, S] (Hm 1 or H): bool
-// (attended or not) or an additive bias (ALiBi). Each key and value is read once, in place (gathering them first
-// would copy every row's cache each step); the softmax in fp32. -> [B, H, D], q's dtype.
-// A task is a (row, KV head, run of keys): its G query heads meet each block of 16 keys and values while it is in
-// L1; a long cache is split into runs so that both cores have work when B * Hkv is small (flash-decoding: each run
-// keeps its own maximum, sum and unnormalized output; the runs are merged at the end).
+// Decode attention (the operands, the runs and their merge: cpu_kernels_attend.h). A task's G query heads meet each
+// block of 16 keys and values while it is in L1.
+#include "cpu_kernels_attend.h"
 
 // 32 elements as two fp32 vectors, in an order of their own: bf16 even elements then odd ones (a shift and a mask,
 // no shuffle: Zen 4 runs 512-bit shuffles at half rate), fp32 and fp16 first 16 then next 16. A dot product of two
@@ -388,15 +383,6 @@ inline __m512 exp_nonpositive(__m512 x) {
   for (float c : {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, y, _mm512_set1_ps(c));
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), _mm512_scalef_ps(p, n));
 }
-
-struct Attend {   // one call's operands
-  const int64_t* at;                    // [B]: cache rows (static), or [B, S]: slots (paged)
-  bool paged;
-  const bool* Mb;                       // the mask, bool, or
-  const float* Mf;                      // additive
-  int64_t H, Hkv, N, S, D, Hm;
-  float scale;
-};
 
 // 16 vectors -> one: lane j the sum of v[j]'s lanes (a tree of shuffles, 46 instructions against 16 x 8)
 inline __m512 sum16(const __m512* v) {
@@ -517,70 +503,12 @@ void attend_run(const Attend& a, const T* Q, const T* K, const T* V, int64_t b, 
 
 Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& at, const Tensor& mask,
               double scale) {
-  const bool paged = k.dim() == 3;
-  TORCH_CHECK(q.dim() == 3 && (paged || k.dim() == 4) && v.sizes() == k.sizes() && mask.dim() == 3 &&
-              at.size(0) == q.size(0) && mask.size(0) == q.size(0) && at.dim() == (paged ? 2 : 1) &&
-              (!paged || at.size(1) == mask.size(2)) && (paged || mask.size(2) <= k.size(2)) &&
-              k.size(-1) == q.size(2) && q.size(1) % k.size(-3) == 0 &&
-              (mask.size(1) == 1 || mask.size(1) == q.size(1)) && q.size(2) % 32 == 0 && q.size(2) <= 256,
-              "zoofast attend: q [B, H, D], k and v [B', Hkv, N, D] with at [B] (cache rows) or [Hkv, N, D] with at "
-              "[B, S] (slots), mask [B, 1 or H, S], D % 32 == 0, D <= 256");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
-              at.scalar_type() == at::kLong && q.device().is_cpu() && k.is_contiguous() && v.is_contiguous(),
-              "zoofast attend: CPU tensors, k and v contiguous in q's dtype, at int64");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(-3), S = mask.size(2), G = H / Hkv;
-  Tensor qc = q.contiguous(), ac = at.contiguous(), out = at::empty({B, H, D}, q.options());
-  const int64_t* where = ac.data_ptr<int64_t>();
-  const int64_t bound = paged ? k.size(1) : k.size(0);   // slots of the pool, or rows of the cache
-  TORCH_CHECK(std::all_of(where, where + ac.numel(), [&](int64_t i) { return 0 <= i && i < bound; }),
-              "zoofast attend: a cache row or slot out of range");
-  Tensor mb = mask.scalar_type() == at::kBool ? mask.contiguous() : Tensor();
-  Tensor mf = mb.defined() ? Tensor() : mask.to(at::kFloat).contiguous();
-  const Attend a{where, paged, mb.defined() ? mb.data_ptr<bool>() : nullptr,
-                 mf.defined() ? mf.data_ptr<float>() : nullptr, H, Hkv, k.size(-2), S, D, mask.size(1), float(scale)};
-  // runs of keys: enough tasks for every thread (8 a thread, so that uneven runs even out), none under 32 keys
-  const int64_t want = 8 * at::get_num_threads(), runs = std::clamp<int64_t>(want / (B * Hkv), 1, (S + 31) / 32);
-  const int64_t len = (S + runs - 1) / runs, tasks = B * Hkv * runs;
-  std::vector<float> m(tasks * G), l(tasks * G), o(tasks * G * D);
-  auto run = [&](auto zero) {
+  return attend_with(q, k, v, at, mask, scale, [](auto zero, int64_t D) {
     using T = decltype(zero);
-    const T *Q = qc.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
     decltype(&attend_run<T, 1>) runners[] = {attend_run<T, 1>, attend_run<T, 2>, attend_run<T, 3>, attend_run<T, 4>,
                                              attend_run<T, 5>, attend_run<T, 6>, attend_run<T, 7>, attend_run<T, 8>};
-    const auto runner = runners[D / 32 - 1];
-    at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; i++) {
-        const int64_t bh = i / runs, s0 = i % runs * len;
-        if (s0 < S) runner(a, Q, K, V, bh / Hkv, bh % Hkv, s0, std::min(S, s0 + len), &m[i * G], &l[i * G],
-                           &o[i * G * D]);
-        else for (int64_t g = 0; g < G; g++) m[i * G + g] = -INFINITY, l[i * G + g] = 0;
-      }
-    });
-    T* O = out.data_ptr<T>();
-    std::vector<float> y(D);
-    for (int64_t bh = 0; bh < B * Hkv; bh++)   // merge the runs: each scaled by e^(its maximum - the maximum)
-      for (int64_t g = 0; g < G; g++) {
-        float top = -INFINITY, total = 0;
-        for (int64_t r = 0; r < runs; r++) top = std::max(top, m[(bh * runs + r) * G + g]);
-        std::fill(y.begin(), y.end(), 0.0f);
-        for (int64_t r = 0; r < runs; r++) {
-          const int64_t t = (bh * runs + r) * G + g;
-          if (m[t] == -INFINITY) continue;
-          const float w = std::exp(m[t] - top);
-          total += w * l[t];
-          for (int64_t d = 0; d < D; d++) y[d] += w * o[t * D + d];
-        }
-        const float inv = total > 0 ? 1.0f / total : 0.0f;   // nothing attended: all zero
-        for (int64_t d = 0; d < D; d++) O[(bh * G + g) * D + d] = T(y[d] * inv);
-      }
-  };
-  switch (q.scalar_type()) {
-    case at::kFloat: run(float(0)); break;
-    case at::kBFloat16: run(at::BFloat16(0)); break;
-    case at::kHalf: run(at::Half(0)); break;
-    default: TORCH_CHECK(false, "zoofast attend: fp32, bf16 or fp16 tensors");
-  }
-  return out;
+    return runners[D / 32 - 1];
+  });
 }
 
 }  // namespace

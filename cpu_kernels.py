@@ -18,6 +18,7 @@ import torch
 import cli
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HEADER = SOURCE.with_name("cpu_kernels_attend.h")   # decode attention's driver, included by both builds
 # bf16 inputs of up to this many rows (decode, a verify, a server's batch) run the bf16 GEMV; oneDNN's GEMM wins above
 GEMV_ROWS = 16
 # each build: its source, g++'s flags, the CPU flags it needs (/proc/cpuinfo's names); the first this CPU has is taken
@@ -73,7 +74,8 @@ def build(out: Path, name: str = "avx512", ops: str = "zoofast_kernels"):
 def library(name: str, ops: str = "zoofast_kernels") -> bool:
     """BUILDS[name] built (once per machine, torch version and source) and loaded, its ops as torch.ops.<ops>."""
     source, flags, _ = BUILDS[name]
-    key = hashlib.sha256(source.read_bytes() + " ".join([torch.__version__, *flags, ops]).encode()).hexdigest()[:16]
+    text = source.read_bytes() + HEADER.read_bytes()
+    key = hashlib.sha256(text + " ".join([torch.__version__, *flags, ops]).encode()).hexdigest()[:16]
     lib = cache_dir() / f"{source.stem}-{key}.so"
     try:
         if not lib.exists():

@@ -345,11 +345,11 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
   return y;
 }
 
-// Decode attention, as cpu_kernels.cpp's attend (the same operands, checks and results within a rounding): q [B, H,
-// D] against a static cache [B', Hkv, N, D] (row b in cache row at[b]) or a paged pool [Hkv, N, D] (row b's
-// positions at slots at[b, :]), mask [B, 1 or H, S] bool or additive. A task is a (row, KV head, run of keys); each
-// query head's scores are plain dot products (a horizontal sum a key: at decode's few heads and positions the keys
-// stay in L2 for the G heads), the softmax in fp32, each run's maximum, sum and unnormalized output merged at the end.
+// Decode attention (the operands, the runs and their merge: cpu_kernels_attend.h). A task's query heads' scores are
+// plain dot products (a horizontal sum a key: at decode's few heads and positions the keys stay in L2 for the G
+// heads), the softmax in fp32.
+#include "cpu_kernels_attend.h"
+
 template <typename T>
 inline __m256 load8(const T* p) {
   if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(p);
@@ -357,14 +357,6 @@ inline __m256 load8(const T* p) {
   else return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
 }
 
-struct Attend {
-  const int64_t* at;
-  bool paged;
-  const bool* Mb;
-  const float* Mf;
-  int64_t H, Hkv, N, S, D, Hm;
-  float scale;
-};
 
 // keys s0..s1-1 of row b, KV head h, for its G query heads: m[g] (largest score), l[g] (sum of e^(score - m)), o[g]
 // (D floats: sum of e^(score - m) v)
@@ -423,66 +415,7 @@ void attend_run(const Attend& a, const T* Q, const T* K, const T* V, int64_t b, 
 
 Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& at, const Tensor& mask,
               double scale) {
-  const bool paged = k.dim() == 3;
-  TORCH_CHECK(q.dim() == 3 && (paged || k.dim() == 4) && v.sizes() == k.sizes() && mask.dim() == 3 &&
-              at.size(0) == q.size(0) && mask.size(0) == q.size(0) && at.dim() == (paged ? 2 : 1) &&
-              (!paged || at.size(1) == mask.size(2)) && (paged || mask.size(2) <= k.size(2)) &&
-              k.size(-1) == q.size(2) && q.size(1) % k.size(-3) == 0 &&
-              (mask.size(1) == 1 || mask.size(1) == q.size(1)) && q.size(2) % 32 == 0 && q.size(2) <= 256,
-              "zoofast attend: q [B, H, D], k and v [B', Hkv, N, D] with at [B] (cache rows) or [Hkv, N, D] with at "
-              "[B, S] (slots), mask [B, 1 or H, S], D % 32 == 0, D <= 256");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
-              at.scalar_type() == at::kLong && q.device().is_cpu() && k.is_contiguous() && v.is_contiguous(),
-              "zoofast attend: CPU tensors, k and v contiguous in q's dtype, at int64");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(-3), S = mask.size(2), G = H / Hkv;
-  Tensor qc = q.contiguous(), ac = at.contiguous(), out = at::empty({B, H, D}, q.options());
-  const int64_t* where = ac.data_ptr<int64_t>();
-  const int64_t bound = paged ? k.size(1) : k.size(0);
-  TORCH_CHECK(std::all_of(where, where + ac.numel(), [&](int64_t i) { return 0 <= i && i < bound; }),
-              "zoofast attend: a cache row or slot out of range");
-  Tensor mb = mask.scalar_type() == at::kBool ? mask.contiguous() : Tensor();
-  Tensor mf = mb.defined() ? Tensor() : mask.to(at::kFloat).contiguous();
-  const Attend a{where, paged, mb.defined() ? mb.data_ptr<bool>() : nullptr,
-                 mf.defined() ? mf.data_ptr<float>() : nullptr, H, Hkv, k.size(-2), S, D, mask.size(1), float(scale)};
-  // runs of keys: 8 tasks a thread where B * Hkv is small, none under 32 keys
-  const int64_t want = 8 * at::get_num_threads(), runs = std::clamp<int64_t>(want / (B * Hkv), 1, (S + 31) / 32);
-  const int64_t len = (S + runs - 1) / runs, tasks = B * Hkv * runs;
-  std::vector<float> m(tasks * G), l(tasks * G), o(tasks * G * D);
-  auto run = [&](auto zero) {
-    using T = decltype(zero);
-    const T *Q = qc.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
-    at::parallel_for(0, tasks, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; i++) {
-        const int64_t bh = i / runs, s0 = i % runs * len;
-        if (s0 < S) attend_run<T>(a, Q, K, V, bh / Hkv, bh % Hkv, s0, std::min(S, s0 + len), &m[i * G], &l[i * G],
-                                  &o[i * G * D]);
-        else for (int64_t g = 0; g < G; g++) m[i * G + g] = -INFINITY, l[i * G + g] = 0;
-      }
-    });
-    T* O = out.data_ptr<T>();
-    for (int64_t bh = 0; bh < B * Hkv; bh++)   // merge the runs: each scaled by e^(its maximum - the maximum)
-      for (int64_t g = 0; g < G; g++) {
-        float top = -INFINITY, total = 0;
-        for (int64_t r = 0; r < runs; r++) top = std::max(top, m[(bh * runs + r) * G + g]);
-        std::vector<float> y(D, 0.0f);
-        for (int64_t r = 0; r < runs; r++) {
-          const int64_t t = (bh * runs + r) * G + g;
-          if (m[t] == -INFINITY) continue;
-          const float w = std::exp(m[t] - top);
-          total += w * l[t];
-          for (int64_t d = 0; d < D; d++) y[d] += w * o[t * D + d];
-        }
-        const float inv = total > 0 ? 1.0f / total : 0.0f;   // nothing attended: all zero
-        for (int64_t d = 0; d < D; d++) O[(bh * G + g) * D + d] = T(y[d] * inv);
-      }
-  };
-  switch (q.scalar_type()) {
-    case at::kFloat: run(float(0)); break;
-    case at::kBFloat16: run(at::BFloat16(0)); break;
-    case at::kHalf: run(at::Half(0)); break;
-    default: TORCH_CHECK(false, "zoofast attend: fp32, bf16 or fp16 tensors");
-  }
-  return out;
+  return attend_with(q, k, v, at, mask, scale, [](auto zero, int64_t) { return attend_run<decltype(zero)>; });
 }
 
 }  // namespace
