@@ -357,7 +357,6 @@ inline __m256 load8(const T* p) {
   else return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
 }
 
-
 // keys s0..s1-1 of row b, KV head h, for its G query heads: m[g] (largest score), l[g] (sum of e^(score - m)), o[g]
 // (D floats: sum of e^(score - m) v)
 template <typename T>
