@@ -36,6 +36,8 @@ namespace {
 
 constexpr int64_t BLOCK = 32;
 
+#include "cpu_kernels_shared.h"   // each op's operand checks, decode attention's driver
+
 // one row of x (K floats) -> xq (int8), scale (K/32: xs_b, each block's), block_sum (K/32: xs_b * sum_b(xq));
 // returns the sum of block_sum
 float quantize_row(const float* x, int64_t K, int8_t* xq, float* scale, float* block_sum) {
@@ -94,12 +96,6 @@ const Quantized& quantize(const Tensor& x) {
   return q;
 }
 
-void check_inputs(const Tensor& x, const Tensor& w) {
-  TORCH_CHECK(w.is_contiguous() && x.is_contiguous() && x.device().is_cpu(), "zoofast gemv: contiguous CPU tensors");
-  auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "zoofast gemv: fp32, bf16 or fp16 x");
-}
-
 // 16 floats (the first `valid` of them) into y at flat index `at`, in y's dtype; bf16 rounded to nearest even
 inline void put16(const Tensor& y, int64_t at, __m512 v, int64_t valid) {
   __mmask16 k = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
@@ -148,11 +144,7 @@ void int8_tile(const Quantized& q, const uint8_t* rows, const float* S, int64_t 
 // 4c + t); scales: [N16] fp32
 Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t n_out) {
   int64_t M = x.size(0), K = x.size(1), blocks = w.size(0), N16 = blocks * 16;
-  TORCH_CHECK(x.dim() == 2 && K % BLOCK == 0, "zoofast int8_gemv: x must be [M, K], K % 32 == 0");
-  check_inputs(x, w);
-  TORCH_CHECK(w.dim() == 3 && w.size(1) * 4 == K && w.size(2) == 64 && n_out <= N16,
-              "zoofast int8_gemv: weight [N/16, K/4, 64] for x's K");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N16, "zoofast int8_gemv: fp32 scales [N16]");
+  check_int8_gemv(x, w, scales, n_out);
   const Quantized& q = quantize(x);
   Tensor y = at::empty({M, n_out}, x.options());
   const uint8_t* W = w.data_ptr<uint8_t>();
@@ -238,13 +230,7 @@ void int4_rows(const Quantized& q, const uint8_t* rows, int64_t M, int64_t K, in
 // scales in a tensor of their own, [K/g, 2, N16], at g = 32 and 1.5B shapes)
 Tensor int4_gemv(const Tensor& x, const Tensor& w, int64_t groupsize, int64_t n_out) {
   int64_t M = x.size(0), K = x.size(1), blocks = w.size(0);
-  TORCH_CHECK(x.dim() == 2 && K % BLOCK == 0, "zoofast int4_gemv: x must be [M, K], K % 32 == 0");
-  check_inputs(x, w);
-  TORCH_CHECK(groupsize == 32 || groupsize == 64 || groupsize == 128 || groupsize == 256,
-              "zoofast int4_gemv: groupsize 32, 64, 128 or 256");
-  TORCH_CHECK(K % groupsize == 0 && w.dim() == 3 && w.size(1) == K / groupsize && w.size(2) == 64 + 8 * groupsize &&
-              w.scalar_type() == at::kByte && n_out <= blocks * 16,
-              "zoofast int4_gemv: weight [N/16, K/g, 64 + 8g] uint8 for x's K");
+  check_int4_gemv(x, w, groupsize, n_out);
   const Quantized& q = quantize(x);
   Tensor y = at::empty({M, n_out}, x.options());
   const uint8_t* W = w.data_ptr<uint8_t>();
@@ -328,10 +314,7 @@ void bf16_rows(const uint16_t* X, const uint16_t* W, uint16_t* Y, int64_t M, int
 // y[m, n] = x[m] . w[n]; cpu_kernels.py calls it only where the CPU has AVX512-BF16
 Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
   int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == K && K % 32 == 0,
-              "zoofast bf16_gemv: x [M, K], w [N, K], K % 32 == 0");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
-              w.is_contiguous() && x.device().is_cpu(), "zoofast bf16_gemv: contiguous CPU bf16 tensors");
+  check_bf16_gemv(x, w);
   Tensor y = at::empty({M, N}, x.options());
   const uint16_t* X = (const uint16_t*)x.data_ptr<at::BFloat16>();
   const uint16_t* W = (const uint16_t*)w.data_ptr<at::BFloat16>();
@@ -340,10 +323,8 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
   return y;
 }
 
-// Decode attention (the operands, the runs and their merge: cpu_kernels_attend.h). A task's G query heads meet each
+// Decode attention (the operands, the runs and their merge: cpu_kernels_shared.h). A task's G query heads meet each
 // block of 16 keys and values while it is in L1.
-#include "cpu_kernels_attend.h"
-
 // 32 elements as two fp32 vectors, in an order of their own: bf16 even elements then odd ones (a shift and a mask,
 // no shuffle: Zen 4 runs 512-bit shuffles at half rate), fp32 and fp16 first 16 then next 16. A dot product of two
 // rows loaded alike needs no order; an output (put32) is put back in place

@@ -18,7 +18,7 @@ import torch
 import cli
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-HEADER = SOURCE.with_name("cpu_kernels_attend.h")   # decode attention's driver, included by both builds
+HEADER = SOURCE.with_name("cpu_kernels_shared.h")   # the ops' checks, attention's driver: in both builds
 # bf16 inputs of up to this many rows (decode, a verify, a server's batch) run the bf16 GEMV; oneDNN's GEMM wins above
 GEMV_ROWS = 16
 # each build: its source, g++'s flags, the CPU flags it needs (/proc/cpuinfo's names); the first this CPU has is taken

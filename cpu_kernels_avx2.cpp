@@ -28,6 +28,9 @@ using at::Tensor;
 namespace {
 
 constexpr int64_t BLOCK = 32;
+
+#include "cpu_kernels_shared.h"   // each op's operand checks, decode attention's driver
+
 // software prefetch this many bytes ahead of each thread's weight stream: Zen 3's own prefetchers leave the decode
 // GEMVs of the default model at ~55% of the machine's streaming read; best of 15 on its 30 layers: int4 3.06-3.40 ->
 // 2.51-2.68 ms, int8 4.27-4.48 -> 3.98-4.05 (2048 bytes ahead), bf16 7.74-8.27 -> 7.37-8.00 (1024)
@@ -100,12 +103,6 @@ const Quantized& quantize(const Tensor& x) {   // this thread's buffers, reused 
                  q.block_sum.data() + m * K / BLOCK);
   }
   return q;
-}
-
-void check_inputs(const Tensor& x, const Tensor& w) {
-  TORCH_CHECK(w.is_contiguous() && x.is_contiguous() && x.device().is_cpu(), "zoofast gemv: contiguous CPU tensors");
-  auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "zoofast gemv: fp32, bf16 or fp16 x");
 }
 
 // the first `valid` of 8 floats into y at flat index `at`, in y's dtype; bf16 rounded to nearest even
@@ -181,11 +178,7 @@ void in_tiles(int64_t M, Tile tile) {
 // w: [N16/16, K/4, 64] uint8, codes + 128, 16 rows interleaved; scales: [N16] fp32 (cpu_kernels.cpp's layout)
 Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t n_out) {
   const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0), N16 = blocks * 16;
-  TORCH_CHECK(x.dim() == 2 && K % BLOCK == 0, "zoofast int8_gemv: x must be [M, K], K % 32 == 0");
-  check_inputs(x, w);
-  TORCH_CHECK(w.dim() == 3 && w.size(1) * 4 == K && w.size(2) == 64 && n_out <= N16,
-              "zoofast int8_gemv: weight [N/16, K/4, 64] for x's K");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N16, "zoofast int8_gemv: fp32 scales [N16]");
+  check_int8_gemv(x, w, scales, n_out);
   const Quantized& q = quantize(x);
   Tensor y = at::empty({M, n_out}, x.options());
   const uint8_t* W = w.data_ptr<uint8_t>();
@@ -263,13 +256,7 @@ void int4_rows(const Quantized& q, const uint8_t* rows, int64_t M, int64_t K, in
 // w: [N16/16, K/g, 64 + 8g] uint8 (cpu_kernels.cpp's layout)
 Tensor int4_gemv(const Tensor& x, const Tensor& w, int64_t groupsize, int64_t n_out) {
   const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0);
-  TORCH_CHECK(x.dim() == 2 && K % BLOCK == 0, "zoofast int4_gemv: x must be [M, K], K % 32 == 0");
-  check_inputs(x, w);
-  TORCH_CHECK(groupsize == 32 || groupsize == 64 || groupsize == 128 || groupsize == 256,
-              "zoofast int4_gemv: groupsize 32, 64, 128 or 256");
-  TORCH_CHECK(K % groupsize == 0 && w.dim() == 3 && w.size(1) == K / groupsize && w.size(2) == 64 + 8 * groupsize &&
-              w.scalar_type() == at::kByte && n_out <= blocks * 16,
-              "zoofast int4_gemv: weight [N/16, K/g, 64 + 8g] uint8 for x's K");
+  check_int4_gemv(x, w, groupsize, n_out);
   const Quantized& q = quantize(x);
   Tensor y = at::empty({M, n_out}, x.options());
   const uint8_t* W = w.data_ptr<uint8_t>();
@@ -324,10 +311,7 @@ void bf16_rows(const float* xs, const uint16_t* W, uint16_t* Y, int64_t M, int64
 // y[m, n] = x[m] . w[n], fp32 sums rounded to bf16 once
 Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == K && K % 32 == 0,
-              "zoofast bf16_gemv: x [M, K], w [N, K], K % 32 == 0");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
-              w.is_contiguous() && x.device().is_cpu(), "zoofast bf16_gemv: contiguous CPU bf16 tensors");
+  check_bf16_gemv(x, w);
   thread_local std::vector<float> xs;
   xs.resize(M * K);
   const uint16_t* X = (const uint16_t*)x.data_ptr<at::BFloat16>();
@@ -345,11 +329,9 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
   return y;
 }
 
-// Decode attention (the operands, the runs and their merge: cpu_kernels_attend.h). A task's query heads' scores are
+// Decode attention (the operands, the runs and their merge: cpu_kernels_shared.h). A task's query heads' scores are
 // plain dot products (a horizontal sum a key: at decode's few heads and positions the keys stay in L2 for the G
 // heads), the softmax in fp32.
-#include "cpu_kernels_attend.h"
-
 template <typename T>
 inline __m256 load8(const T* p) {
   if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(p);

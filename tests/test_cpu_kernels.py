@@ -306,8 +306,8 @@ def test_attend_refuses_what_it_cannot_take(ops):
     with pytest.raises(RuntimeError, match="out of range"):
         ops.attend(q, k, k, torch.tensor([2]), mask, 1.0)
     with pytest.raises(RuntimeError, match="D % 32 == 0"):
-        ops.attend(torch.zeros(1, 4, 48), torch.zeros(2, 2, 16, 48), torch.zeros(2, 2, 16, 48),
-                                         torch.tensor([0]), mask, 1.0)
+        ops.attend(torch.zeros(1, 4, 48), torch.zeros(2, 2, 16, 48), torch.zeros(2, 2, 16, 48), torch.tensor([0]),
+                   mask, 1.0)
     with pytest.raises(RuntimeError, match="D % 32 == 0"):   # more positions attended than the cache holds
         ops.attend(q, k, k, torch.tensor([0]), torch.ones(1, 1, 17, dtype=torch.bool), 1.0)
     with pytest.raises(RuntimeError, match="in q's dtype"):

@@ -1,5 +1,44 @@
-// Decode attention's driver, shared by cpu_kernels.cpp and cpu_kernels_avx2.cpp (each includes it inside its own
-// anonymous namespace, after its system headers, and brings its own attend_run): one query per row and head, q [B, H,
+// What both builds share (each includes this inside its own anonymous namespace, after its system headers): the
+// operand checks of each op, so that both refuse alike, and decode attention's driver.
+
+// the decode GEMVs' operands: x [M, K] (fp32, bf16 or fp16; K % 32 == 0), w in the kernel's layout (cpu_kernels.py)
+void check_inputs(const Tensor& x, const Tensor& w) {
+  TORCH_CHECK(w.is_contiguous() && x.is_contiguous() && x.device().is_cpu(), "zoofast gemv: contiguous CPU tensors");
+  auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "zoofast gemv: fp32, bf16 or fp16 x");
+}
+
+// w: [N16/16, K/4, 64] uint8, scales: [N16] fp32
+void check_int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t n_out) {
+  const int64_t K = x.size(1), N16 = w.size(0) * 16;
+  TORCH_CHECK(x.dim() == 2 && K % 32 == 0, "zoofast int8_gemv: x must be [M, K], K % 32 == 0");
+  check_inputs(x, w);
+  TORCH_CHECK(w.dim() == 3 && w.size(1) * 4 == K && w.size(2) == 64 && n_out <= N16,
+              "zoofast int8_gemv: weight [N/16, K/4, 64] for x's K");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N16, "zoofast int8_gemv: fp32 scales [N16]");
+}
+
+// w: [N16/16, K/g, 64 + 8g] uint8
+void check_int4_gemv(const Tensor& x, const Tensor& w, int64_t groupsize, int64_t n_out) {
+  const int64_t K = x.size(1);
+  TORCH_CHECK(x.dim() == 2 && K % 32 == 0, "zoofast int4_gemv: x must be [M, K], K % 32 == 0");
+  check_inputs(x, w);
+  TORCH_CHECK(groupsize == 32 || groupsize == 64 || groupsize == 128 || groupsize == 256,
+              "zoofast int4_gemv: groupsize 32, 64, 128 or 256");
+  TORCH_CHECK(K % groupsize == 0 && w.dim() == 3 && w.size(1) == K / groupsize && w.size(2) == 64 + 8 * groupsize &&
+              w.scalar_type() == at::kByte && n_out <= w.size(0) * 16,
+              "zoofast int4_gemv: weight [N/16, K/g, 64 + 8g] uint8 for x's K");
+}
+
+// x [M, K], w [N, K], both contiguous bf16
+void check_bf16_gemv(const Tensor& x, const Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1) && x.size(1) % 32 == 0,
+              "zoofast bf16_gemv: x [M, K], w [N, K], K % 32 == 0");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x.is_contiguous() &&
+              w.is_contiguous() && x.device().is_cpu(), "zoofast bf16_gemv: contiguous CPU bf16 tensors");
+}
+
+// Decode attention's driver (each build brings its own attend_run): one query per row and head, q [B, H,
 // D], against keys and values where they lie, in a static cache [B', Hkv, N, D] (row b's positions 0..S-1 in cache
 // row at[b], at [B]) or a paged one's pool [Hkv, N, D] (a server's, model.PagedKVCache: row b's positions at slots
 // at[b], at [B, S]); mask [B, Hm, S] (Hm 1 or H): bool (attended or not) or an additive bias (ALiBi). Each key and
