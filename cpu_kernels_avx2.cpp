@@ -329,9 +329,11 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
   return y;
 }
 
-// Decode attention (the operands, the runs and their merge: cpu_kernels_shared.h). A task's query heads' scores are
-// plain dot products (a horizontal sum a key: at decode's few heads and positions the keys stay in L2 for the G
-// heads), the softmax in fp32.
+// Decode attention (the operands, the runs and their merge: cpu_kernels_shared.h). A run's keys go 8 at a time:
+// each widened to fp32 once into an L1 block, its G query heads' 8 dot products summed across lanes together
+// (hsum8), a block no head attends skipped; the softmax's exponentials 8 at a time (exp8); the values read once a
+// key for the G heads' outputs. At the default model's 128 positions the scalar form (a horizontal sum and a libm
+// expf a head and key, the keys read G times) took 31 us a call, most of it in expf.
 template <typename T>
 inline __m256 load8(const T* p) {
   if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(p);
@@ -339,57 +341,149 @@ inline __m256 load8(const T* p) {
   else return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
 }
 
+// the 8 lanes' sums of a[0..7], in order
+inline __m256 hsum8(const __m256* a) {
+  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+// e^x for x <= 0 (a score less the largest), Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-7
+// polynomial (~1 ulp), 2^n into the exponent bits; below -87.3 (e^x not normal), -inf included: 0
+inline __m256 exp8(__m256 x) {
+  const __m256 floor = _mm256_set1_ps(-87.3f), under = _mm256_cmp_ps(x, floor, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, floor);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);   // ln2 in two parts: r exact to float
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+  y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
+// out[g] (D floats) = sum over the keys j that some head uses of P[g * n8 + j] v_j, for GN heads from P's first:
+// passes over the values DC runs of 8 output elements at a time, the GN x DC sums in registers (at least 4 of
+// them: one FMA chain's latency would bound a single head's pass)
+template <int GN, typename T, typename Row>
+void attend_values(const float* P, int64_t n8, const uint8_t* used, int64_t n, const T* V, Row row, int64_t D,
+                   float* out) {
+  constexpr int DC = GN <= 2 ? 4 : GN <= 6 ? 2 : 1;   // D % 32 == 0: whole passes
+  for (int64_t d = 0; d < D; d += 8 * DC) {
+    __m256 acc[GN][DC];
+    for (int g = 0; g < GN; g++)
+      for (int c = 0; c < DC; c++) acc[g][c] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j++) {
+      if (!used[j]) continue;
+      const T* v = V + row(j) + d;
+      __m256 vd[DC];
+      for (int c = 0; c < DC; c++) vd[c] = load8(v + 8 * c);
+      for (int g = 0; g < GN; g++) {
+        const __m256 e = _mm256_broadcast_ss(P + g * n8 + j);
+        for (int c = 0; c < DC; c++) acc[g][c] = _mm256_fmadd_ps(e, vd[c], acc[g][c]);
+      }
+    }
+    for (int g = 0; g < GN; g++)
+      for (int c = 0; c < DC; c++) _mm256_storeu_ps(out + g * D + d + 8 * c, acc[g][c]);
+  }
+}
+
 // keys s0..s1-1 of row b, KV head h, for its G query heads: m[g] (largest score), l[g] (sum of e^(score - m)), o[g]
 // (D floats: sum of e^(score - m) v)
 template <typename T>
 void attend_run(const Attend& a, const T* Q, const T* K, const T* V, int64_t b, int64_t h, int64_t s0, int64_t s1,
                 float* m, float* l, float* o) {
-  const int64_t G = a.H / a.Hkv, D = a.D, n = s1 - s0;
-  thread_local std::vector<float> p, qf;
-  p.resize(n);
-  qf.resize(D);
+  const int64_t G = a.H / a.Hkv, D = a.D, n = s1 - s0, n8 = (n + 7) / 8 * 8;
+  thread_local std::vector<float> scores, queries, keys;
+  thread_local std::vector<T> zeros;
+  thread_local std::vector<uint8_t> uses;
+  scores.resize(G * n8);
+  queries.resize(G * D);
+  keys.resize(8 * D);
+  zeros.assign(D, T(0));
+  uses.resize(n);
+  // plain pointers: the intrinsics' stores may alias anything, a vector's own pointer too
+  float *const P = scores.data(), *const QF = queries.data(), *const KF = keys.data();
+  uint8_t* const used = uses.data();
   const int64_t base = a.paged ? h * a.N : (a.at[b] * a.Hkv + h) * a.N;
-  auto row = [&](int64_t s) { return (base + (a.paged ? a.at[b * a.S + s] : s)) * D; };
-  for (int64_t g = 0; g < G; g++) {
-    const T* qg = Q + (b * a.H + h * G + g) * D;
-    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(&qf[d], load8(qg + d));
-    const int64_t mi = (b * a.Hm + (a.Hm == 1 ? 0 : h * G + g)) * a.S + s0;
-    float top = -INFINITY;
-    for (int64_t j = 0; j < n; j++) {
-      if (a.Mb && !a.Mb[mi + j]) {
-        p[j] = -INFINITY;
-        continue;
-      }
-      const T* k = K + row(s0 + j);
-      __m256 acc0 = _mm256_mul_ps(_mm256_loadu_ps(&qf[0]), load8(k)), acc1 = _mm256_setzero_ps();
-      for (int64_t d = 8; d < D; d += 16) {
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d]), load8(k + d), acc1);
-        if (d + 8 < D) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[d + 8]), load8(k + d + 8), acc0);
-      }
-      p[j] = hsum(_mm256_add_ps(acc0, acc1)) * a.scale + (a.Mf ? a.Mf[mi + j] : 0.0f);
-      top = std::max(top, p[j]);
-    }
-    m[g] = top;
-    float* og = o + g * D;
-    std::fill(og, og + D, 0.0f);
-    if (top == -INFINITY) {   // nothing attended in this run
-      l[g] = 0;
+  auto row = [&](int64_t j) { return (base + (a.paged ? a.at[b * a.S + s0 + j] : s0 + j)) * D; };   // key s0 + j
+  auto mask_at = [&](int64_t g) { return (b * a.Hm + (a.Hm == 1 ? 0 : h * G + g)) * a.S + s0; };   // + key j
+  const bool* const Mb = a.Mb;
+  const float* const Mf = a.Mf;
+  const __m256 none = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps(), scale = _mm256_set1_ps(a.scale);
+  // head g's keys j0..j0+7 (w of them in the run): 0 / -inf (a bool mask's, -inf past the run) or the additive mask
+  auto bias8 = [&](int64_t g, int64_t j0, int64_t w) {
+    const int64_t at = mask_at(g) + j0;
+    if (w == 8 && Mb)
+      return _mm256_blendv_ps(none, zero, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                                              _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(Mb + at))),
+                                              _mm256_setzero_si256())));
+    if (w == 8) return _mm256_loadu_ps(Mf + at);
+    alignas(32) float tail[8];
+    for (int64_t t = 0; t < 8; t++) tail[t] = t >= w ? -INFINITY : Mb ? (Mb[at + t] ? 0.0f : -INFINITY) : Mf[at + t];
+    return _mm256_load_ps(tail);
+  };
+  for (int64_t g = 0; g < G; g++)
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(QF + g * D + d, load8(Q + (b * a.H + h * G + g) * D + d));
+  for (int64_t j0 = 0; j0 < n; j0 += 8) {
+    const int64_t w = std::min<int64_t>(8, n - j0);
+    __m256 attended = zero;   // lanes some head attends (not -inf)
+    for (int64_t g = 0; g < (Mb && a.Hm == 1 ? 1 : G); g++)
+      attended = _mm256_or_ps(attended, _mm256_cmp_ps(bias8(g, j0, w), none, _CMP_NEQ_OQ));
+    const int live = _mm256_movemask_ps(attended);
+    if (!live) {   // no head attends these 8 keys: never read
+      for (int64_t g = 0; g < G; g++) _mm256_storeu_ps(P + g * n8 + j0, none);
       continue;
     }
-    float sum = 0;
-    for (int64_t j = 0; j < n; j++) sum += p[j] = p[j] == -INFINITY ? 0.0f : std::exp(p[j] - top);
-    l[g] = sum;
-    for (int64_t d0 = 0; d0 < D; d0 += 64) {   // 64 output elements (8 registers) a pass over the values
-      const int64_t w = std::min<int64_t>(64, D - d0);
+    const T* kp[8];   // the 8 keys; one nobody reads as zeros
+    for (int64_t t = 0; t < 8; t++) kp[t] = live >> t & 1 ? K + row(j0 + t) : zeros.data();
+    if (G > 1)   // in fp32 once for the G heads
+      for (int64_t t = 0; t < 8; t++)
+        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(KF + t * D + d, load8(kp[t] + d));
+    for (int64_t g = 0; g < G; g++) {
       __m256 acc[8];
-      for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
-      for (int64_t j = 0; j < n; j++) {
-        if (p[j] == 0.0f) continue;   // masked or underflowed: its value is never read
-        const __m256 e = _mm256_set1_ps(p[j]);
-        const T* v = V + row(s0 + j) + d0;
-        for (int c = 0; c < w / 8; c++) acc[c] = _mm256_fmadd_ps(e, load8(v + 8 * c), acc[c]);
+      for (int t = 0; t < 8; t++) acc[t] = zero;
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(QF + g * D + d);
+        if (G > 1)
+          for (int t = 0; t < 8; t++) acc[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(KF + t * D + d), acc[t]);
+        else
+          for (int t = 0; t < 8; t++) acc[t] = _mm256_fmadd_ps(qv, load8(kp[t] + d), acc[t]);
       }
-      for (int c = 0; c < w / 8; c++) _mm256_storeu_ps(og + d0 + 8 * c, acc[c]);
+      _mm256_storeu_ps(P + g * n8 + j0, _mm256_add_ps(_mm256_mul_ps(hsum8(acc), scale), bias8(g, j0, w)));
+    }
+  }
+  std::fill(used, used + n, 0);
+  for (int64_t g = 0; g < G; g++) {
+    float* pg = P + g * n8;
+    __m256 top8 = none;
+    for (int64_t j = 0; j < n8; j += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(pg + j));
+    const float top = hmax(top8);
+    m[g] = top;
+    __m256 sum = zero;
+    for (int64_t j = 0; j < n8; j += 8) {   // nothing attended (top -inf): all 0
+      const __m256 e = top == -INFINITY ? zero : exp8(_mm256_sub_ps(_mm256_loadu_ps(pg + j), _mm256_set1_ps(top)));
+      _mm256_storeu_ps(pg + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    l[g] = hsum(sum);
+    for (int64_t j = 0; j < n; j++) used[j] |= pg[j] != 0.0f;   // masked or underflowed: its value is never read
+  }
+  for (int64_t g0 = 0; g0 < G; g0 += 8) {   // the heads 8 at a time
+    const float* pg = P + g0 * n8;
+    float* og = o + g0 * D;
+    switch (std::min<int64_t>(8, G - g0)) {
+      case 1: attend_values<1>(pg, n8, used, n, V, row, D, og); break;
+      case 2: attend_values<2>(pg, n8, used, n, V, row, D, og); break;
+      case 3: attend_values<3>(pg, n8, used, n, V, row, D, og); break;
+      case 4: attend_values<4>(pg, n8, used, n, V, row, D, og); break;
+      case 5: attend_values<5>(pg, n8, used, n, V, row, D, og); break;
+      case 6: attend_values<6>(pg, n8, used, n, V, row, D, og); break;
+      case 7: attend_values<7>(pg, n8, used, n, V, row, D, og); break;
+      default: attend_values<8>(pg, n8, used, n, V, row, D, og);
     }
   }
 }

@@ -269,19 +269,22 @@ def reference_attention(q, k, v, mask):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B, H, Hkv, D, N, S", [(1, 9, 3, 64, 300, 257), (3, 8, 8, 128, 40, 33),
-                                                (2, 4, 1, 32, 2100, 2048), (2, 6, 2, 256, 100, 77)])
+                                                (2, 4, 1, 32, 2100, 2048), (2, 6, 2, 256, 100, 77),
+                                                (2, 10, 2, 64, 40, 40), (1, 12, 1, 32, 50, 45)])
 def test_attend_reads_a_static_cache_in_place(dtype, B, H, Hkv, D, N, S, ops):
     """One query a head against cache rows `at` (any order), positions 0..S-1 of a longer cache: runs of keys split
-    across threads, tails of blocks of 16, grouped heads, masks with holes, an ALiBi bias, a row attending nothing."""
+    across threads, tails of blocks of 16 (and 8), 1 to 12 query heads a KV head, masks with holes (one for all heads,
+    or one a head), an ALiBi bias, a row attending nothing."""
     torch.manual_seed(0)
     q = torch.randn(B, H, D, dtype=dtype)
     k, v = torch.randn(B + 1, Hkv, N, D, dtype=dtype), torch.randn(B + 1, Hkv, N, D, dtype=dtype)
     rows = torch.randperm(B + 1)[:B]
     mask = (torch.rand(B, 1, S) < 0.7) & (torch.arange(S) < torch.randint(1, S + 1, (B, 1, 1)))
     mask[-1] = False                                                    # nothing attended: zeros
+    head_mask = (torch.rand(B, H, S) < 0.5) & mask
     bias = torch.randn(B, H, S, dtype=dtype)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
-    for m in (mask, bias):
+    for m in (mask, head_mask, bias):
         out = ops.attend(q, k, v, rows, m, D ** -0.5)
         want = reference_attention(q, k[rows, :, :S], v[rows, :, :S], m)
         assert out.dtype == dtype and out.shape == q.shape
