@@ -105,26 +105,39 @@ const Quantized& quantize(const Tensor& x) {   // this thread's buffers, reused 
   return q;
 }
 
+// a GEMV's output: its data and dtype, read once a call (a Tensor's accessors check their operand each time)
+struct Out {
+  void* data;
+  at::ScalarType type;
+  explicit Out(const Tensor& y) : data(y.data_ptr()), type(y.scalar_type()) {}
+};
+
 // the first `valid` of 8 floats into y at flat index `at`, in y's dtype; bf16 rounded to nearest even
-inline void put8(const Tensor& y, int64_t at, __m256 v, int64_t valid) {
+inline void put8(const Out& y, int64_t at, __m256 v, int64_t valid) {
   if (valid <= 0) return;
-  const int64_t n = std::min<int64_t>(valid, 8);
-  alignas(32) uint16_t h[8];
-  if (y.scalar_type() == at::kFloat) {
+  if (y.type == at::kFloat) {
+    float* to = (float*)y.data + at;
+    if (valid >= 8) return _mm256_storeu_ps(to, v);
     alignas(32) float f[8];
     _mm256_store_ps(f, v);
-    std::memcpy(y.data_ptr<float>() + at, f, n * sizeof(float));
+    std::memcpy(to, f, valid * sizeof(float));
     return;
-  } else if (y.scalar_type() == at::kBFloat16) {
+  }
+  __m128i h;
+  if (y.type == at::kBFloat16) {
     const __m256i bits = _mm256_castps_si256(v);
     const __m256i round = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1)),
                                            _mm256_set1_epi32(0x7FFF));
     const __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, round), 16);   // 8 x 16 bits, in 32-bit lanes
-    _mm_store_si128((__m128i*)h, _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1)));
+    h = _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
   } else {
-    _mm_store_si128((__m128i*)h, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
   }
-  std::memcpy((uint16_t*)y.data_ptr() + at, h, n * sizeof(uint16_t));
+  uint16_t* to = (uint16_t*)y.data + at;
+  if (valid >= 8) return _mm_storeu_si128((__m128i*)to, h);
+  alignas(16) uint16_t t[8];
+  _mm_store_si128((__m128i*)t, h);
+  std::memcpy(to, t, valid * sizeof(uint16_t));
 }
 
 // One block of 16 weight rows (r) against MT rows of x (m0...): each 64-byte chunk is two halves (output rows 0-7,
@@ -132,7 +145,7 @@ inline void put8(const Tensor& y, int64_t at, __m256 v, int64_t valid) {
 // the weights' signs (vpsignb), so vpmaddubsw's pairs stay within 2 * 128 * 127
 template <int MT>
 void int8_tile(const Quantized& q, const uint8_t* rows, const float* S, int64_t K, int64_t r, int64_t m0,
-               const Tensor& y, int64_t n_out) {
+               const Out& y, int64_t n_out) {
   const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
   __m256 acc[MT][2];
   for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
@@ -181,11 +194,12 @@ Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t
   check_int8_gemv(x, w, scales, n_out);
   const Quantized& q = quantize(x);
   Tensor y = at::empty({M, n_out}, x.options());
+  const Out out(y);
   const uint8_t* W = w.data_ptr<uint8_t>();
   const float* S = scales.data_ptr<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++)
-      in_tiles(M, [&](auto mt, int64_t m) { int8_tile<mt>(q, W + r * (K / 4) * 64, S, K, r, m, y, n_out); });
+      in_tiles(M, [&](auto mt, int64_t m) { int8_tile<mt>(q, W + r * (K / 4) * 64, S, K, r, m, out, n_out); });
   });
   return y;
 }
@@ -195,60 +209,68 @@ inline __m256 load_bf16(const uint16_t* p) {   // 8 bf16 values as fp32
 }
 
 // one block of 16 weight rows against MT rows of x (m0...), PG blocks of 32 columns a group (cpu_kernels.cpp's
-// int4_tile): each half chunk's nibbles unpacked once for the MT rows
+// int4_tile): each half chunk's nibbles unpacked once for the MT rows. A tile's sums live in registers: with more
+// than one row of x, the 16 weight rows go in two passes of 8 (a pass's second half-chunks from L1), or the MT x 2
+// int16, block and output sums spill (AVX2 has 16 registers): 256 rows x 3072 x 576 took 5.9 ms spilling
 template <int MT, int PG>
-void int4_tile(const Quantized& q, const uint8_t* rows, int64_t K, int64_t r, int64_t m0, const Tensor& y,
+void int4_tile(const Quantized& q, const uint8_t* rows, int64_t K, int64_t r, int64_t m0, const Out& y,
                int64_t n_out) {
   constexpr int64_t group_bytes = 64 + PG * 256;   // 16 scales and 16 zeros (bf16), then the group's codes
+  constexpr int H = MT == 1 ? 2 : 1;               // halves (8 weight rows each) a pass
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 out[MT][2];
-  for (int i = 0; i < MT; i++) out[i][0] = out[i][1] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < K / (PG * BLOCK); g++) {
-    const uint8_t* group = rows + g * group_bytes;
-    __m256 acc[MT][2];
-    float xsum[MT];
-    for (int i = 0; i < MT; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps(), xsum[i] = 0;
-    for (int j = 0; j < PG; j++) {
-      const int64_t b = g * PG + j;
-      __m256i s[MT][2];   // int16: 8 products a lane at most, |.| <= 8 * 15 * 127
-      for (int i = 0; i < MT; i++) s[i][0] = s[i][1] = _mm256_setzero_si256();
-      for (int c = 0; c < 4; c++) {
-        const uint8_t* chunk = group + 64 + (j * 4 + c) * 64;
-        _mm_prefetch((const char*)(chunk + AHEAD), _MM_HINT_T0);
-        __m256i xl[MT], xh[MT];
-        for (int i = 0; i < MT; i++) {
-          const int32_t* xb = (const int32_t*)(q.xq.data() + (m0 + i) * K + b * BLOCK);
-          xl[i] = _mm256_set1_epi32(xb[2 * c]), xh[i] = _mm256_set1_epi32(xb[2 * c + 1]);
-        }
-        for (int h = 0; h < 2; h++) {
-          const __m256i v = _mm256_loadu_si256((const __m256i*)(chunk + 32 * h));
-          const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-          for (int i = 0; i < MT; i++)
-            s[i][h] = _mm256_add_epi16(s[i][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl[i]),
-                                                                 _mm256_maddubs_epi16(hi, xh[i])));
-        }
-      }
+  for (int h0 = 0; h0 < 2; h0 += H) {
+    __m256 out[MT][H];
+    for (int i = 0; i < MT; i++)
+      for (int h = 0; h < H; h++) out[i][h] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < K / (PG * BLOCK); g++) {
+      const uint8_t* group = rows + g * group_bytes;
+      __m256 acc[MT][H];
+      float xsum[MT];
       for (int i = 0; i < MT; i++) {
-        const __m256 xs = _mm256_set1_ps(q.scale[(m0 + i) * K / BLOCK + b]);
-        for (int h = 0; h < 2; h++)
-          acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[i][h], ones)), xs, acc[i][h]);
-        xsum[i] += q.block_sum[(m0 + i) * K / BLOCK + b];
+        for (int h = 0; h < H; h++) acc[i][h] = _mm256_setzero_ps();
+        xsum[i] = 0;
+      }
+      for (int j = 0; j < PG; j++) {
+        const int64_t b = g * PG + j;
+        __m256i s[MT][H];   // int16: 16 products a lane at most, |.| <= 16 * 15 * 127
+        for (int i = 0; i < MT; i++)
+          for (int h = 0; h < H; h++) s[i][h] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+          const uint8_t* chunk = group + 64 + (j * 4 + c) * 64;
+          if (h0 == 0) _mm_prefetch((const char*)(chunk + AHEAD), _MM_HINT_T0);
+          for (int h = 0; h < H; h++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(chunk + 32 * (h0 + h)));
+            const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            for (int i = 0; i < MT; i++) {
+              const int32_t* xb = (const int32_t*)(q.xq.data() + (m0 + i) * K + b * BLOCK);
+              s[i][h] = _mm256_add_epi16(s[i][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xb[2 * c])),
+                                                                   _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xb[2 * c + 1]))));
+            }
+          }
+        }
+        for (int i = 0; i < MT; i++) {
+          const __m256 xs = _mm256_set1_ps(q.scale[(m0 + i) * K / BLOCK + b]);
+          for (int h = 0; h < H; h++)
+            acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s[i][h], ones)), xs, acc[i][h]);
+          xsum[i] += q.block_sum[(m0 + i) * K / BLOCK + b];
+        }
+      }
+      const uint16_t* sz = (const uint16_t*)group;
+      for (int h = 0; h < H; h++) {
+        const __m256 sc = load_bf16(sz + 8 * (h0 + h));
+        const __m256 z8 = _mm256_fmadd_ps(sc, _mm256_set1_ps(-8.f), load_bf16(sz + 16 + 8 * (h0 + h)));   // z - 8 s
+        for (int i = 0; i < MT; i++)
+          out[i][h] = _mm256_fmadd_ps(z8, _mm256_set1_ps(xsum[i]), _mm256_fmadd_ps(acc[i][h], sc, out[i][h]));
       }
     }
-    const uint16_t* sz = (const uint16_t*)group;
-    for (int h = 0; h < 2; h++) {
-      const __m256 sc = load_bf16(sz + 8 * h);
-      const __m256 z8 = _mm256_fmadd_ps(sc, _mm256_set1_ps(-8.f), load_bf16(sz + 16 + 8 * h));   // z - 8 s
-      for (int i = 0; i < MT; i++)
-        out[i][h] = _mm256_fmadd_ps(z8, _mm256_set1_ps(xsum[i]), _mm256_fmadd_ps(acc[i][h], sc, out[i][h]));
-    }
+    for (int i = 0; i < MT; i++)
+      for (int h = 0; h < H; h++)
+        put8(y, (m0 + i) * n_out + r * 16 + 8 * (h0 + h), out[i][h], n_out - r * 16 - 8 * (h0 + h));
   }
-  for (int i = 0; i < MT; i++)
-    for (int h = 0; h < 2; h++) put8(y, (m0 + i) * n_out + r * 16 + 8 * h, out[i][h], n_out - r * 16 - 8 * h);
 }
 
 template <int PG>
-void int4_rows(const Quantized& q, const uint8_t* rows, int64_t M, int64_t K, int64_t r, const Tensor& y,
+void int4_rows(const Quantized& q, const uint8_t* rows, int64_t M, int64_t K, int64_t r, const Out& y,
                int64_t n_out) {
   in_tiles(M, [&](auto mt, int64_t m) { int4_tile<mt, PG>(q, rows, K, r, m, y, n_out); });
 }
@@ -259,12 +281,13 @@ Tensor int4_gemv(const Tensor& x, const Tensor& w, int64_t groupsize, int64_t n_
   check_int4_gemv(x, w, groupsize, n_out);
   const Quantized& q = quantize(x);
   Tensor y = at::empty({M, n_out}, x.options());
+  const Out out(y);
   const uint8_t* W = w.data_ptr<uint8_t>();
   const int64_t block_bytes = w.size(1) * w.size(2);
   auto rows = groupsize == 32 ? int4_rows<1> : groupsize == 64 ? int4_rows<2> : groupsize == 128 ? int4_rows<4>
                                                                                                   : int4_rows<8>;
   at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) rows(q, W + r * block_bytes, M, K, r, y, n_out);
+    for (int64_t r = r0; r < r1; r++) rows(q, W + r * block_bytes, M, K, r, out, n_out);
   });
   return y;
 }
