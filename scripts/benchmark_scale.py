@@ -64,7 +64,8 @@ def run_sampled(cmd: list, **kw) -> dict:
 
 def worker(path: str, tokens: int, prefill: list, whole: bool = False, depth: int = 0):
     """Load, compile, decode `tokens` greedy tokens after a 16-token prompt (and after a `depth`-token one), each
-    after an untimed run of the same (llama-bench warms up too), then prefill each length; one JSON line."""
+    after an untimed run of the same (llama-bench warms up too), then prefill each length (after an untimed one of
+    the same length); one JSON line."""
     import torch
     import generate as gen
 
@@ -96,7 +97,8 @@ def worker(path: str, tokens: int, prefill: list, whole: bool = False, depth: in
         result["depth_tps"] = tokens / (stamps[-1] - stamps[0])
     for n in prefill:
         ids = torch.randint(1000, 20000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-        t0, first = time.perf_counter(), []
+        gen.generate(model, [ids[::-1]], 1, temperature=0)   # an untimed prefill of the same length first, as
+        t0, first = time.perf_counter(), []                  # llama-bench warms up (its cache, the allocator's pages)
         gen.generate(model, [ids], 1, temperature=0, callback=lambda *a: first.append(time.perf_counter()))
         result["prefill"][n] = n / (first[0] - t0)
         result[f"peak_{n}"] = hwm()
