@@ -243,8 +243,9 @@ void int4_tile(const Quantized& q, const uint8_t* rows, int64_t K, int64_t r, in
             const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
             for (int i = 0; i < MT; i++) {
               const int32_t* xb = (const int32_t*)(q.xq.data() + (m0 + i) * K + b * BLOCK);
-              s[i][h] = _mm256_add_epi16(s[i][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(xb[2 * c])),
-                                                                   _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xb[2 * c + 1]))));
+              const __m256i xl = _mm256_set1_epi32(xb[2 * c]), xh = _mm256_set1_epi32(xb[2 * c + 1]);
+              s[i][h] = _mm256_add_epi16(s[i][h], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl),
+                                                                   _mm256_maddubs_epi16(hi, xh)));
             }
           }
         }

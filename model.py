@@ -650,7 +650,7 @@ def apply_rotary_emb(x: Tensor, rope: Tensor, rotary_dim: int, interleaved: bool
     else:
         x1, x2 = xr.chunk(2, dim=-1)
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return torch.cat([out.type_as(x), rest], dim=-1)
+    return out.type_as(x) if rest.shape[-1] == 0 else torch.cat([out.type_as(x), rest], dim=-1)
 
 
 # Per-checkpoint entries: plain data, each mirroring the named Hugging Face repo's config.json.
