@@ -357,7 +357,7 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
 // each widened to fp32 once into an L1 block, its G query heads' 8 dot products summed across lanes together
 // (hsum8), a block no head attends skipped; the softmax's exponentials 8 at a time (exp8); the values read once a
 // key for the G heads' outputs. At the default model's 128 positions the scalar form (a horizontal sum and a libm
-// expf a head and key, the keys read G times) took 31 us a call, most of it in expf.
+// expf a head and key, the keys read G times) took 29-31 us a call, most of it in expf.
 template <typename T>
 inline __m256 load8(const T* p) {
   if constexpr (std::is_same_v<T, float>) return _mm256_loadu_ps(p);
