@@ -18,6 +18,7 @@ if (os.cpu_count() or 1) <= 4:
 import torch  # noqa: E402
 
 import cli  # noqa: E402
+import compile_cache  # noqa: E402
 import cpu_kernels  # noqa: E402
 from cli import (DEFAULT_CHECKPOINT, DEFAULT_MODEL, command_line, find_checkpoint, pick_device,  # noqa: E402, F401
                  prepare_default)   # re-exported: eval.py, server.py and the scripts use them through this module
@@ -172,6 +173,7 @@ def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(
         for i in range(num_new_tokens):
             if i == 1 and trusted:
                 stance.enter_context(torch.compiler.set_stance(skip_guard_eval_unsafe=True))
+                stance.enter_context(compile_cache.trusting())   # the same for a saved stage (compile_cache.py)
             next_token = step(model, cur_token, input_pos, **sampling)
             input_pos += 1
             # clone: under CUDA graphs the output buffer is overwritten by the next replay
@@ -430,6 +432,17 @@ class Steps(NamedTuple):
 EAGER = Steps()
 
 
+# CPU: no freezing. It would prepack a copy of the weights inside each graph and keep the originals (3.5x the
+# weights at 1.5B); load_model's packed linears (packed.py) give the GEMVs the same layout in one shared copy.
+# The C++ wrapper calls the kernels without Python in between; set per graph, so nothing leaks to later compiles.
+# Built apart from its kernels, the wrapper (plain calls, ~100 KB of C++ for 15 layers) compiles at -O1 and the
+# kernels at -O3: a cold compile of 2 runs of 15 layers took 15 s instead of 32, decode as fast (135M int4 g32).
+# No size or alignment asserts: the wrapper checked every input and every custom op's output each call (~20 a
+# layer), 4.8% of a 135M int4 step; Dynamo's guards check the inputs, opcheck tests the custom ops' fakes.
+CPU_OPTIONS = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True, "size_asserts": False,
+               "alignment_asserts": False}
+
+
 def compile_step(fn: Callable, device: str, tree: bool = True, **kw) -> Callable:
     if device.startswith("cuda"):
         # CUDA graphs (reduce-overhead's option): one replay per token. Coordinate-descent tuning lets Inductor fuse
@@ -438,28 +451,26 @@ def compile_step(fn: Callable, device: str, tree: bool = True, **kw) -> Callable
         # of a cudagraph-trees bug there)
         return torch.compile(fn, fullgraph=True, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True,
                                                           "triton.cudagraph_trees": tree}, **kw)
-    # CPU: no freezing. It would prepack a copy of the weights inside each graph and keep the originals (3.5x the
-    # weights at 1.5B); load_model's packed linears (packed.py) give the GEMVs the same layout in one shared copy.
-    # The C++ wrapper calls the kernels without Python in between; set per graph, so nothing leaks to later compiles.
-    # Built apart from its kernels, the wrapper (plain calls, ~100 KB of C++ for 15 layers) compiles at -O1 and the
-    # kernels at -O3: a cold compile of 2 runs of 15 layers took 15 s instead of 32, decode as fast (135M int4 g32).
-    # No size or alignment asserts: the wrapper checked every input and every custom op's output each call (~20 a
-    # layer), 4.8% of a 135M int4 step; Dynamo's guards check the inputs, opcheck tests the custom ops' fakes.
-    return torch.compile(fn, fullgraph=True, options={"cpp_wrapper": True, "cpp_wrapper_build_separate": True,
-                                                      "size_asserts": False, "alignment_asserts": False}, **kw)
+    return torch.compile(fn, fullgraph=True, options=CPU_OPTIONS, **kw)
 
 
-def compiled(fn: Callable, device: str, tree: bool = True, whole: bool = False, **kw) -> Callable:
+
+def compiled(fn: Callable, device: str, tree: bool = True, whole: bool = False, saved: bool = False,
+             **kw) -> Callable:
     """A forward step (decode_one_token, verify, ...) compiled. On CUDA whole: one CUDA graph replay a step. On CPU
     in stages: its runs of layers (model.stage_runs) go through one compiled run_layers (a graph shared by every run
     of the same structure), the embedding, positions and head eager between them (see model.STAGE for what it buys);
     whole=True compiles the CPU step whole too but for its positions, computed eager (with them the attended length,
     a dynamic size of the graph, as in stages): one graph call a step and no eager work between graphs, 1.8x the
-    compile (--compile_whole's help has the numbers)."""
+    compile (--compile_whole's help has the numbers). saved: the stage kept on disk between runs (compile_cache.py;
+    ZOOFAST_SAVED_STEPS=0 turns it off)."""
     if device.startswith("cuda"):
         return compile_step(fresh(fn), device, tree, **kw)
     if whole:
         return functools.partial(with_positions, compile_step(fresh(fn), device, tree, **kw))
+    if saved and os.environ.get("ZOOFAST_SAVED_STEPS", "1") != "0":   # static shapes: each its own graph
+        dynamo = lambda: compile_step(fresh(run_layers), device, **kw)  # noqa: E731  (where aot_compile fails)
+        return functools.partial(fn, stage=compile_cache.SavedStage(CPU_OPTIONS, dynamo))
     return functools.partial(fn, stage=compile_step(fresh(run_layers), device, **kw))
 
 
@@ -472,7 +483,7 @@ def with_positions(step: Callable, model: Transformer, x: torch.Tensor, input_po
 def compile_notice(device: str, steps: int = 1):
     """Say what --compile is about to do and roughly how long it takes, before the silent wait."""
     each = "about a minute each" if device.startswith("cuda") else \
-        "about 20 s each on a 2-core CPU the first time, a few seconds once Inductor's cache holds them"
+        "about 20 s each on a 2-core CPU the first time, 2-3 s once saved (compile_cache.py)"
     print(f"compiling {steps} forward step{'s' * (steps > 1)} with torch.compile (Inductor): {each}; "
           f"then decoding starts", file=sys.stderr, flush=True)
 
@@ -491,11 +502,12 @@ def compile_steps(device: str, compile_prefill: bool = False, speculative: bool 
     prefill, with dynamic shapes, when asked). Compiling happens at the first call of each."""
     compile_notice(device, 1 + 2 * speculative + lookup)
     tree = not (tp and (speculative or lookup))
-    steps = Steps(decode=compiled(decode_one_token, device, tree, whole))
+    saved = not tp   # a tensor-parallel stage's collectives: Dynamo's compile
+    steps = Steps(decode=compiled(decode_one_token, device, tree, whole, saved))
     if speculative:
-        steps = steps._replace(draft=compiled(draft_one_token, device, tree, whole))
+        steps = steps._replace(draft=compiled(draft_one_token, device, tree, whole, saved))
     if speculative or lookup:   # prompt lookup's drafts vary in length: one graph for them all
-        steps = steps._replace(verify=compiled(verify, device, tree, whole, dynamic=lookup))
+        steps = steps._replace(verify=compiled(verify, device, tree, whole, saved and not lookup, dynamic=lookup))
     if compile_prefill:
         steps = steps._replace(prefill=torch.compile(fresh(prefill_logits), fullgraph=True, dynamic=True))
     return steps

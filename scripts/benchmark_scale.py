@@ -136,11 +136,11 @@ def gptq(path: Path, layers: int, samples: int, seq_length: int) -> dict:
 
 
 def ours(path: Path, tokens: int, prefill: list, cache: Path, whole: bool, depth: int) -> dict:
-    """One run of our engine in its own process, compiling into the Inductor cache `cache` (a fresh one: a cold
-    compile, as a user's first run)."""
+    """One run of our engine in its own process, compiling into the Inductor cache `cache` and saving its step there
+    (compile_cache.py) (a fresh one: a cold compile, as a user's first run; later rounds load the saved step)."""
     r = run_sampled([sys.executable, __file__, "--worker", str(path), "--tokens", str(tokens),
                      "--prefill", ",".join(map(str, prefill)), "--depth", str(depth), *["--whole"] * whole], cwd=REPO,
-                    env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+                    env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(cache), "ZOOFAST_COMPILED": str(cache / "saved")})
     res = json.loads(next(line for line in r["out"].splitlines() if line.startswith("RESULT "))[7:])
     res["prefill"] = {int(n): t for n, t in res["prefill"].items()}
     return res | {"peak": r["rss"] * 1e9, "weights": path.stat().st_size}

@@ -25,6 +25,13 @@ def cpu_kernels_built():
     kernels.available()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_steps_apart(tmp_path_factory):
+    """The compiled steps the tests save (compile_cache.py) in a folder of this session's, their subprocesses' too:
+    a test that counts compiles finds none done by an earlier run."""
+    os.environ["ZOOFAST_COMPILED"] = str(tmp_path_factory.mktemp("compiled"))
+
+
 def tiny_model(seed=0, std=0.3, norm_std=0.1, **kw):
     """A tiny random Transformer: TINY with kw's fields, seeded; norm weights ~ N(1, norm_std), every other
     parameter ~ N(0, std) (wide enough that greedy decoding is not one token repeated)."""

@@ -1,0 +1,152 @@
+# The CPU decode step's compiled stage kept on disk: a second run of the same checkpoint and shapes starts decoding
+# without tracing the model again. torch.compile's aot_compile captures a stage (model.run_layers over a run of
+# layers, generate.compile_step's options) with Dynamo's guards; the graph, its C++ and the guards go into one file
+# under ~/.cache/zoofast/compiled (or ZOOFAST_COMPILED), named by a hash of torch's version, this repo's model code
+# and the call's shapes. A later process loads it (2-3 s, against 6-9 s of tracing and cache lookups for Dynamo) and
+# checks its guards against its own inputs before each call: a file that no longer fits (another cache length,
+# batch size, dtype, model) is compiled anew and replaced, never run. Where aot_compile cannot take a step,
+# Dynamo's compile does.
+import contextlib
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import cli
+import cpu_kernels
+from model import run_layers
+
+REPO = Path(__file__).resolve().parent
+# the code a compiled stage is made of: a change to any of them compiles anew
+SOURCES = ("model.py", "quantize.py", "packed.py", "lora.py", "cpu_kernels.py", "cpu_kernels.cpp",
+           "cpu_kernels_avx2.cpp", "cpu_kernels_shared.h", "generate.py", "compile_cache.py")
+KEEP = 32   # files kept in the folder, the most recently written or loaded
+
+
+_trusted = False
+
+
+@contextlib.contextmanager
+def trusting():
+    """Inside, each run of layers calls the function its last guarded call took, its guards unchecked: for a loop
+    whose every call after the first has the first's shapes (decode_n_tokens past a decode's first step, under
+    Dynamo's skip_guard_eval_unsafe stance for the same reason: ~0.1 ms a call, 3.5% of a 135M int4 step)."""
+    global _trusted
+    before, _trusted = _trusted, True
+    try:
+        yield
+    finally:
+        _trusted = before
+
+
+def cache_root() -> Path:
+    """Where the files go: ZOOFAST_COMPILED, else the kernels' cache folder's compiled/."""
+    return Path(os.environ.get("ZOOFAST_COMPILED") or cpu_kernels.cache_dir() / "compiled")
+
+
+def describe(t, dynamic_last: bool = False):
+    """What of an input decides its graph: a tensor's shape (but a dynamic last size), strides, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        return repr(t)
+    shape = tuple(t.shape[:-1]) if dynamic_last else tuple(t.shape)
+    return shape, t.stride()[:-1] if dynamic_last else t.stride(), str(t.dtype), str(t.device)
+
+
+def file_key(options: dict, layers, x, p) -> str:
+    """The file a stage's graph for these inputs lives in. Coarse on purpose: the loaded guards decide."""
+    h = hashlib.sha256(repr((torch.__version__, sorted(options.items()), torch.is_grad_enabled())).encode())
+    for name in SOURCES:
+        h.update((REPO / name).read_bytes())
+    first = layers[0]
+    h.update(repr((len(layers), describe(x), [describe(v, f in ("mask", "read")) for f, v in p._asdict().items()],
+                   [(n, describe(t)) for n, t in (*first.named_parameters(), *first.named_buffers())],
+                   [type(m).__qualname__ for m in first.modules()])).encode())
+    return h.hexdigest()[:24]
+
+
+def unmarked(p):
+    """p with each tensor Transformer.positions marked dynamic for Dynamo replaced by a plain copy: a loaded
+    function's guards refuse a tensor that carries the mark (it was traced from one that did, but the saved guards
+    do not keep it)."""
+    return p._replace(**{f: v.clone() for f, v in p._asdict().items()
+                         if isinstance(v, torch.Tensor) and hasattr(v, "_has_dynamo_dim_marking")})
+
+
+def prune(folder: Path, keep: int = KEEP):
+    """The newest `keep` files only: each edit of the model code or new shape adds one (~2 MB for 15 layers)."""
+    files = sorted(folder.glob("stage-*.pt2"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for f in files[keep:]:
+        f.unlink(missing_ok=True)
+
+
+def aot_compile(options: dict, *args):
+    """run_layers compiled ahead of time for args, a function that can be saved (AOTCompiledFunction)."""
+    return torch.compile(run_layers, fullgraph=True, options=options).aot_compile((args, {}))
+
+
+class SavedStage:
+    """A drop-in for a compiled run_layers (generate.compile_step's): stage(layers, x, p) -> x. The functions it has
+    loaded or compiled are tried in turn, each call (but under trusting()), by their guards (~0.1 ms for 15 layers,
+    as Dynamo's own lookup); none fitting, the file for these inputs is loaded, or the stage compiled and saved.
+    fallback() gives the Dynamo-compiled stage, taken for good where aot_compile fails."""
+
+    def __init__(self, options: dict, fallback: Callable[[], Callable]):
+        self.options, self.make_fallback = options, fallback
+        self.fns: list = []
+        self.last: dict = {}   # id of a run's first layer -> the function its last guarded call ran
+        self.fallback: Optional[Callable] = None
+
+    def __call__(self, layers, x, p):
+        if self.fallback is not None:
+            return self.fallback(layers, x, p)
+        q, run = unmarked(p), id(layers[0])
+        if _trusted and run in self.last:
+            return self.last[run](layers, x, q)
+        fn = next((fn for fn in self.fns if fn.guard_check(layers, x, q)), None)
+        if fn is None:
+            fn = self.load(layers, x, q, p)
+            if fn is None:
+                self.fallback = self.make_fallback()
+                return self.fallback(layers, x, p)
+            self.fns.append(fn)
+        self.last[run] = fn
+        return fn(layers, x, q)
+
+    def load(self, layers, x, q, p):
+        """This input's function from its file, or compiled (from p, whose marks make the attended length dynamic)
+        and saved; None where aot_compile cannot compile it (Dynamo's compile then runs the stage)."""
+        path = cache_root() / f"stage-{file_key(self.options, layers, x, p)}.pt2"
+        t0 = time.perf_counter()
+        if path.exists():
+            try:
+                with open(path, "rb") as f:
+                    fn = torch.compiler.load_compiled_function(f)
+                fn.disable_guard_check()   # checked here, before each call
+                if fn.guard_check(layers, x, q):
+                    os.utime(path)   # recently used: kept by prune()
+                    print(f"compiled step loaded from {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+                          flush=True)
+                    return fn
+            except Exception as e:   # a damaged or foreign file: compiled anew below, and replaced
+                print(f"note: {path.name} did not load ({cli.first_line(e)}): compiling anew", file=sys.stderr)
+        try:
+            fn = aot_compile(self.options, layers, x, p)
+            fn.disable_guard_check()
+            if not fn.guard_check(layers, x, q):
+                raise RuntimeError("its guards refuse the inputs it was compiled from")
+        except Exception as e:
+            print(f"note: compiling the step with Dynamo (aot_compile: {cli.first_line(e)})", file=sys.stderr)
+            return None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cli.write_atomic({path: type(fn).serialize(fn).serialized_data})
+            prune(path.parent)
+            print(f"compiled the step in {time.perf_counter() - t0:.1f} s, saved to {path}", file=sys.stderr,
+                  flush=True)
+        except Exception as e:   # a read-only cache: this run has its function all the same
+            print(f"note: the compiled step was not saved ({cli.first_line(e)})", file=sys.stderr)
+        return fn

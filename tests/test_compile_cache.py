@@ -1,0 +1,86 @@
+# compile_cache.py: the CPU decode step's stage compiled once, saved, loaded by later runs; whatever the file holds,
+# the tokens are eager's.
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import compile_cache
+import generate as gen
+from conftest import REPO, tiny_checkpoint, tiny_model
+
+PROMPTS = [[5, 6, 7, 8], list(range(40, 50))]
+
+
+def files(folder: Path) -> list:
+    return sorted(folder.glob("stage-*.pt2"))
+
+
+def test_a_saved_stage_is_loaded_by_the_next_run_and_refitted_when_it_no_longer_fits(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ZOOFAST_COMPILED", str(tmp_path))
+    model = tiny_model(seed=5, block_size=512)
+    eager = gen.generate(model, PROMPTS, 12, temperature=0)   # a 256-position cache
+    assert gen.generate(model, PROMPTS, 12, temperature=0, steps=gen.compile_steps("cpu")) == eager
+    assert "saved to" in capsys.readouterr().err and len(files(tmp_path)) == 1
+    # a new run (new steps: nothing in memory) loads the file instead of compiling
+    assert gen.generate(model, PROMPTS, 12, temperature=0, steps=gen.compile_steps("cpu")) == eager
+    err = capsys.readouterr().err
+    assert "loaded from" in err and "compiled the step" not in err
+    # another cache length (512): the loaded guards refuse it, a second graph is compiled and saved beside the first
+    longer = gen.generate(model, PROMPTS, 300, temperature=0)
+    steps = gen.compile_steps("cpu")
+    assert gen.generate(model, PROMPTS, 300, temperature=0, steps=steps) == longer
+    assert len(files(tmp_path)) == 2
+    # both in one process: each call runs the function whose guards take it
+    assert gen.generate(model, PROMPTS, 12, temperature=0, steps=steps) == eager
+
+
+def test_a_damaged_or_foreign_file_is_compiled_anew(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ZOOFAST_COMPILED", str(tmp_path))
+    monkeypatch.setattr(compile_cache, "file_key", lambda *a: "one")   # every input finds the same file
+    model, other = tiny_model(seed=5), tiny_model(seed=6, dim=96, n_head=3, n_local_heads=1)
+    (tmp_path / "stage-one.pt2").write_bytes(b"not a compiled function")
+    assert gen.generate(model, PROMPTS, 8, temperature=0, steps=gen.compile_steps("cpu")) == \
+        gen.generate(model, PROMPTS, 8, temperature=0)
+    assert "did not load" in capsys.readouterr().err
+    # the file now holds `model`'s graph: `other` (another width) is refused by its guards, never run on it
+    assert gen.generate(other, PROMPTS, 8, temperature=0, steps=gen.compile_steps("cpu")) == \
+        gen.generate(other, PROMPTS, 8, temperature=0)
+    err = capsys.readouterr().err
+    assert "loaded from" not in err and "compiled the step" in err
+
+
+def test_where_aot_compile_fails_dynamo_compiles_the_step(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ZOOFAST_COMPILED", str(tmp_path))
+
+    def fails(*a):
+        raise NotImplementedError("no aot here")
+    monkeypatch.setattr(compile_cache, "aot_compile", fails)
+    model = tiny_model(seed=5)
+    assert gen.generate(model, PROMPTS, 8, temperature=0, steps=gen.compile_steps("cpu")) == \
+        gen.generate(model, PROMPTS, 8, temperature=0)
+    assert "with Dynamo (aot_compile: no aot here)" in capsys.readouterr().err and not files(tmp_path)
+
+
+def test_the_cli_loads_its_compiled_step_on_a_second_run(tmp_path, default_checkpoint):
+    """generate.py --compile twice on one checkpoint (tiny, the default model's vocabulary and tokenizer): the
+    second run loads what the first saved, and says the same."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny", vocab_size=49152)
+    for f in ("tokenizer.tiktoken", "tokenizer_meta.json"):
+        shutil.copy(default_checkpoint / f, ckpt.parent / f)
+    env = os.environ | {"ZOOFAST_COMPILED": str(tmp_path / "compiled")}
+    runs = [subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint_path", str(ckpt), "--compile",
+                            "--prompt", "Once upon a time", "--max_new_tokens", "12", "--temperature", "0"],
+                           capture_output=True, text=True, timeout=600, cwd=REPO, env=env) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    assert "saved to" in runs[0].stderr and "loaded from" in runs[1].stderr
+    assert "compiled the step" not in runs[1].stderr and runs[0].stdout == runs[1].stdout
+
+
+def test_the_folder_keeps_the_newest_files(tmp_path):
+    for i in range(5):
+        (tmp_path / f"stage-{i}.pt2").write_bytes(b"x")
+        os.utime(tmp_path / f"stage-{i}.pt2", (i, i))
+    compile_cache.prune(tmp_path, keep=2)
+    assert [f.name for f in files(tmp_path)] == ["stage-3.pt2", "stage-4.pt2"]
