@@ -190,9 +190,10 @@ def test_compiled_decode_compiles_once_up_to_the_cache_end(whole):
 
 def test_decode_past_its_first_step_skips_the_guards_and_stays_right(monkeypatch):
     """decode_n_tokens checks the guards at each compiled step's first call only (Dynamo's skip_guard_eval_unsafe
-    after it, and compile_cache.trusting for the saved stages compile_steps makes). Each generate still starts guarded: a longer cache, a model of another shape, a 7-layer model (runs of at
-    most 5 layers here: 4 and 3, two graphs that the differing guards tell apart) and the attention kernel on or off
-    each get their own graph, and every output equals eager."""
+    after it, and compile_cache.trusting for the saved stages compile_steps makes). Each generate still starts
+    guarded: a longer cache, a model of another shape, a 7-layer model (runs of at most 5 layers here: 4 and 3, two
+    graphs that the differing guards tell apart) and the attention kernel on or off each get their own graph, and
+    every output equals eager."""
     from torch._dynamo.utils import counters
     monkeypatch.setattr(model_py, "STAGE", 5)
     steps = gen.compile_steps("cpu")
