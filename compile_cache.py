@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,20 +28,20 @@ SOURCES = ("model.py", "quantize.py", "packed.py", "lora.py", "cpu_kernels.py", 
 KEEP = 32   # files kept in the folder, the most recently written or loaded
 
 
-_trusted = False
+_state = threading.local()   # .trusted: inside trusting(), in this thread
 
 
 @contextlib.contextmanager
 def trusting():
-    """Inside, each run of layers calls the function its last guarded call took, its guards unchecked: for a loop
-    whose every call after the first has the first's shapes (decode_n_tokens past a decode's first step, under
-    Dynamo's skip_guard_eval_unsafe stance for the same reason: ~0.1 ms a call, 3.5% of a 135M int4 step)."""
-    global _trusted
-    before, _trusted = _trusted, True
+    """Inside (in this thread), each run of layers calls the function its last guarded call took, its guards
+    unchecked: for a loop whose every call after the first has the first's shapes (decode_n_tokens past a decode's
+    first step, under Dynamo's skip_guard_eval_unsafe stance for the same reason: ~0.1 ms a call, 3.5% of a 135M int4
+    step)."""
+    before, _state.trusted = getattr(_state, "trusted", False), True
     try:
         yield
     finally:
-        _trusted = before
+        _state.trusted = before
 
 
 def cache_root() -> Path:
@@ -59,8 +60,8 @@ def describe(t, dynamic_last: bool = False):
 def file_key(options: dict, layers, x, p) -> str:
     """The file a stage's graph for these inputs lives in. Coarse on purpose: the loaded guards decide."""
     h = hashlib.sha256(repr((torch.__version__, sorted(options.items()), torch.is_grad_enabled())).encode())
-    for name in SOURCES:
-        h.update((REPO / name).read_bytes())
+    for name in SOURCES:   # a fork without one of them hashes what it has
+        h.update((REPO / name).read_bytes() if (REPO / name).exists() else name.encode())
     first = layers[0]
     h.update(repr((len(layers), describe(x), [describe(v, f in ("mask", "read")) for f, v in p._asdict().items()],
                    [(n, describe(t)) for n, t in (*first.named_parameters(), *first.named_buffers())],
@@ -104,7 +105,7 @@ class SavedStage:
         if self.fallback is not None:
             return self.fallback(layers, x, p)
         q, run = unmarked(p), id(layers[0])
-        if _trusted and run in self.last:
+        if run in self.last and getattr(_state, "trusted", False):
             return self.last[run](layers, x, q)
         fn = next((fn for fn in self.fns if fn.guard_check(layers, x, q)), None)
         if fn is None:
