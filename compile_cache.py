@@ -2,9 +2,9 @@
 # without tracing the model again. torch.compile's aot_compile captures a stage (model.run_layers over a run of
 # layers, generate.compile_step's options) with Dynamo's guards; the graph, its C++ and the guards go into one file
 # under ~/.cache/zoofast/compiled (or ZOOFAST_COMPILED), named by a hash of torch's version, this repo's model code
-# and the call's shapes. A later process loads it (2-3 s, against 6-9 s of tracing and cache lookups for Dynamo) and
-# checks its guards against its own inputs before each call: a file that no longer fits (another cache length,
-# batch size, dtype, model) is compiled anew and replaced, never run. Where aot_compile cannot take a step,
+# and the call's shapes. A later process loads it (2-3 s, against 5.5-8.4 s of tracing and cache lookups for
+# Dynamo) and checks its guards against its own inputs before each call: a file that no longer fits (another cache
+# length, batch size, dtype, model) is compiled anew and replaced, never run. Where aot_compile cannot take a step,
 # Dynamo's compile does.
 import contextlib
 import hashlib
@@ -50,11 +50,13 @@ def cache_root() -> Path:
 
 
 def describe(t, dynamic_last: bool = False):
-    """What of an input decides its graph: a tensor's shape (but a dynamic last size), strides, dtype and device."""
+    """What of an input decides its graph: a tensor's shape and strides, dtype and device; of one whose last size is
+    dynamic (the attended length), its other sizes only (its strides follow that length)."""
     if not isinstance(t, torch.Tensor):
         return repr(t)
-    shape = tuple(t.shape[:-1]) if dynamic_last else tuple(t.shape)
-    return shape, t.stride()[:-1] if dynamic_last else t.stride(), str(t.dtype), str(t.device)
+    if dynamic_last:
+        return tuple(t.shape[:-1]), str(t.dtype), str(t.device)
+    return tuple(t.shape), t.stride(), str(t.dtype), str(t.device)
 
 
 def file_key(options: dict, layers, x, p) -> str:
@@ -69,12 +71,21 @@ def file_key(options: dict, layers, x, p) -> str:
     return h.hexdigest()[:24]
 
 
+MARKS = ("_has_dynamo_dim_marking", "_dynamo_unbacked_indices", "_dynamo_strict_unbacked_indices",
+         "_dynamo_unbacked_bounds")
+
+
+@contextlib.contextmanager
 def unmarked(p):
-    """p with each tensor Transformer.positions marked dynamic for Dynamo replaced by a plain copy: a loaded
-    function's guards refuse a tensor that carries the mark (it was traced from one that did, but the saved guards
-    do not keep it)."""
-    return p._replace(**{f: v.clone() for f, v in p._asdict().items()
-                         if isinstance(v, torch.Tensor) and hasattr(v, "_has_dynamo_dim_marking")})
+    """Inside, p's tensors without the marks Transformer.positions gives them for Dynamo (the attended length is
+    dynamic), put back on leaving: a loaded function's guards refuse a marked tensor (it was traced from one, but the
+    saved guards do not keep the mark). A clone instead of the tensor failed other guards of some graphs."""
+    taken = [(v, {a: v.__dict__.pop(a) for a in MARKS if a in v.__dict__}) for v in p if isinstance(v, torch.Tensor)]
+    try:
+        yield p
+    finally:
+        for v, marks in taken:
+            v.__dict__.update(marks)
 
 
 def prune(folder: Path, keep: int = KEEP):
@@ -104,20 +115,25 @@ class SavedStage:
     def __call__(self, layers, x, p):
         if self.fallback is not None:
             return self.fallback(layers, x, p)
-        q, run = unmarked(p), id(layers[0])
+        run = id(layers[0])
         if run in self.last and getattr(_state, "trusted", False):
-            return self.last[run](layers, x, q)
-        fn = next((fn for fn in self.fns if fn.guard_check(layers, x, q)), None)
+            return self.last[run](layers, x, p)
+        with unmarked(p):
+            fn = next((fn for fn in self.fns if fn.guard_check(layers, x, p)), None)
         if fn is None:
-            fn = self.load(layers, x, q, p)
+            fn = self.load(layers, x, p)
             if fn is None:
                 self.fallback = self.make_fallback()
                 return self.fallback(layers, x, p)
             self.fns.append(fn)
         self.last[run] = fn
-        return fn(layers, x, q)
+        return fn(layers, x, p)
 
-    def load(self, layers, x, q, p):
+    def fits(self, fn, layers, x, p) -> bool:
+        with unmarked(p):
+            return fn.guard_check(layers, x, p)
+
+    def load(self, layers, x, p):
         """This input's function from its file, or compiled (from p, whose marks make the attended length dynamic)
         and saved; None where aot_compile cannot compile it (Dynamo's compile then runs the stage)."""
         path = cache_root() / f"stage-{file_key(self.options, layers, x, p)}.pt2"
@@ -127,7 +143,7 @@ class SavedStage:
                 with open(path, "rb") as f:
                     fn = torch.compiler.load_compiled_function(f)
                 fn.disable_guard_check()   # checked here, before each call
-                if fn.guard_check(layers, x, q):
+                if self.fits(fn, layers, x, p):
                     os.utime(path)   # recently used: kept by prune()
                     print(f"compiled step loaded from {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
                           flush=True)
@@ -137,7 +153,7 @@ class SavedStage:
         try:
             fn = aot_compile(self.options, layers, x, p)
             fn.disable_guard_check()
-            if not fn.guard_check(layers, x, q):
+            if not self.fits(fn, layers, x, p):
                 raise RuntimeError("its guards refuse the inputs it was compiled from")
         except Exception as e:
             print(f"note: compiling the step with Dynamo (aot_compile: {cli.first_line(e)})", file=sys.stderr)

@@ -27,6 +27,12 @@ def test_a_saved_stage_is_loaded_by_the_next_run_and_refitted_when_it_no_longer_
     assert gen.generate(model, PROMPTS, 12, temperature=0, steps=gen.compile_steps("cpu")) == eager
     err = capsys.readouterr().err
     assert "loaded from" in err and "compiled the step" not in err
+    # longer prompts, whose first step attends to 256 positions, not 128: the same graph, loaded again
+    long = [list(range(1, 140)), list(range(5, 100))]
+    assert gen.generate(model, long, 12, temperature=0, steps=gen.compile_steps("cpu")) == \
+        gen.generate(model, long, 12, temperature=0)
+    err = capsys.readouterr().err
+    assert "loaded from" in err and "compiled the step" not in err and len(files(tmp_path)) == 1
     # another cache length (512): the loaded guards refuse it, a second graph is compiled and saved beside the first
     longer = gen.generate(model, PROMPTS, 300, temperature=0)
     steps = gen.compile_steps("cpu")
@@ -34,6 +40,22 @@ def test_a_saved_stage_is_loaded_by_the_next_run_and_refitted_when_it_no_longer_
     assert len(files(tmp_path)) == 2
     # both in one process: each call runs the function whose guards take it
     assert gen.generate(model, PROMPTS, 12, temperature=0, steps=steps) == eager
+
+
+def test_a_stage_first_called_at_the_full_cache_length_is_saved_and_serves_shorter_ones(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """The first decode step of a 139-token prompt in a 256-position cache attends to all 256 (its guards, checked
+    on tensors that were clones of the marked ones, once refused the very inputs they were compiled from)."""
+    monkeypatch.setenv("ZOOFAST_COMPILED", str(tmp_path))
+    model = tiny_model(seed=5, block_size=512)
+    long = [list(range(1, 140)), list(range(5, 100))]
+    assert gen.generate(model, long, 12, temperature=0, steps=gen.compile_steps("cpu")) == \
+        gen.generate(model, long, 12, temperature=0)
+    err = capsys.readouterr().err
+    assert "saved to" in err and "Dynamo" not in err
+    assert gen.generate(model, PROMPTS, 12, temperature=0, steps=gen.compile_steps("cpu")) == \
+        gen.generate(model, PROMPTS, 12, temperature=0)
+    assert "loaded from" in capsys.readouterr().err
 
 
 def test_a_damaged_or_foreign_file_is_compiled_anew(tmp_path, monkeypatch, capsys):
