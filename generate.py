@@ -454,7 +454,6 @@ def compile_step(fn: Callable, device: str, tree: bool = True, **kw) -> Callable
     return torch.compile(fn, fullgraph=True, options=CPU_OPTIONS, **kw)
 
 
-
 def compiled(fn: Callable, device: str, tree: bool = True, whole: bool = False, saved: bool = False,
              **kw) -> Callable:
     """A forward step (decode_one_token, verify, ...) compiled. On CUDA whole: one CUDA graph replay a step. On CPU
