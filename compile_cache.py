@@ -21,7 +21,6 @@ import cli
 import cpu_kernels
 from model import run_layers
 
-REPO = Path(__file__).resolve().parent
 # the code a compiled stage is made of: a change to any of them compiles anew
 SOURCES = ("model.py", "quantize.py", "packed.py", "lora.py", "cpu_kernels.py", "cpu_kernels.cpp",
            "cpu_kernels_avx2.cpp", "cpu_kernels_shared.h", "generate.py", "compile_cache.py")
@@ -63,7 +62,7 @@ def file_key(options: dict, layers, x, p) -> str:
     """The file a stage's graph for these inputs lives in. Coarse on purpose: the loaded guards decide."""
     h = hashlib.sha256(repr((torch.__version__, sorted(options.items()), torch.is_grad_enabled())).encode())
     for name in SOURCES:   # a fork without one of them hashes what it has
-        h.update((REPO / name).read_bytes() if (REPO / name).exists() else name.encode())
+        h.update((cli.REPO / name).read_bytes() if (cli.REPO / name).exists() else name.encode())
     first = layers[0]
     h.update(repr((len(layers), describe(x), [describe(v, f in ("mask", "read")) for f, v in p._asdict().items()],
                    [(n, describe(t)) for n, t in (*first.named_parameters(), *first.named_buffers())],
@@ -86,6 +85,12 @@ def unmarked(p):
     finally:
         for v, marks in taken:
             v.__dict__.update(marks)
+
+
+def fits(fn, layers, x, p) -> bool:
+    """fn's guards take these inputs."""
+    with unmarked(p):
+        return fn.guard_check(layers, x, p)
 
 
 def prune(folder: Path, keep: int = KEEP):
@@ -118,7 +123,7 @@ class SavedStage:
         run = id(layers[0])
         if run in self.last and getattr(_state, "trusted", False):
             return self.last[run](layers, x, p)
-        fn = next((fn for fn in self.fns if self.fits(fn, layers, x, p)), None)
+        fn = next((fn for fn in self.fns if fits(fn, layers, x, p)), None)
         if fn is None:
             fn = self.load(layers, x, p)
             if fn is None:
@@ -127,11 +132,6 @@ class SavedStage:
             self.fns.append(fn)
         self.last[run] = fn
         return fn(layers, x, p)
-
-    def fits(self, fn, layers, x, p) -> bool:
-        """fn's guards take these inputs."""
-        with unmarked(p):
-            return fn.guard_check(layers, x, p)
 
     def load(self, layers, x, p):
         """This input's function from its file, or compiled (from p, whose marks make the attended length dynamic)
@@ -143,7 +143,7 @@ class SavedStage:
                 with open(path, "rb") as f:
                     fn = torch.compiler.load_compiled_function(f)
                 fn.disable_guard_check()   # checked here, before each call
-                if self.fits(fn, layers, x, p):
+                if fits(fn, layers, x, p):
                     os.utime(path)   # recently used: kept by prune()
                     print(f"compiled step loaded from {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr,
                           flush=True)
@@ -153,7 +153,7 @@ class SavedStage:
         try:
             fn = aot_compile(self.options, layers, x, p)
             fn.disable_guard_check()
-            if not self.fits(fn, layers, x, p):
+            if not fits(fn, layers, x, p):
                 raise RuntimeError("its guards refuse the inputs it was compiled from")
         except Exception as e:
             print(f"note: compiling the step with Dynamo (aot_compile: {cli.first_line(e)})", file=sys.stderr)
