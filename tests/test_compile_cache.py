@@ -87,17 +87,22 @@ def test_where_aot_compile_fails_dynamo_compiles_the_step(tmp_path, monkeypatch,
 
 def test_the_cli_loads_its_compiled_step_on_a_second_run(tmp_path, default_checkpoint):
     """generate.py --compile twice on one checkpoint (tiny, the default model's vocabulary and tokenizer): the
-    second run loads what the first saved, and says the same."""
+    second run loads what the first saved, and says the same. Each run has an empty Inductor cache (the second
+    rebuilds the file's C++): both build under the step's own options, without precompiled headers (an early load
+    took Inductor's global options and built them, in Inductor's default folder under TMPDIR)."""
     ckpt = tiny_checkpoint(tmp_path / "tiny", vocab_size=49152)
     for f in ("tokenizer.tiktoken", "tokenizer_meta.json"):
         shutil.copy(default_checkpoint / f, ckpt.parent / f)
-    env = os.environ | {"ZOOFAST_COMPILED": str(tmp_path / "compiled")}
+    (tmp_path / "tmp").mkdir()
+    env = os.environ | {"ZOOFAST_COMPILED": str(tmp_path / "compiled"), "TMPDIR": str(tmp_path / "tmp")}
     runs = [subprocess.run([sys.executable, str(REPO / "generate.py"), "--checkpoint_path", str(ckpt), "--compile",
                             "--prompt", "Once upon a time", "--max_new_tokens", "12", "--temperature", "0"],
-                           capture_output=True, text=True, timeout=600, cwd=REPO, env=env) for _ in range(2)]
+                           capture_output=True, text=True, timeout=600, cwd=REPO,
+                           env=env | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{i}")}) for i in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
     assert "saved to" in runs[0].stderr and "loaded from" in runs[1].stderr
     assert "compiled the step" not in runs[1].stderr and runs[0].stdout == runs[1].stdout
+    assert list((tmp_path / "inductor1").rglob("*.so")) and not list((tmp_path / "tmp").rglob("precompiled_headers"))
 
 
 def test_the_folder_keeps_the_newest_files(tmp_path):
@@ -106,3 +111,37 @@ def test_the_folder_keeps_the_newest_files(tmp_path):
         os.utime(tmp_path / f"stage-{i}.pt2", (i, i))
     compile_cache.prune(tmp_path, keep=2)
     assert [f.name for f in files(tmp_path)] == ["stage-3.pt2", "stage-4.pt2"]
+
+
+class Builder:
+    """One of Inductor's CppBuilders, as side_by_side uses it: a target path, and build() making it."""
+
+    def __init__(self, path: Path, log: list, meet=None):
+        self.path, self.log, self.meet = path, log, meet
+
+    def get_target_file_path(self) -> str:
+        return str(self.path)
+
+    def build(self):
+        self.log.append(self.path.name)
+        if self.meet is not None:
+            self.meet.wait(timeout=10)   # breaks (raising) unless the other build runs at the same time
+        self.path.write_text("built")
+
+
+def test_a_wrapper_and_its_kernels_build_side_by_side_then_link(tmp_path):
+    import threading
+    log, meet = [], threading.Barrier(2)
+    wrapper, kernels = Builder(tmp_path / "main.o", log, meet), Builder(tmp_path / "optimized.o", log, meet)
+    compile_cache.side_by_side(None, str(tmp_path / "lock"), (wrapper, kernels, Builder(tmp_path / "main.so", log)))
+    assert sorted(log[:2]) == ["main.o", "optimized.o"] and log[2:] == ["main.so"]
+    # built already: nothing is built again; a single build goes to Inductor's own function
+    compile_cache.side_by_side(None, str(tmp_path / "lock"), (wrapper, kernels, Builder(tmp_path / "main.so", log)))
+    assert len(log) == 3
+    calls = []
+    compile_cache.side_by_side(lambda *a: calls.append(a), "L", ("one",))
+    assert calls == [("L", ("one",))]
+    # and what compiled() installs in Inductor (the suite's compiled tests build through it)
+    from torch._inductor import codecache
+    compile_cache.quicker_builds()
+    assert codecache._worker_compile_cpp.func is compile_cache.side_by_side
