@@ -439,8 +439,8 @@ EAGER = Steps()
 # kernels at -O3: a cold compile of 2 runs of 15 layers took 15 s instead of 32, decode as fast (135M int4 g32).
 # No size or alignment asserts: the wrapper checked every input and every custom op's output each call (~20 a
 # layer), 4.8% of a 135M int4 step; Dynamo's guards check the inputs, opcheck tests the custom ops' fakes.
-# No precompiled headers: building them (2 x 150 MB, once per torch, venv and flags) made a first compile 34 s, not 27;
-# later ones are 1.6 s slower without them (the wrapper and kernels build side by side: compile_cache.quicker_builds).
+# No precompiled headers: building them (2 x 150 MB, once per torch, venv and flags) made a first compile 36-43 s;
+# without, 22-28 s, and later cold ones as fast (wrapper and kernels built side by side: compile_cache.quicker_builds).
 CPU_OPTIONS = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True, "size_asserts": False,
                "alignment_asserts": False, "cpp_cache_precompile_headers": False}
 
