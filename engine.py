@@ -198,9 +198,9 @@ class Engine:
         self.busy = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)   # 1 where a request decodes
         self.waiting: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
-        # compiled: on CPU one staged graph serves every bucket (its batch size dynamic from the second bucket on)
+        # compiled: on CPU one staged graph serves every bucket (its batch size unbacked: compile_cache.any_batch)
         self.step_fn = gen.compiled(gen.decode_logits, self.device, **({"dynamic": False} if self.device.startswith(
-            "cuda") else {})) if compile else gen.decode_logits
+            "cuda") else {"batch": max_batch_size})) if compile else gen.decode_logits
         self.closed = False
         self.fatal: Optional[str] = None     # why the scheduler stopped, if it had to
         self.drain_deadline: Optional[float] = None   # drain(): stop once idle or at this time
@@ -213,7 +213,7 @@ class Engine:
         self.metrics = Metrics(self)
         self.buckets = bucket_sizes(max_batch_size)
         if compile:   # one graph per batch bucket, compiled now rather than on the first users' time
-            gen.compile_notice(self.device, len(self.buckets))
+            gen.compile_notice(self.device, len(self.buckets) if self.device.startswith("cuda") else 1)
             with torch.no_grad():   # CUDA graph trees warm up on a graph's first call and record it on the second
                 for n in self.buckets:
                     for _ in range(2 if self.device.startswith("cuda") else 1):

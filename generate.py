@@ -456,7 +456,7 @@ def compile_step(fn: Callable, device: str, tree: bool = True, **kw) -> Callable
     return torch.compile(fn, fullgraph=True, options=CPU_OPTIONS, **kw)
 
 
-def compiled(fn: Callable, device: str, tree: bool = True, whole: bool = False, saved: bool = False,
+def compiled(fn: Callable, device: str, tree: bool = True, whole: bool = False, saved: bool = False, batch: int = 0,
              **kw) -> Callable:
     """A forward step (decode_one_token, verify, ...) compiled. On CUDA whole: one CUDA graph replay a step. On CPU
     in stages: its runs of layers (model.stage_runs) go through one compiled run_layers (a graph shared by every run
@@ -473,7 +473,8 @@ def compiled(fn: Callable, device: str, tree: bool = True, whole: bool = False, 
     if saved and os.environ.get("ZOOFAST_SAVED_STEPS", "1") != "0":   # static shapes: each its own graph
         dynamo = lambda: compile_step(fresh(run_layers), device, **kw)  # noqa: E731  (where aot_compile fails)
         return functools.partial(fn, stage=compile_cache.SavedStage(CPU_OPTIONS, dynamo))
-    return functools.partial(fn, stage=compile_step(fresh(run_layers), device, **kw))
+    stage = compile_step(fresh(run_layers), device, **kw)   # batch: 1 to that many rows, one graph (a server's)
+    return functools.partial(fn, stage=compile_cache.any_batch(stage, batch) if batch else stage)
 
 
 def with_positions(step: Callable, model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, *args, **kwargs):
@@ -485,7 +486,7 @@ def with_positions(step: Callable, model: Transformer, x: torch.Tensor, input_po
 def compile_notice(device: str, steps: int = 1):
     """Say what --compile is about to do and roughly how long it takes, before the silent wait."""
     each = "about a minute each" if device.startswith("cuda") else \
-        "about 20 s each on a 2-core CPU the first time, 2-3 s once saved (compile_cache.py)"
+        "about 20-40 s each on a 2-core CPU the first time, seconds on later runs (compile_cache.py)"
     print(f"compiling {steps} forward step{'s' * (steps > 1)} with torch.compile (Inductor): {each}; "
           f"then decoding starts", file=sys.stderr, flush=True)
 

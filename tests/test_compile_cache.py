@@ -105,6 +105,28 @@ def test_the_cli_loads_its_compiled_step_on_a_second_run(tmp_path, default_check
     assert list((tmp_path / "inductor1").rglob("*.so")) and not list((tmp_path / "tmp").rglob("precompiled_headers"))
 
 
+
+def test_a_compiled_engine_serves_every_batch_bucket_from_one_graph(tmp_path, default_checkpoint):
+    """server.py --compile: buckets 1, 2 and 4 share one graph (its batch size unbacked, any_batch), compiled once,
+    not a graph for batch 1 and a second for the rest; three requests at once reply as the eager engine does."""
+    import torch
+    from engine import Engine
+    ckpt = tiny_checkpoint(tmp_path / "tiny", vocab_size=49152, block_size=128)
+    for f in ("tokenizer.tiktoken", "tokenizer_meta.json"):
+        shutil.copy(default_checkpoint / f, ckpt.parent / f)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    engines = [Engine(ckpt, "cpu", "fp32", max_batch_size=4, max_seq_length=128, compile=c, background=True)
+               for c in (True, False)]
+    assert engines[0].buckets == [1, 2, 4] and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+    prompts = [[5, 6, 7, 8], list(range(40, 50)), [9] * 20]
+    replies = []
+    for e in engines:
+        requests = [e.submit(ids, max_tokens=10, temperature=0) for ids in prompts]
+        replies.append(["".join(e.stream(r)) for r in requests])
+        e.close()
+    assert replies[0] == replies[1] and all(replies[0])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1
+
 def test_the_folder_keeps_the_newest_files(tmp_path):
     for i in range(5):
         (tmp_path / f"stage-{i}.pt2").write_bytes(b"x")
