@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -21,6 +22,14 @@ QUANTIZATION = "quantization"   # the state-dict entry quantize.py adds: {"mode"
 
 
 # ---- the boundary -------------------------------------------------------------------------------
+
+def cpu_name() -> str:
+    """The CPU's model name, for a benchmark's header (the machine changes from day to day)."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
 
 def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -70,7 +70,7 @@ def run(args):
                     print(f"round {r + 1} {name} {phase}: {times[name, phase][-1]:.1f} s", file=sys.stderr)
                 shutil.rmtree(folder, ignore_errors=True)
     lines = [f"generate.py --compile, compile time (s), {args.precision}, {args.rounds} interleaved rounds; "
-             f"{cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}", "",
+             f"{cli.cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}", "",
              "| checkout | " + " | ".join(PHASES) + " |", "|---|" + "---:|" * len(PHASES)]
     for name in checkouts:
         lines.append(f"| {name} | " + " | ".join(", ".join(f"{t:.1f}" for t in times[name, ph]) for ph in PHASES)
@@ -79,13 +79,6 @@ def run(args):
     print(text)
     if args.out:
         cli.write_atomic({args.out: text.encode()})
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def run(args):
                 outs[task, v], stats[task, v] = out, st
     lines = [f"{checkpoint.parent.name}, {args.precision}, compiled, greedy, up to {args.tokens} new tokens, "
              f"--prompt_lookup {args.lookup}; {platform.processor() or platform.machine()} "
-             f"({cpu_name()}), {torch.get_num_threads()} threads; median of {args.rounds} interleaved rounds.", "",
+             f"({cli.cpu_name()}), {torch.get_num_threads()} threads; median of {args.rounds} interleaved rounds.", "",
              "| task | plain tok/s | lookup tok/s | speedup | drafts accepted | target forwards / token | "
              "same tokens as plain |", "|---|---:|---:|---:|---:|---:|---|"]
     for task in tasks:
@@ -93,13 +93,6 @@ def run(args):
     print(text)
     if args.out:
         cli.write_atomic({args.out: text.encode()})
-
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -237,8 +237,7 @@ def benchmark(args):
 def write(args, steps, runs, bandwidth, quiet=False):
     med = statistics.median
     bw = med(bandwidth)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cli.cpu_name()
     float_model = args.work / "zoofast" / "model.pth"
     model_bytes = float_model.stat().st_size if float_model.exists() else None
     done = max(len(rs) for rs in runs.values()) if runs else 0

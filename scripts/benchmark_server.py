@@ -13,7 +13,6 @@
 import http.client
 import json
 import os
-import platform
 import random
 import re
 import socket
@@ -234,13 +233,6 @@ def benchmark(args):
     return runs
 
 
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
-
-
 def table(args, runs: dict) -> str:
     def med(rs, key):
         return statistics.median(r[key] for r in rs)
@@ -248,7 +240,7 @@ def table(args, runs: dict) -> str:
     folder = Path(args.checkpoint_path).parent
     lines = [f"{cli.read_config(folder).name or folder.name}: zoofast server.py ({args.precision}, "
              f"{'compiled' if args.compile else 'eager'}) and llama-server ({Path(args.gguf).name if args.gguf else '-'}"
-             f"), {cpu_name()}, {os.cpu_count()} threads; "
+             f"), {cli.cpu_name()}, {os.cpu_count()} threads; "
              f"{args.max_tokens} tokens a request (temperature 0.8), {args.per_client} requests per client, one slot "
              f"per client, median of {args.rounds} interleaved round(s). Prompts: short (a few tokens), shared (a "
              f"~1000-token system prompt common to all, then a question; each slot's first request, untimed, fills "
