@@ -2,8 +2,8 @@
 # without tracing the model again. torch.compile's aot_compile captures a stage (model.run_layers over a run of
 # layers, generate.compile_step's options) with Dynamo's guards; the graph, its C++ and the guards go into one file
 # under ~/.cache/zoofast/compiled (or ZOOFAST_COMPILED), named by a hash of torch's version, this repo's model code
-# and the call's shapes. A later process loads it (2-3 s, against 5.5-8.4 s of tracing and cache lookups for
-# Dynamo) and checks its guards against its own inputs before each call: a file that no longer fits (another cache
+# and the call's shapes. A later process loads it (1.6-2.1 s, against 5.5-8.4 s of tracing and cache lookups
+# for Dynamo) and checks its guards against its own inputs before each call: a file that no longer fits (another cache
 # length, batch size, dtype, model) is compiled anew and replaced, never run. Where aot_compile cannot take a step,
 # Dynamo's compile does. Where a step is compiled, quicker_builds() has its C++ built sooner; any_batch() has
 # one graph serve a server's every batch size.
@@ -84,9 +84,9 @@ def side_by_side(serial: Callable, lock_path: str, builders):
 def any_batch(stage: Callable, most: int) -> Callable:
     """stage (a compiled run_layers) taking its batch size as a size it knows nothing of, 1 to `most`: one graph
     serves every batch bucket of a server (engine.py), where Dynamo compiled one for batch 1 and a second, dynamic,
-    for the rest (it specializes sizes of 1): the default model's compiled server start fell from 70 s to 40 on the
-    Zen 3. The size is marked on x and each of p's tensors as one symbol (shape_id); its hint, 1, keeps Inductor's
-    heuristics at a decode's sizes."""
+    for the rest (it specializes sizes of 1): the default model's compiled server start fell from 78-80 s to 34-37
+    on the Zen 3. The size is marked on x and each of p's tensors as one symbol (shape_id); its hint, 1, keeps
+    Inductor's heuristics at a decode's sizes."""
     def marked(layers, x, p):
         for t in (x, *p):
             if isinstance(t, torch.Tensor):

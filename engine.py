@@ -212,7 +212,7 @@ class Engine:
         self.weight_bytes = gen.weight_bytes_per_token(self.model)   # what one decode step reads
         self.metrics = Metrics(self)
         self.buckets = bucket_sizes(max_batch_size)
-        if compile:   # one graph per batch bucket, compiled now rather than on the first users' time
+        if compile:   # each bucket's graph (on CPU one for all) compiled now rather than on the first users' time
             gen.compile_notice(self.device, len(self.buckets) if self.device.startswith("cuda") else 1)
             with torch.no_grad():   # CUDA graph trees warm up on a graph's first call and record it on the second
                 for n in self.buckets:
