@@ -318,7 +318,8 @@ def main():
         cli.positive(args, "rounds", "tokens")
         if args.depth < 0:
             raise ValueError(f"--depth must be >= 0, got {args.depth}")
-        args.work = (args.work or args.hf.parent / "bench").resolve()   # the workers run in the repo's folder
+        args.hf = args.hf.resolve()   # the converters and workers run in the repo's folder
+        args.work = (args.work or args.hf.parent / "bench").resolve()
         if args.out:
             cli.writable_file(args.out)
         benchmark(args)
