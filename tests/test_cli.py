@@ -3,6 +3,7 @@
 # process: cli.write_atomic's contract, ModelArgs.from_dict's checks, a converter failing in its tokenizer step
 # leaves the checkpoint folder as it was, and Ctrl-C during quantize's or a converter's write leaves no temp file.
 import argparse
+import concurrent.futures
 import json
 import os
 import shutil
@@ -217,27 +218,55 @@ def tree(root: Path) -> dict:
             for p in sorted(root.rglob("*"))}
 
 
-def assert_refused(args: list, words: str, zoo: Path):
-    before = tree(zoo)
-    r = subprocess.run([sys.executable, str(REPO / args[0]), *[a.format(zoo=zoo) for a in args[1:]]],
-                       capture_output=True, text=True, timeout=300, cwd=zoo, env=ENV)
+def run_tool(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / args[0]), *[a.format(zoo=cwd) for a in args[1:]]],
+                          capture_output=True, text=True, timeout=300, cwd=cwd, env=ENV)
+
+
+def assert_one_error_line(r: subprocess.CompletedProcess, words: str):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode not in (0, None), r.stderr
     assert "Traceback" not in r.stderr, r.stderr
     assert lines and lines[-1].startswith("error:") and words in lines[-1], r.stderr
-    assert tree(zoo) == before, "the run left something behind or changed a file"
+
+
+def assert_refused(args: list, words: str, root: Path):
+    before = tree(root)
+    assert_one_error_line(run_tool(args, root), words)
+    assert tree(root) == before, "the run left something behind or changed a file"
+
+
+REFUSALS = {**{f"{t}-{c}": (TOOLS[t] + ["--checkpoint_path", f"{{zoo}}/{c}"], w)
+               for t in TOOLS for c, w in CHECKPOINT_CASES.items()},
+            **{f"generate-{c}": (TOOLS["generate"] + ["--checkpoint_path", f"{{zoo}}/{c}"], w)
+               for c, w in MORE_CHECKPOINT_CASES.items()},
+            **FLAG_CASES}
+
+
+@pytest.fixture(scope="module")
+def refused(zoo) -> dict:
+    """Every refusal of the tables run once, a process for each core at a time (each spends most of its ~3 s
+    starting Python and importing torch: the table took 7 minutes one at a time on 2 cores): case -> its
+    CompletedProcess, and "left" -> what the zoo gained, lost or had rewritten meanwhile (nothing, where every tool
+    leaves things as they were)."""
+    before = tree(zoo)
+    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+        runs = dict(zip(REFUSALS, pool.map(lambda case: run_tool(REFUSALS[case][0], zoo), REFUSALS)))
+    after = tree(zoo)
+    return runs | {"left": {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}}
 
 
 @pytest.mark.parametrize("tool, case", [(t, c) for t in TOOLS for c in CHECKPOINT_CASES] +
                          [("generate", c) for c in MORE_CHECKPOINT_CASES])
-def test_bad_checkpoint_is_one_line(tool, case, zoo):
-    words = CHECKPOINT_CASES.get(case) or MORE_CHECKPOINT_CASES[case]
-    assert_refused(TOOLS[tool] + ["--checkpoint_path", f"{{zoo}}/{case}"], words, zoo)
+def test_bad_checkpoint_is_one_line(tool, case, refused):
+    assert_one_error_line(refused[f"{tool}-{case}"], REFUSALS[f"{tool}-{case}"][1])
+    assert not refused["left"], f"the table's runs left behind or changed {sorted(refused['left'])}"
 
 
 @pytest.mark.parametrize("case", FLAG_CASES)
-def test_bad_flag_or_output_is_one_line(case, zoo):
-    assert_refused(*FLAG_CASES[case], zoo)
+def test_bad_flag_or_output_is_one_line(case, refused):
+    assert_one_error_line(refused[case], FLAG_CASES[case][1])
+    assert not refused["left"], f"the table's runs left behind or changed {sorted(refused['left'])}"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0o555 folder; quantize-output-is-a-folder covers "
