@@ -1,5 +1,6 @@
 # Shared fixtures: the default model's GGUF, the default checkpoint, and the shared tokenizer files; and the tests'
 # one tiny random model (`from conftest import tiny_model`, or tiny_checkpoint for a folder on disk).
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -30,6 +31,13 @@ def compiled_steps_apart(tmp_path_factory):
     """The compiled steps the tests save (compile_cache.py) in a folder of this session's, their subprocesses' too:
     a test that counts compiles finds none done by an earlier run."""
     os.environ["ZOOFAST_COMPILED"] = str(tmp_path_factory.mktemp("compiled"))
+
+
+def two_at_a_time(*commands, **kw) -> list:
+    """subprocess.run(command, capture_output=True, text=True, **kw) for each command, two processes at a time: a
+    test's runs of a CLI are mostly Python's start-up, torch's import and a short decode, and two cores take two."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda c: subprocess.run(c, capture_output=True, text=True, **kw), commands))
 
 
 def tiny_model(seed=0, std=0.3, norm_std=0.1, **kw):

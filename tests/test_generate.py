@@ -10,7 +10,7 @@ import torch
 import cpu_kernels
 import generate as gen
 import model as model_py
-from conftest import tiny_model
+from conftest import tiny_model, two_at_a_time
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -227,10 +227,15 @@ def cli(*args, timeout=600):
                           timeout=timeout, cwd=REPO)
 
 
+def clis(*runs: list) -> list:
+    """cli(*args) for each list of args, two at a time."""
+    return two_at_a_time(*[[sys.executable, str(REPO / "generate.py"), *args] for args in runs], timeout=600, cwd=REPO)
+
+
 def test_cli_greedy_is_deterministic(default_checkpoint):
     args = ["--checkpoint_path", str(default_checkpoint / "model.pth"), "--prompt", "The capital of France is",
             "--max_new_tokens", "20", "--temperature", "0"]
-    a, b = cli(*args), cli(*args)
+    a, b = clis(args, args)
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout
     assert a.stdout.startswith("The capital of France is") and len(a.stdout) > len("The capital of France is") + 5
@@ -240,7 +245,7 @@ def test_cli_greedy_is_deterministic(default_checkpoint):
 def test_cli_compiled_chat_matches_eager(default_checkpoint):
     args = ["--checkpoint_path", str(default_checkpoint), "--prompt", "What is 2+2?", "--chat",
             "--max_new_tokens", "24", "--temperature", "0", "--precision", "fp32", "--num_samples", "2"]
-    eager, compiled = cli(*args), cli(*args, "--compile")
+    eager, compiled = clis(args, args + ["--compile"])
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == eager.stdout   # both samples: the second reuses the compiled steps
     assert "compile time" in compiled.stderr and "sample 2:" in compiled.stderr
@@ -510,16 +515,17 @@ def test_cli_ignore_eos_prompt_tokens_and_threads(default_checkpoint):
     """--ignore_eos decodes past the end of a chat reply, --prompt_tokens N prefills exactly N tokens, and the report
     gives prefill's tokens/s; --threads sets torch's."""
     base = ["--checkpoint_path", str(default_checkpoint), "--temperature", "0", "--max_new_tokens", "120"]
-    stopped = cli(*base, "--prompt", "What is 2+2?", "--chat")
-    ignored = cli(*base, "--prompt", "What is 2+2?", "--chat", "--ignore_eos", "--threads", "1")
+    stopped, ignored, synthetic, healed = clis(
+        base + ["--prompt", "What is 2+2?", "--chat"],
+        base + ["--prompt", "What is 2+2?", "--chat", "--ignore_eos", "--threads", "1"],
+        base + ["--prompt_tokens", "300", "--max_new_tokens", "4"],
+        base + ["--prompt", "for i in ran", "--heal", "--max_new_tokens", "3"])
     assert stopped.returncode == 0 and ignored.returncode == 0, ignored.stderr
     assert "sample 1: 120 tokens" not in stopped.stderr and "sample 1: 120 tokens" in ignored.stderr
     assert ignored.stdout.startswith(stopped.stdout.rstrip("\n"))
-    synthetic = cli(*base, "--prompt_tokens", "300", "--max_new_tokens", "4")
     assert synthetic.returncode == 0, synthetic.stderr
     assert re.search(r"prefill 300 tokens in \d+ ms, \d+ tokens/s", synthetic.stderr), synthetic.stderr
     assert synthetic.stdout.startswith("[a 300-token prompt]")
-    healed = cli(*base, "--prompt", "for i in ran", "--heal", "--max_new_tokens", "3")
     assert healed.returncode == 0 and healed.stdout.startswith("for i in range("), healed.stdout
 
 

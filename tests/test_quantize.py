@@ -222,8 +222,8 @@ def test_default_model_quantized_logits_stay_close(default_checkpoint, default_q
 def test_generate_cli_runs_quantized_compiled_as_eager(mode, default_quantized):
     args = ["--checkpoint_path", str(default_quantized[mode]), "--prompt", "The capital of France is",
             "--max_new_tokens", "16", "--temperature", "0", "--precision", "fp32"]
-    eager, compiled = [subprocess.run([sys.executable, str(REPO / "generate.py"), *a], capture_output=True,
-                                      text=True, timeout=600, cwd=REPO) for a in (args, args + ["--compile"])]
+    eager, compiled = conftest.two_at_a_time(*[[sys.executable, str(REPO / "generate.py"), *a]
+                                               for a in (args, args + ["--compile"])], timeout=600, cwd=REPO)
     assert eager.returncode == 0 and compiled.returncode == 0, eager.stderr + compiled.stderr
     assert "Paris" in eager.stdout, eager.stdout
     assert compiled.stdout == eager.stdout
