@@ -245,12 +245,12 @@ REFUSALS = {**{f"{t}-{c}": (TOOLS[t] + ["--checkpoint_path", f"{{zoo}}/{c}"], w)
 
 @pytest.fixture(scope="module")
 def refused(zoo) -> dict:
-    """Every refusal of the tables run once, a process for each core at a time (each spends most of its ~3 s
+    """Every refusal of the tables run once, a process for each core, 2 to 4 at a time (each spends most of its ~3 s
     starting Python and importing torch: the table took 7 minutes one at a time on 2 cores): case -> its
     CompletedProcess, and "left" -> what the zoo gained, lost or had rewritten meanwhile (nothing, where every tool
     leaves things as they were)."""
     before = tree(zoo)
-    with concurrent.futures.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(min(4, max(2, os.cpu_count() or 1))) as pool:
         runs = dict(zip(REFUSALS, pool.map(lambda case: run_tool(REFUSALS[case][0], zoo), REFUSALS)))
     after = tree(zoo)
     return runs | {"left": {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}}
