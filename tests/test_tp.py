@@ -13,7 +13,7 @@ import torch
 
 import quantize as Q
 import tp
-from conftest import tiny_checkpoint
+from conftest import tiny_checkpoint, two_at_a_time
 from model import ModelArgs
 from tp_worker import measure
 
@@ -33,10 +33,14 @@ LAYOUTS = {
 QUANTIZED = {"llama-gqa": ["int8", "int4"], "neox-parallel-residual": ["int4"], "mixtral-moe": ["int8"]}
 
 
+def torchrun_command(n: int, *args) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *map(str, args)]
+
+
 def torchrun(n: int, *args, timeout=900):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           *map(str, args)], capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    return subprocess.run(torchrun_command(n, *args), capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +113,10 @@ def generate_cli(*args):
 def test_default_model_three_ranks_equal_one_process(default_checkpoint):
     """SmolLM2-135M has 9 heads and 3 KV heads: 3 ranks split it evenly, 2 unevenly (6 + 3 heads), 10 not at all."""
     ckpt = default_checkpoint / "model.pth"
-    one = subprocess.run([sys.executable, *generate_cli("--checkpoint_path", ckpt)], capture_output=True, text=True,
-                         cwd=REPO, timeout=600)
-    three = torchrun(3, *generate_cli("--checkpoint_path", ckpt))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))   # one process beside three ranks: one core
+    one, three = two_at_a_time([sys.executable, *generate_cli("--checkpoint_path", ckpt)],
+                               torchrun_command(3, *generate_cli("--checkpoint_path", ckpt)), cwd=REPO, env=env,
+                               timeout=900)
     assert one.returncode == 0 and three.returncode == 0, three.stderr[-3000:]
     assert three.stdout == one.stdout and len(one.stdout) > 40
     assert "decode" in three.stderr and three.stderr.count("peak memory") == 1   # rank 0 alone speaks
