@@ -37,9 +37,13 @@ def torchrun_command(n: int, *args) -> list:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *map(str, args)]
 
 
+def one_core_env() -> dict:
+    """A rank's environment: one thread (the ranks share 2 cores), the repo importable."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
 def torchrun(n: int, *args, timeout=900):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run(torchrun_command(n, *args), capture_output=True, text=True, cwd=REPO, env=env,
+    return subprocess.run(torchrun_command(n, *args), capture_output=True, text=True, cwd=REPO, env=one_core_env(),
                           timeout=timeout)
 
 
@@ -113,10 +117,9 @@ def generate_cli(*args):
 def test_default_model_three_ranks_equal_one_process(default_checkpoint):
     """SmolLM2-135M has 9 heads and 3 KV heads: 3 ranks split it evenly, 2 unevenly (6 + 3 heads), 10 not at all."""
     ckpt = default_checkpoint / "model.pth"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))   # one process beside three ranks: one core
-    one, three = two_at_a_time([sys.executable, *generate_cli("--checkpoint_path", ckpt)],
-                               torchrun_command(3, *generate_cli("--checkpoint_path", ckpt)), cwd=REPO, env=env,
-                               timeout=900)
+    one, three = two_at_a_time([sys.executable, *generate_cli("--checkpoint_path", ckpt)],   # at once, a core each
+                               torchrun_command(3, *generate_cli("--checkpoint_path", ckpt)), cwd=REPO,
+                               env=one_core_env(), timeout=900)
     assert one.returncode == 0 and three.returncode == 0, three.stderr[-3000:]
     assert three.stdout == one.stdout and len(one.stdout) > 40
     assert "decode" in three.stderr and three.stderr.count("peak memory") == 1   # rank 0 alone speaks
@@ -155,7 +158,7 @@ def test_server_under_three_ranks_replies_as_one_process(default_checkpoint):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = one_core_env()
     args = ["--checkpoint_path", default_checkpoint / "model.pth", "--precision", "fp32", "--device", "cpu",
             "--max_batch_size", "4", "--max_seq_length", "256", "--prefill_chunk", "32"]
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
