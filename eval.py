@@ -105,15 +105,20 @@ def make_lm(model, tokenizer, batch_size: int = 4, max_length: int = 2048, steps
     return ZooLM()
 
 
-def task_manager(include_path=None):
+def task_manager(tasks: list, include_path=None):
+    """lm-eval's TaskManager over tasks/ and --include_path; lm-eval's own ~15k tasks are indexed (17 s on a 2-core
+    Zen 3, on every run) only when a task asked for is not a plain task found there (a group or tag may name
+    lm-eval's own)."""
     from lm_eval.tasks import TaskManager
-    return TaskManager(include_path=[str(LOCAL_TASKS)] + ([str(include_path)] if include_path else []))
+    paths = [str(LOCAL_TASKS)] + ([str(include_path)] if include_path else [])
+    local = TaskManager(include_path=paths, include_defaults=False)
+    return local if set(tasks) <= set(local.all_subtasks) else TaskManager(include_path=paths)
 
 
 def run_eval(lm, tasks: list, limit=None, num_fewshot=None, include_path=None, manager=None) -> dict:
     import lm_eval
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
-                                   task_manager=manager or task_manager(include_path), log_samples=False)
+                                   task_manager=manager or task_manager(tasks, include_path), log_samples=False)
 
 
 def one_line(e: Exception) -> str:
@@ -173,7 +178,7 @@ def run(args) -> dict:
     checkpoint = gen.find_checkpoint(args.checkpoint_path)
     cli.read_checkpoint(checkpoint)   # a bad file is found now (mmapped: cheap), not after lm-eval indexes its tasks
     tokenizer = cli.read_tokenizer(checkpoint.parent)
-    manager = task_manager(args.include_path)
+    manager = task_manager(tasks, args.include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval tasks {unknown}; local ones: zoo_mc zoo_ppl zoo_gen, or pass "

@@ -437,12 +437,13 @@ def calibration_ids(tokenizer, texts: list, n_samples: int, seq_length: int) -> 
 def lm_eval_texts(tasks: list) -> list:
     """Calibration text from lm-eval tasks' documents (hub tasks need the hub; tasks/ holds local ones)."""
     try:
-        from lm_eval.tasks import TaskManager
+        import lm_eval  # noqa: F401
     except ImportError:
         raise ValueError("calibration from lm-eval tasks needs lm-eval (pip install lm-eval); "
                          "offline, pass --calibration_file TEXT") from None
+    from eval import task_manager
     try:
-        found = TaskManager(include_path=str(Path(__file__).resolve().parent / "tasks")).load(tasks)["tasks"]
+        found = task_manager(tasks).load(tasks)["tasks"]
     except Exception as e:
         raise ValueError(f"cannot load lm-eval tasks {tasks} ({cli.all_on_one_line(e, 200)}); "
                          "offline, pass --calibration_file TEXT") from None
