@@ -3,8 +3,10 @@
 import concurrent.futures
 import json
 import os
+import queue
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -38,6 +40,49 @@ def two_at_a_time(*commands, **kw) -> list:
     test's runs of a CLI are mostly Python's start-up, torch's import and a short decode, and two cores take two."""
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         return list(pool.map(lambda c: subprocess.run(c, capture_output=True, text=True, **kw), commands))
+
+
+class Prestarted:
+    """Pythons that have imported torch (tests/prestarted.py), each forking a child per command: run(argv) is
+    subprocess.run([sys.executable, *argv], capture_output=True, text=True) for a tool's quick refusals, without
+    ~2.5 s of importing torch each; map runs a list of them a Python per core."""
+
+    def __init__(self, n=min(4, max(2, os.cpu_count() or 1))):
+        self.idle = queue.Queue()
+        for _ in range(n):
+            self.idle.put(subprocess.Popen([sys.executable, str(REPO / "tests" / "prestarted.py")], text=True,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        self.n = n
+
+    def run(self, argv: list, cwd=REPO, env=None, timeout=300) -> subprocess.CompletedProcess:
+        python = self.idle.get()
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                out, err = Path(d) / "stdout", Path(d) / "stderr"
+                python.stdin.write(json.dumps(dict(argv=list(map(str, argv)), cwd=str(cwd), env=dict(env or os.environ),
+                                                   stdout=str(out), stderr=str(err), timeout=timeout)) + "\n")
+                python.stdin.flush()
+                code = int(python.stdout.readline())
+                return subprocess.CompletedProcess([sys.executable, *argv], code, out.read_text(), err.read_text())
+        finally:
+            self.idle.put(python)
+
+    def map(self, argvs: list, **kw) -> list:
+        with concurrent.futures.ThreadPoolExecutor(self.n) as pool:
+            return list(pool.map(lambda argv: self.run(argv, **kw), argvs))
+
+    def close(self):
+        for _ in range(self.n):
+            python = self.idle.get()
+            python.stdin.close()
+            python.wait()
+
+
+@pytest.fixture(scope="session")
+def prestarted():
+    pythons = Prestarted()
+    yield pythons
+    pythons.close()
 
 
 def tiny_model(seed=0, std=0.3, norm_std=0.1, **kw):

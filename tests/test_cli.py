@@ -1,9 +1,9 @@
-# Every command-line tool against bad input, run as a user runs it (a real process): a non-zero exit, stderr's last
-# line an `error:` line, no traceback, and nothing left behind (no temp file, no new or changed file). Then, in
+# Every command-line tool against bad input, each in a process of its own (forked from a Python that has imported
+# torch, tests/prestarted.py; a few in a fresh Python, as a user runs them): a non-zero exit, stderr's last line an
+# `error:` line, no traceback, and nothing left behind (no temp file, no new or changed file). Then, in
 # process: cli.write_atomic's contract, ModelArgs.from_dict's checks, a converter failing in its tokenizer step
 # leaves the checkpoint folder as it was, and Ctrl-C during quantize's or a converter's write leaves no temp file.
 import argparse
-import concurrent.futures
 import json
 import os
 import shutil
@@ -218,9 +218,13 @@ def tree(root: Path) -> dict:
             for p in sorted(root.rglob("*"))}
 
 
+def tool_argv(args: list, zoo: Path) -> list:
+    return [str(REPO / args[0]), *[a.format(zoo=zoo) for a in args[1:]]]
+
+
 def run_tool(args: list, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / args[0]), *[a.format(zoo=cwd) for a in args[1:]]],
-                          capture_output=True, text=True, timeout=300, cwd=cwd, env=ENV)
+    return subprocess.run([sys.executable, *tool_argv(args, cwd)], capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env=ENV)
 
 
 def assert_one_error_line(r: subprocess.CompletedProcess, words: str):
@@ -246,14 +250,14 @@ assert len(REFUSALS) == len(TOOLS) * len(CHECKPOINT_CASES) + len(MORE_CHECKPOINT
 
 
 @pytest.fixture(scope="module")
-def refused(zoo) -> dict:
-    """Every refusal of the tables run once, a process for each core, 2 to 4 at a time (each spends most of its ~3 s
-    starting Python and importing torch: the table took 7 minutes one at a time on 2 cores): case -> its
-    CompletedProcess, and "left" -> what the zoo gained, lost or had rewritten meanwhile (nothing, where every tool
-    leaves things as they were)."""
+def refused(zoo, prestarted) -> dict:
+    """Every refusal of the tables run once, each in a process forked from a Python that has imported torch, a
+    process per core at a time (a fresh Python spends ~2.5 of a refusal's ~3 s importing torch: the table took 7
+    minutes one at a time on 2 cores): case -> its CompletedProcess, and "left" -> what the zoo gained, lost or had
+    rewritten meanwhile (nothing, where every tool leaves things as they were)."""
     before = tree(zoo)
-    with concurrent.futures.ThreadPoolExecutor(min(4, max(2, os.cpu_count() or 1))) as pool:
-        runs = dict(zip(REFUSALS, pool.map(lambda case: run_tool(REFUSALS[case][0], zoo), REFUSALS)))
+    runs = dict(zip(REFUSALS, prestarted.map([tool_argv(REFUSALS[case][0], zoo) for case in REFUSALS], cwd=zoo,
+                                             env=ENV)))
     after = tree(zoo)
     return runs | {"left": {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}}
 

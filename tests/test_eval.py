@@ -64,9 +64,9 @@ def test_cli_quantized_checkpoint_writes_results(default_checkpoint, tmp_path):
     (["--tasks", "zoo_mc", "--limit", "0"], "--limit must be positive"),
     (["--tasks", "zoo_mc", "--checkpoint_path", "checkpoints/nope/model.pth"], "checkpoint not found"),
 ], ids=["unknown-task", "hub-task-offline", "bad-limit", "missing-checkpoint"])
-def test_cli_bad_input_is_one_line(default_checkpoint, args, message):
-    r = subprocess.run([sys.executable, str(REPO / "eval.py"), *args], capture_output=True, text=True, timeout=600,
-                       cwd=REPO, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+def test_cli_bad_input_is_one_line(default_checkpoint, args, message, prestarted):
+    r = prestarted.run([REPO / "eval.py", *args], env={**__import__("os").environ, "HF_HUB_OFFLINE": "1",
+                                                       "HF_DATASETS_OFFLINE": "1"})
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and message in r.stderr.strip().splitlines()[-1], r.stderr

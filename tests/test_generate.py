@@ -274,8 +274,9 @@ def test_default_model_batched_equals_single(default_checkpoint):
     (["--prompt_tokens", "9000", "--max_new_tokens", "10"], "exceeds the context"),
 ], ids=["missing-checkpoint", "unknown-model", "negative-max-new-tokens", "unknown-device", "prompt-too-long",
         "threads-0", "prompt-tokens-past-context", "device-map-unknown-device", "device-map-compiled"])
-def test_cli_bad_input_is_one_line(default_checkpoint, args, message):
-    r = cli("--checkpoint_path", str(default_checkpoint), *args) if args[0] != "--checkpoint_path" else cli(*args)
+def test_cli_bad_input_is_one_line(default_checkpoint, args, message, prestarted):
+    args = args if args[0] == "--checkpoint_path" else ["--checkpoint_path", str(default_checkpoint), *args]
+    r = prestarted.run([REPO / "generate.py", *args])
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
