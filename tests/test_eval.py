@@ -43,6 +43,12 @@ def test_local_tasks_score_sensibly(ours):
     assert 1.0 < ours["zoo_ppl"]["bits_per_byte,none"] < 2.5
 
 
+def test_local_tasks_skip_indexing_lm_evals_own():
+    """tasks/ alone is read for our tasks (lm-eval's ~15k took 17 s of every run); another name gets the full index
+    (test_cli_bad_input_is_one_line's unknown and hub tasks go through it)."""
+    assert sorted(ev.task_manager(["zoo_mc", "zoo_ppl"]).all_tasks) == ["zoo_gen", "zoo_mc", "zoo_ppl"]
+
+
 def test_cli_quantized_checkpoint_writes_results(default_checkpoint, tmp_path):
     import quantize as Q
     path = Q.quantize(default_checkpoint / "model.pth", "int8", log=lambda *a: None)
