@@ -147,6 +147,23 @@ def smollm2_gguf(default_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """transformers' own load of the default model's GGUF (fp32, eval mode), once a session: its GGUF reader takes
+    ~28 s. Shared: a test that changes it changes a copy.deepcopy."""
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF (requirements-test.txt)")
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers_tokenizer(smollm2_gguf):
+    """transformers' tokenizer from the default model's GGUF, once a session (~5 s). Shared: copy it to change it."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
 def shared_tokenizers() -> Path:
     """The real tokenizer files and published token ids (shared/tokenizers, see its MANIFEST.md)."""
     d = SHARED / "tokenizers"

@@ -23,11 +23,11 @@ def ours(default_checkpoint):
                        TASKS, limit=LIMIT)["results"]
 
 
-def test_local_tasks_equal_lm_eval_hf_backend(ours, smollm2_gguf):
+def test_local_tasks_equal_lm_eval_hf_backend(ours, smollm2_transformers, smollm2_transformers_tokenizer):
     """transformers' LlamaForCausalLM from the same GGUF, driven by lm-eval's HFLM, fp32: every metric within 1e-3."""
     from lm_eval.models.huggingface import HFLM
-    hf = HFLM(pretrained=str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype="float32", device="cpu",
-              batch_size=4, max_length=1024)
+    hf = HFLM(pretrained=smollm2_transformers, tokenizer=smollm2_transformers_tokenizer, batch_size=4,
+              max_length=1024)
     theirs = ev.run_eval(hf, TASKS, limit=LIMIT)["results"]
     for task in TASKS:
         metrics = {k: v for k, v in theirs[task].items() if "stderr" not in k and isinstance(v, float)}

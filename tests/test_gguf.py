@@ -33,14 +33,6 @@ def converted(smollm2_gguf, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def reference(smollm2_gguf):
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF (requirements-test.txt)")
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                dtype=torch.float32).eval()
-
-
 @pytest.fixture
 def one_thread():
     # small forwards: with a busy core (parallel test runs), 2 OpenMP threads are ~20x slower than 1
@@ -51,20 +43,20 @@ def one_thread():
 
 
 @torch.no_grad()
-def test_logits_match_transformers(converted, reference, one_thread):
+def test_logits_match_transformers(converted, smollm2_transformers, one_thread):
     model = load_model(converted / "model.pth", "cpu", torch.float32)
     tokenizer = load_tokenizer(converted)
     for prompt in PROMPTS:
         ids = torch.tensor([tokenizer.encode(prompt)])
-        ours, theirs = model(ids), reference(ids).logits
+        ours, theirs = model(ids), smollm2_transformers(ids).logits
         diff = (ours - theirs).abs().max().item()
         assert diff <= 1e-3, f"{prompt!r}: max abs logit diff {diff}"
         assert ours[0, -1].argmax() == theirs[0, -1].argmax()
 
 
-def test_config_matches_gguf_and_entry(converted, reference):
+def test_config_matches_gguf_and_entry(converted, smollm2_transformers):
     args = ModelArgs.from_dict(json.loads((converted / "config.json").read_text()))
-    ref = reference.config
+    ref = smollm2_transformers.config
     assert (args.n_layer, args.n_head, args.n_local_heads, args.dim, args.intermediate_size, args.vocab_size,
             args.head_dim, args.block_size) == (
         ref.num_hidden_layers, ref.num_attention_heads, ref.num_key_value_heads, ref.hidden_size,

@@ -2,6 +2,7 @@
 # q/k/v with GQA and biases (Qwen2), sliding-window Llama (Mistral), GPT-NeoX's per-head fused query_key_value.
 # Random adapters (B nonzero) saved by peft itself; merged at conversion and applied unmerged at run time, both
 # must give PeftModel's logits.
+import copy
 import shutil
 
 import pytest
@@ -141,12 +142,11 @@ def test_two_adapters_served_at_once_reply_as_each_alone(served, client):
 
 
 @torch.no_grad()
-def test_an_adapter_on_the_default_model_from_its_gguf(default_checkpoint, smollm2_gguf, tmp_path):
+def test_an_adapter_on_the_default_model_from_its_gguf(default_checkpoint, smollm2_transformers, tmp_path):
     """The default model came from a GGUF (no hf/config.json): its Llama shape takes Hugging Face's Llama module
     names. A peft adapter on transformers' own load of the same GGUF moves our logits as it moves theirs."""
     from tokenizer import load_tokenizer
-    base = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                             dtype=torch.float32).eval()
+    base = copy.deepcopy(smollm2_transformers)   # peft adds its layers to the model it is given
     ids = torch.tensor([load_tokenizer(default_checkpoint).encode("The capital of France is Paris, and")])
     plain = base(ids).logits
     torch.manual_seed(3)

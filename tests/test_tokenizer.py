@@ -54,12 +54,11 @@ def smol(smollm2_reader, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf_smol(smollm2_gguf):
+def hf_smol(smollm2_transformers_tokenizer):
     """transformers' tokenizer from the same GGUF, and a copy with the real SmolLM2 pre-tokenizer."""
     import copy
     from tokenizers import pre_tokenizers
-    from transformers import AutoTokenizer
-    hf = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    hf = smollm2_transformers_tokenizer
     real = copy.deepcopy(hf)
     # HuggingFaceTB/SmolLM2-*'s tokenizer.json (llama.cpp calls it "smollm": \p{N}, then the GPT-2 regex)
     real.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
