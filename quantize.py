@@ -128,8 +128,9 @@ def quantize_int4(w: Tensor, groupsize: int):
 
 
 def dequantize_int4(codes: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor:
-    scales, zeros = (t.float().t().repeat_interleave(groupsize, 1) for t in scales_and_zeros.unbind(-1))
-    return (codes.float() - 8) * scales + zeros
+    n, k = codes.shape
+    scales, zeros = (t.float().t().unsqueeze(-1) for t in scales_and_zeros.unbind(-1))   # [N, K/g, 1]
+    return ((codes.view(n, k // groupsize, groupsize).float() - 8) * scales + zeros).view(n, k)
 
 
 def pack_nibbles(codes: Tensor) -> Tensor:
@@ -147,10 +148,13 @@ def pad_columns(w: Tensor, multiple: int) -> Tensor:
     return F.pad(w, (0, pad)) if pad else w
 
 
+FEW_ROWS = 4   # fp32 int4 on CPU: up to this many rows through torch's int4 kernel, more dequantized (see pack)
+
+
 class WeightOnlyInt4Linear(nn.Module):
     """On disk: `weight` [N, K/2] nibbles, `scales_and_zeros` [K/g, N, 2]. pack() converts them, once, into the
-    layout of the device's int4 GEMM (fp32 on CPU keeps them: there it dequantizes into a float GEMM, exactly);
-    forward refuses weights packed for another device."""
+    layout of the device's int4 GEMM (fp32 on CPU keeps them too, for a prefill's dequantized float GEMM, beside
+    torch's layout for decode's few rows); forward refuses weights packed for another device."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, groupsize: int):
         super().__init__()
@@ -167,46 +171,56 @@ class WeightOnlyInt4Linear(nn.Module):
         needs (those rows and columns contribute exactly 0). CPU bf16/fp16 where cpu_kernels.cpp builds: its
         interleaved layout (its VNNI kernel, for decode and prefill alike)."""
         device = self.weight.device
-        if device.type == "cpu" and self.scales_and_zeros.dtype == torch.float32:   # fp32 kernel: scalar loops
-            self.packed_for, self.packed_in = "cpu", None
-            return
         codes = unpack_nibbles(self.weight)
         sz = self.scales_and_zeros
+        if device.type == "cpu" and sz.dtype == torch.float32:
+            # fp32: a decode step's few rows through torch's int4 kernel (scalar fp32 loops, time linear in the rows:
+            # 1.7 ms for a row of a 576x1536 weight, 5.2 for 4 on the Zen 3), more rows dequantize the nibbles kept
+            # in the portable layout into a float GEMM (7-12 ms, whatever the rows)
+            w, sz, k = self.torch_layout(codes, sz, device)
+            hold(self, few_rows_weight=w, few_rows_sz=sz)
+            self.packed_for, self.packed_in, self.few_rows_in = "cpu", None, k
+            return
         if device.type == "cpu" and cpu_kernels.load():   # the scales live inside the kernel's weight layout
             hold(self, weight=cpu_kernels.int4_layout(codes, sz), scales_and_zeros=torch.empty(0))
             self.packed_for, self.packed_in, self.vnni = "cpu", codes.shape[1], True
             return
+        self.weight, self.scales_and_zeros, self.packed_in = self.torch_layout(codes, sz, device)
+        self.packed_for = device.type
+
+    def torch_layout(self, codes: Tensor, sz: Tensor, device: torch.device) -> tuple:
+        """codes and scales in the layout of torch's int4 kernel for the device, and the padded K."""
         k_multiple = 128 if device.type == "cuda" else self.groupsize   # tinygemm: K % (innerKTiles * 16)
         codes = pad_columns(codes, k_multiple)
         codes = F.pad(codes, (0, 0, 0, -codes.shape[0] % 16))           # N % 16 (CPU), N % 8 (CUDA)
         sz = F.pad(sz, (0, 0, 0, codes.shape[0] - sz.shape[1], 0, codes.shape[1] // self.groupsize - sz.shape[0]))
-        if device.type == "cuda":
-            self.weight = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(codes).contiguous(), 8)
-            self.scales_and_zeros = sz.to(torch.bfloat16).contiguous()   # tinygemm takes bf16 only
-        else:
-            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 8)
-            self.scales_and_zeros = sz.contiguous()
-        self.packed_for, self.packed_in = device.type, codes.shape[1]
+        if device.type == "cuda":   # tinygemm takes bf16 scales only
+            return (torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(codes).contiguous(), 8),
+                    sz.to(torch.bfloat16).contiguous(), codes.shape[1])
+        return (torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 8),
+                sz.contiguous(), codes.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
         if self.packed_for != x.device.type:
             raise RuntimeError(f"int4 weights packed for {self.packed_for}, run on {x.device.type}: "
                                "load the checkpoint on the device it runs on")
-        if self.packed_in is None:
-            w = dequantize_int4(unpack_nibbles(self.weight), self.scales_and_zeros, self.groupsize)
-            return F.linear(x, w[:, : self.in_features].to(x.dtype), self.bias)
+        weight, sz, packed_in = self.weight, self.scales_and_zeros, self.packed_in
+        if packed_in is None:   # fp32 on CPU
+            if x.numel() > FEW_ROWS * x.shape[-1]:
+                w = dequantize_int4(unpack_nibbles(self.weight), self.scales_and_zeros, self.groupsize)
+                return F.linear(x, w[:, : self.in_features].to(x.dtype), self.bias)
+            weight, sz, packed_in = self.few_rows_weight, self.few_rows_sz, self.few_rows_in
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if self.packed_in != shape[-1]:
-            x = F.pad(x, (0, self.packed_in - shape[-1]))
+        if packed_in != shape[-1]:
+            x = F.pad(x, (0, packed_in - shape[-1]))
         if self.vnni:   # activations to int8 in blocks of 32, VNNI dots on the nibbles, each unpacked once for 4 rows:
             # prefill too (256 rows: 0.8-0.9x the time of oneDNN's bf16 GEMM on the same shapes)
-            y = torch.ops.zoofast_kernels.int4_gemv(x.contiguous(), self.weight, self.groupsize, self.out_features)
+            y = torch.ops.zoofast_kernels.int4_gemv(x.contiguous(), weight, self.groupsize, self.out_features)
         elif x.device.type == "cuda":
-            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.weight, self.groupsize,
-                                                   self.scales_and_zeros).to(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), weight, self.groupsize, sz).to(x.dtype)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.groupsize, self.scales_and_zeros)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, self.groupsize, sz)
         y = y[:, : self.out_features].reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

@@ -106,10 +106,11 @@ def test_quantized_model_computes_its_dequantized_weights(family, mode, groupsiz
     torch.testing.assert_close(quantized(ids), reference(ids), atol=2e-4, rtol=1e-4)
     quantized.setup_caches(2, 16)
     reference.setup_caches(2, 16)
-    step = quantized(ids[:, :1], torch.tensor([[3], [5]]))   # the decode path (one query)
+    step = quantized(ids[:, :1], torch.tensor([[3], [5]]))   # the decode path (one query; int4: torch's kernel)
+    assert all(m.few_rows_in for m in quantized.modules() if isinstance(m, Q.WeightOnlyInt4Linear))
     torch.testing.assert_close(step, reference(ids[:, :1], torch.tensor([[3], [5]])), atol=2e-4, rtol=1e-4)
 
-    # bf16 runs torch's weight-only CPU kernels on the packed layouts (fp32 dequantizes into a float GEMM). Not for
+    # bf16 runs torch's weight-only CPU kernels on the packed layouts (fp32's 24 rows above: a float GEMM). Not for
     # MoE: bf16 noise flips its top-2 routing, and its experts (int8 gathers) use no kernel
     if family == "mixtral-moe":
         return
