@@ -93,10 +93,13 @@ def weight_tensors(model: Transformer):
 
 
 def weight_bytes_per_token(model: Transformer) -> int:
-    """Bytes of weights one decode step reads: every parameter once, except the embedding table,
-    of which a step reads one row (unless the table is also the output head)."""
-    return sum(t.numel() * t.element_size() for name, t in weight_tensors(model)
-               if name != "tok_embeddings.weight" or getattr(model.output, "weight", None) is t)
+    """Bytes of weights one decode step reads: every parameter once, except the embedding table, of which a step
+    reads one row (unless the table is also the output head), and fp32 int4's portable layout, which only a prefill
+    reads (quantize.WeightOnlyInt4Linear.pack)."""
+    prefill_only = {f"{name}.{t}" for name, m in model.named_modules() if getattr(m, "few_rows_in", None)
+                    for t in ("weight", "scales_and_zeros")}
+    return sum(t.numel() * t.element_size() for name, t in weight_tensors(model) if name not in prefill_only
+               and (name != "tok_embeddings.weight" or getattr(model.output, "weight", None) is t))
 
 
 # ---- the decode path ----------------------------------------------------------------------------

@@ -107,7 +107,12 @@ def test_quantized_model_computes_its_dequantized_weights(family, mode, groupsiz
     quantized.setup_caches(2, 16)
     reference.setup_caches(2, 16)
     step = quantized(ids[:, :1], torch.tensor([[3], [5]]))   # the decode path (one query; int4: torch's kernel)
-    assert all(m.few_rows_in for m in quantized.modules() if isinstance(m, Q.WeightOnlyInt4Linear))
+    int4 = [m for m in quantized.modules() if isinstance(m, Q.WeightOnlyInt4Linear)]
+    assert all(m.few_rows_in for m in int4)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    portable = nbytes(t for m in int4 for t in (m.weight, m.scales_and_zeros))
+    resident = nbytes(t for n, t in gen.weight_tensors(quantized) if n != "tok_embeddings.weight")
+    assert gen.weight_bytes_per_token(quantized) == resident - portable   # what a step reads: not the portable layout
     torch.testing.assert_close(step, reference(ids[:, :1], torch.tensor([[3], [5]])), atol=2e-4, rtol=1e-4)
 
     # bf16 runs torch's weight-only CPU kernels on the packed layouts (fp32's 24 rows above: a float GEMM). Not for
