@@ -62,8 +62,9 @@ class Prestarted:
                 python.stdin.write(json.dumps(dict(argv=list(map(str, argv)), cwd=str(cwd), env=dict(env or os.environ),
                                                    stdout=str(out), stderr=str(err), timeout=timeout)) + "\n")
                 python.stdin.flush()
-                code = int(python.stdout.readline())
-                return subprocess.CompletedProcess([sys.executable, *argv], code, out.read_text(), err.read_text())
+                line = python.stdout.readline()
+                assert line, f"tests/prestarted.py exited ({python.poll()}) before running {argv}"
+                return subprocess.CompletedProcess([sys.executable, *argv], int(line), out.read_text(), err.read_text())
         finally:
             self.idle.put(python)
 
