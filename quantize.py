@@ -164,6 +164,7 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(self.padded_in // groupsize, out_features, 2))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.packed_for, self.packed_in = None, None
+        self.few_rows_in = None   # fp32 on CPU: torch's layout beside the portable one, for decode's rows (pack())
         self.vnni = False   # weight and scales_and_zeros in cpu_kernels.cpp's layout (pack())
 
     def pack(self):

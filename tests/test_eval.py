@@ -1,5 +1,6 @@
 # eval.py: our lm-eval LM against lm-eval's own Hugging Face backend on the same weights, and the CLI.
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,8 +72,7 @@ def test_cli_quantized_checkpoint_writes_results(default_checkpoint, tmp_path):
     (["--tasks", "zoo_mc", "--checkpoint_path", "checkpoints/nope/model.pth"], "checkpoint not found"),
 ], ids=["unknown-task", "hub-task-offline", "bad-limit", "missing-checkpoint"])
 def test_cli_bad_input_is_one_line(default_checkpoint, args, message, prestarted):
-    r = prestarted.run([REPO / "eval.py", *args], env={**__import__("os").environ, "HF_HUB_OFFLINE": "1",
-                                                       "HF_DATASETS_OFFLINE": "1"})
+    r = prestarted.run([REPO / "eval.py", *args], env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error:") and message in r.stderr.strip().splitlines()[-1], r.stderr

@@ -174,12 +174,13 @@ def test_gptq_beats_round_to_nearest_on_a_tiny_model(tmp_path):
 
 # ---- the CLI ------------------------------------------------------------------------------------
 
-OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")   # as offline as CI, without its retries
+def offline_env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")   # as offline as CI, without its retries
 
 
 def quantize_cli(*args, timeout=600):
     return subprocess.run([sys.executable, str(REPO / "quantize.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=OFFLINE)
+                          timeout=timeout, cwd=REPO, env=offline_env())
 
 
 def test_calibration_text_from_an_lm_eval_task():
@@ -199,7 +200,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(args, message, tmp_path, p
         else tmp_path / "absent.pth" if "--missing" in args else tiny_checkpoint(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
     r = prestarted.run([REPO / "quantize.py", "--checkpoint_path", path,
-                        *[a for a in args if a not in ("--quantized", "--missing")]], env=OFFLINE)
+                        *[a for a in args if a not in ("--quantized", "--missing")]], env=offline_env())
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and message in lines[-1], r.stderr

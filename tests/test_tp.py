@@ -130,9 +130,9 @@ def test_default_model_three_ranks_equal_one_process(default_checkpoint, tmp_pat
     two_heads = tiny_checkpoint(tmp_path, n_head=2, n_local_heads=2)
     for f in ("tokenizer.tiktoken", "tokenizer_meta.json"):
         shutil.copy(default_checkpoint / f, tmp_path / f)
-    three = torchrun(3, *generate_cli("--checkpoint_path", two_heads))
-    assert three.returncode != 0
-    assert [line for line in three.stderr.splitlines() if line.startswith("error:")][:1] == [
+    refused = torchrun(3, *generate_cli("--checkpoint_path", two_heads))
+    assert refused.returncode != 0
+    assert [line for line in refused.stderr.splitlines() if line.startswith("error:")][:1] == [
         "error: 2 attention heads cannot be split over 3 ranks (a rank would hold none); use a --nproc_per_node "
         "of at most 2"]
 
@@ -163,11 +163,9 @@ def test_server_under_three_ranks_replies_as_one_process(default_checkpoint):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = one_core_env()
     args = ["--checkpoint_path", default_checkpoint / "model.pth", "--precision", "fp32", "--device", "cpu",
             "--max_batch_size", "4", "--max_seq_length", "256", "--prefill_chunk", "32"]
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                             "server.py", "--port", str(port), *map(str, args)], cwd=REPO, env=env,
+    proc = subprocess.Popen(torchrun_command(3, "server.py", "--port", port, *args), cwd=REPO, env=one_core_env(),
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,", "Water boils at",
                "The capital of France is a city", "word " * 80 + "and so"]
