@@ -1,5 +1,6 @@
 # One Transformer for the whole zoo. Every difference between families is a behaviour field of
 # ModelArgs; the per-checkpoint entries at the bottom are plain data. Imports torch only.
+import functools
 import math
 import typing
 from dataclasses import asdict, dataclass, fields
@@ -157,11 +158,14 @@ def resolve_name(name: str) -> str:
 
 # The most layers a compiled stage runs. Compiling the decode step layer run by layer run rather than whole: the
 # layers of a run have one structure, so one Inductor graph (the weights its inputs) serves every run of equal length.
-# stage_runs splits a model into the fewest runs of at most STAGE, of equal length where they can be (30 layers: 2 of
-# 15, 28: 2 of 14, 32: 2 of 16), so most models compile one graph and call it twice a step. Each call costs ~0.25 ms of
-# Dynamo and wrapper work: 2 runs of 15 decode 7% faster than 6 of 5 (135M int4 g32, 2-core Zen 4), for a cold
-# compile of 15 s instead of 7 (with the C++ wrapper built apart from its kernels, generate.compile_step).
-STAGE = 16
+# stage_runs splits a model into runs of at most STAGE, all of one length where up to twice the fewest runs allow it
+# (30 layers: 3 of 10, 28: 4 of 7, 32: 4 of 8, 40: 4 of 10), so most models compile one graph and call it a few times
+# a step. A cold compile is about linear in the layers of its graph, a call costs ~0.05 ms (Dynamo's bytecode 36 us,
+# its guards skipped past a decode's first step, and the wrappers): on the 2-core Zen 3, default model bf16, 3 runs of
+# 10 against 2 of 15 compiled cold in 27.2-27.5 s against 33.6-38.1, decoding 1.00x, 0.97x, 1.05x, 1.01x and 1.02x as
+# fast (int4 g32, int8, bf16; the same process, rounds interleaved). 6 runs of 5 had decoded 7% slower than 2 of 15 on
+# a Zen 4, before the guards were skipped.
+STAGE = 10
 ATTEND_STEP = 128   # a decode step attends to a multiple of this many cache positions (Transformer.positions)
 PAGE = 16           # positions a page of a paged KV cache holds (PagedKVCache)
 
@@ -170,9 +174,12 @@ def round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
+@functools.cache   # once a model shape, not once a step
 def stage_runs(n_layer: int, most: int) -> tuple:
-    """Slices of the layers: the fewest runs of at most `most` layers, as equal in length as they can be."""
-    runs = -(-n_layer // most)
+    """Slices of the layers: runs of at most `most` layers, of one length where at most twice the fewest runs divide
+    the layers evenly (the fewest such), else the fewest runs, as equal in length as they can be (two graphs)."""
+    fewest = -(-n_layer // most)
+    runs = next((k for k in range(fewest, 2 * fewest + 1) if n_layer % k == 0), fewest)
     size = -(-n_layer // runs)
     return tuple(slice(i, min(i + size, n_layer)) for i in range(0, n_layer, size))
 

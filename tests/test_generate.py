@@ -134,10 +134,12 @@ def test_rows_sampled_together_equal_each_row_alone():
         seeds = [s + 100 for s in seeds]
 
 
-def test_stage_runs_cover_every_layer_once_in_the_fewest_equal_runs():
+def test_stage_runs_cover_every_layer_once_in_few_equal_runs():
+    """One length for every run (one graph) where up to twice the fewest runs allow it, else the fewest runs."""
     for n_layer, most, lengths in [(30, 16, [15, 15]), (28, 16, [14, 14]), (32, 16, [16, 16]), (7, 16, [7]),
-                                   (17, 16, [9, 8]), (80, 16, [16] * 5), (40, 16, [14, 14, 12]), (1, 16, [1]),
-                                   (7, 5, [4, 3])]:
+                                   (17, 16, [9, 8]), (80, 16, [16] * 5), (40, 16, [10] * 4), (1, 16, [1]),
+                                   (7, 5, [4, 3]), (30, 10, [10] * 3), (28, 10, [7] * 4), (32, 10, [8] * 4),
+                                   (22, 10, [8, 8, 6]), (34, 10, [9, 9, 9, 7]), (126, 10, [9] * 14)]:
         runs = model_py.stage_runs(n_layer, most)
         assert [r.stop - r.start for r in runs] == lengths
         assert [i for r in runs for i in range(n_layer)[r]] == list(range(n_layer))
