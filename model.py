@@ -162,9 +162,9 @@ def resolve_name(name: str) -> str:
 # (30 layers: 3 of 10, 28: 4 of 7, 32: 4 of 8, 40: 4 of 10), so most models compile one graph and call it a few times
 # a step. A cold compile is about linear in the layers of its graph, a call costs ~0.05 ms (Dynamo's bytecode 36 us,
 # its guards skipped past a decode's first step, and the wrappers): on the 2-core Zen 3, default model bf16, 3 runs of
-# 10 against 2 of 15 compiled cold in 27.2-27.5 s against 33.6-38.1, decoding 1.00x, 0.97x, 1.05x, 1.01x and 1.02x as
-# fast (int4 g32, int8, bf16; the same process, rounds interleaved). 6 runs of 5 had decoded 7% slower than 2 of 15 on
-# a Zen 4, before the guards were skipped.
+# 10 against 2 of 15 compiled cold in 27.2-27.5 s against 33.6-38.1, and 2 of 15 decoded 1.00x and 1.02x as fast as 3
+# of 10 at bf16, 1.05x at int8, 0.97x and 1.01x at int4 g32 (one process, rounds interleaved). 6 runs of 5 had decoded
+# 7% slower than 2 of 15 on a Zen 4, before the guards were skipped.
 STAGE = 10
 ATTEND_STEP = 128   # a decode step attends to a multiple of this many cache positions (Transformer.positions)
 PAGE = 16           # positions a page of a paged KV cache holds (PagedKVCache)
