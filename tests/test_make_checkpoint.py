@@ -88,7 +88,7 @@ FAMILY_ENTRIES = ["Baichuan-7B", "Baichuan2-13B-Chat", "chatglm-6b", "chatglm2-6
                   "moss-moon-003-sft", "pythia-1b", "CodeFuse-13B"]
 
 
-def test_every_entry_has_a_layout():
+def test_every_entry_has_a_layout(shared_refs):   # the other layouts start from the refs' configs
     """Every entry of model.py, at full size (shapes only, nothing written): a config.json the converter reads back
     as exactly the entry, and as many weights as the model has (ChatGLM-6B saves its tied head twice)."""
     from convert_hf_checkpoint import args_from_hf
@@ -106,7 +106,7 @@ def test_every_entry_has_a_layout():
 
 
 @pytest.mark.parametrize("entry", FAMILY_ENTRIES)
-def test_tiny_other_layouts_convert_and_run(entry, tmp_path):
+def test_tiny_other_layouts_convert_and_run(entry, tmp_path, shared_refs):
     """Tiny shapes of every other layout through our converter: it finds no key missing or left over, and the
     model runs to finite logits (the logit parity of these layouts is test_families.py's, on the references)."""
     tiny = TINY | dict(head_dim=16)
