@@ -190,7 +190,7 @@ def test_compiled_decode_compiles_once_up_to_the_cache_end(whole):
     assert counters["stats"]["unique_graphs"] == before
     assert out == gen.generate(model, [[5, 6, 7]], 250, temperature=0)
 
-def test_decode_past_its_first_step_skips_the_guards_and_stays_right(monkeypatch):
+def test_decode_past_its_first_step_skips_the_guards_and_stays_right(monkeypatch, tmp_path):
     """decode_n_tokens checks the guards at each compiled step's first call only (Dynamo's skip_guard_eval_unsafe
     after it, and compile_cache.trusting for the saved stages compile_steps makes). Each generate still starts
     guarded: a longer cache, a 7-layer model of another shape (runs of at most 5 layers here: 4 and 3, two graphs
@@ -198,6 +198,8 @@ def test_decode_past_its_first_step_skips_the_guards_and_stays_right(monkeypatch
     output equals eager."""
     from torch._dynamo.utils import counters
     monkeypatch.setattr(model_py, "STAGE", 5)
+    # a folder of its own: stages an earlier test saved would load here instead of compiling (no graph counted)
+    monkeypatch.setenv("ZOOFAST_COMPILED", str(tmp_path))
     steps = gen.compile_steps("cpu")
     seen = []
     real = torch.compiler.set_stance
