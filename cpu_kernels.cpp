@@ -79,20 +79,25 @@ struct Quantized {   // x [M, K] quantized, row by row
   std::vector<float> scale, block_sum, total, buf;
 };
 
-// this thread's buffers, reused from call to call (a decode step makes ~150 calls: no allocations)
-const Quantized& quantize(const Tensor& x) {
-  thread_local Quantized q;
-  int64_t M = x.size(0), K = x.size(1);
+// M rows of K into q, row m as fp32 from to_float(m, buf)
+template <typename Row>
+void quantize_into(Quantized& q, int64_t M, int64_t K, Row to_float) {
   q.xq.resize(M * K);
   q.scale.resize(M * K / BLOCK);
   q.block_sum.resize(M * K / BLOCK);
   q.total.resize(M);
   q.buf.resize(K);
   for (int64_t m = 0; m < M; m++) {
-    row_to_float(x, m, q.buf.data());
+    to_float(m, q.buf.data());
     q.total[m] = quantize_row(q.buf.data(), K, q.xq.data() + m * K, q.scale.data() + m * K / BLOCK,
                               q.block_sum.data() + m * K / BLOCK);
   }
+}
+
+// this thread's buffers, reused from call to call (a decode step makes ~150 calls: no allocations)
+const Quantized& quantize(const Tensor& x) {
+  thread_local Quantized q;
+  quantize_into(q, x.size(0), x.size(1), [&](int64_t m, float* buf) { row_to_float(x, m, buf); });
   return q;
 }
 
@@ -492,6 +497,58 @@ Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a
   });
 }
 
+// decode_layers' hooks (cpu_layers.h): a GEMV input quantized from bf16, a thread's share of a GEMV, e^x 16 at a
+// time as torch computes it, bf16 attention's runner
+// x (M rows of K bf16) into q, as quantize() does from a tensor
+void quantize_bf16(Quantized& q, const uint16_t* x, int64_t M, int64_t K) {
+  quantize_into(q, M, K, [&](int64_t m, float* buf) {
+    for (int64_t k = 0; k < K; k++) buf[k] = c10::detail::f32_from_bits(x[m * K + k]);
+  });
+}
+
+// thread t of n: its share of y = x L^T (y [M, N] bf16); q: x quantized (int8 and int4 kinds)
+void gemv_share(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, const Tensor& y, int t, int n) {
+  const int64_t u0 = L.units * t / n, u1 = L.units * (t + 1) / n, K = L.K, N = L.N;
+  if (L.kind == 0) {
+    bf16_rows(x, (const uint16_t*)L.w, (uint16_t*)y.data_ptr<at::BFloat16>(), M, N, K, u0, u1);
+    return;
+  }
+  for (int64_t r = u0; r < u1; r++) {
+    if (L.kind == 1) {
+      const uint8_t* rows = L.w + r * (K / 4) * 64;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) int8_tile<4>(q, rows, L.s, K, r, m, y, N);
+      switch (M - m) {
+        case 3: int8_tile<3>(q, rows, L.s, K, r, m, y, N); break;
+        case 2: int8_tile<2>(q, rows, L.s, K, r, m, y, N); break;
+        case 1: int8_tile<1>(q, rows, L.s, K, r, m, y, N); break;
+      }
+      continue;
+    }
+    const uint8_t* rows = L.w + r * (K / L.group) * (64 + 8 * L.group);
+    switch (L.group) {
+      case 32: int4_rows<1>(q, rows, M, K, r, y, N); break;
+      case 64: int4_rows<2>(q, rows, M, K, r, y, N); break;
+      case 128: int4_rows<4>(q, rows, M, K, r, y, N); break;
+      default: int4_rows<8>(q, rows, M, K, r, y, N); break;
+    }
+  }
+}
+
+extern "C" __m512 Sleef_expf16_u10(__m512);   // libtorch_cpu's: torch's vectorized exp on AVX-512 (its silu's)
+
+inline void exp16(const float* x, float* y) { _mm512_storeu_ps(y, Sleef_expf16_u10(_mm512_loadu_ps(x))); }
+
+auto bf16_runner(int64_t D) {
+  decltype(&attend_run<at::BFloat16, 1>) runners[] = {
+      attend_run<at::BFloat16, 1>, attend_run<at::BFloat16, 2>, attend_run<at::BFloat16, 3>,
+      attend_run<at::BFloat16, 4>, attend_run<at::BFloat16, 5>, attend_run<at::BFloat16, 6>,
+      attend_run<at::BFloat16, 7>, attend_run<at::BFloat16, 8>};
+  return runners[D / 32 - 1];
+}
+
+#include "cpu_layers.h"   // decode_layers: a decode step's layers in one call
+
 }  // namespace
 
 #ifndef OPS
@@ -502,6 +559,8 @@ TORCH_LIBRARY(OPS, m) {
   m.def("int4_gemv(Tensor x, Tensor w, int groupsize, int n_out) -> Tensor");
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor at, Tensor mask, float scale) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] weights, Tensor[] caches, Tensor rope, Tensor write, Tensor at, "
+        "Tensor mask, int[] shape, float eps, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(OPS, CPU, m) {
@@ -509,4 +568,5 @@ TORCH_LIBRARY_IMPL(OPS, CPU, m) {
   m.impl("int4_gemv", int4_gemv);
   m.impl("bf16_gemv", bf16_gemv);
   m.impl("attend", attend);
+  m.impl("decode_layers", decode_layers);
 }

@@ -19,6 +19,7 @@ import cli
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADER = SOURCE.with_name("cpu_kernels_shared.h")   # the ops' checks, attention's driver: in both builds
+LAYERS = SOURCE.with_name("cpu_layers.h")           # decode_layers' driver: in both builds too
 # bf16 inputs of up to this many rows (decode, a verify, a server's batch) run the bf16 GEMV; oneDNN's GEMM wins above
 GEMV_ROWS = 16
 # each build: its source, g++'s flags, the CPU flags it needs (/proc/cpuinfo's names); the first this CPU has is taken
@@ -60,7 +61,8 @@ def build(out: Path, name: str = "avx512", ops: str = "zoofast_kernels"):
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def compile_into(f):
-        cmd = ["g++", "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", *flags, f"-DOPS={ops}",
+        # no multiply-adds but the intrinsics': decode_layers' rotary and norms round as torch's separate ops do
+        cmd = ["g++", "-O3", "-shared", "-fPIC", "-std=c++20", "-fopenmp", "-ffp-contract=off", *flags, f"-DOPS={ops}",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{torch_dir / 'include'}",
                str(source), "-o", f.name, f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu",
                f"-Wl,-rpath,{torch_dir / 'lib'}"]   # libgomp.so.1: torch's own OpenMP runtime, already loaded
@@ -74,7 +76,7 @@ def build(out: Path, name: str = "avx512", ops: str = "zoofast_kernels"):
 def library(name: str, ops: str = "zoofast_kernels") -> bool:
     """BUILDS[name] built (once per machine, torch version and source) and loaded, its ops as torch.ops.<ops>."""
     source, flags, _ = BUILDS[name]
-    text = source.read_bytes() + HEADER.read_bytes()
+    text = source.read_bytes() + HEADER.read_bytes() + LAYERS.read_bytes()
     key = hashlib.sha256(text + " ".join([torch.__version__, *flags, ops]).encode()).hexdigest()[:16]
     lib = cache_dir() / f"{source.stem}-{key}.so"
     try:

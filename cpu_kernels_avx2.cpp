@@ -90,18 +90,23 @@ struct Quantized {
   std::vector<float> scale, block_sum, buf;
 };
 
-const Quantized& quantize(const Tensor& x) {   // this thread's buffers, reused from call to call
-  thread_local Quantized q;
-  const int64_t M = x.size(0), K = x.size(1);
+// M rows of K into q, row m as fp32 from to_float(m, buf)
+template <typename Row>
+void quantize_into(Quantized& q, int64_t M, int64_t K, Row to_float) {
   q.xq.resize(M * K);
   q.scale.resize(M * K / BLOCK);
   q.block_sum.resize(M * K / BLOCK);
   q.buf.resize(K);
   for (int64_t m = 0; m < M; m++) {
-    row_to_float(x, m, q.buf.data());
+    to_float(m, q.buf.data());
     quantize_row(q.buf.data(), K, q.xq.data() + m * K, q.scale.data() + m * K / BLOCK,
                  q.block_sum.data() + m * K / BLOCK);
   }
+}
+
+const Quantized& quantize(const Tensor& x) {   // this thread's buffers, reused from call to call
+  thread_local Quantized q;
+  quantize_into(q, x.size(0), x.size(1), [&](int64_t m, float* buf) { row_to_float(x, m, buf); });
   return q;
 }
 
@@ -517,6 +522,51 @@ Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a
   return attend_with(q, k, v, at, mask, scale, [](auto zero, int64_t) { return attend_run<decltype(zero)>; });
 }
 
+// decode_layers' hooks (cpu_layers.h): a GEMV input quantized from bf16, a thread's share of a GEMV, e^x 16 at a
+// time as torch computes it, bf16 attention's runner
+void quantize_bf16(Quantized& q, const uint16_t* x, int64_t M, int64_t K) {
+  quantize_into(q, M, K, [&](int64_t m, float* buf) {
+    for (int64_t k = 0; k < K; k++) buf[k] = c10::detail::f32_from_bits(x[m * K + k]);
+  });
+}
+
+// thread t of n: its share of y = x L^T (y [M, N] bf16); q: x quantized (int8 and int4 kinds)
+void gemv_share(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, const Tensor& y, int t, int n) {
+  const int64_t u0 = L.units * t / n, u1 = L.units * (t + 1) / n, K = L.K, N = L.N;
+  const Out out(y);
+  if (L.kind == 0) {
+    thread_local std::vector<float> xs;   // x split to fp32 as bf16_rows takes it
+    xs.resize(M * K);
+    for (int64_t i = 0; i < M * K; i += 16) {
+      __m256 even, odd;
+      split16(x + i, even, odd);
+      _mm256_storeu_ps(&xs[i], even);
+      _mm256_storeu_ps(&xs[i + 8], odd);
+    }
+    bf16_rows(xs.data(), (const uint16_t*)L.w, (uint16_t*)out.data, M, N, K, u0, u1);
+    return;
+  }
+  auto rows = L.group == 32 ? int4_rows<1> : L.group == 64 ? int4_rows<2> : L.group == 128 ? int4_rows<4>
+                                                                                            : int4_rows<8>;
+  for (int64_t r = u0; r < u1; r++) {
+    if (L.kind == 1)
+      in_tiles(M, [&](auto mt, int64_t m) { int8_tile<mt>(q, L.w + r * (K / 4) * 64, L.s, K, r, m, out, N); });
+    else
+      rows(q, L.w + r * (K / L.group) * (64 + 8 * L.group), M, K, r, out, N);
+  }
+}
+
+extern "C" __m256 Sleef_expf8_u10(__m256);   // libtorch_cpu's: torch's vectorized exp on AVX2 (its silu's)
+
+inline void exp16(const float* x, float* y) {
+  _mm256_storeu_ps(y, Sleef_expf8_u10(_mm256_loadu_ps(x)));
+  _mm256_storeu_ps(y + 8, Sleef_expf8_u10(_mm256_loadu_ps(x + 8)));
+}
+
+auto bf16_runner(int64_t) { return attend_run<at::BFloat16>; }
+
+#include "cpu_layers.h"   // decode_layers: a decode step's layers in one call
+
 }  // namespace
 
 #ifndef OPS
@@ -527,6 +577,8 @@ TORCH_LIBRARY(OPS, m) {
   m.def("int4_gemv(Tensor x, Tensor w, int groupsize, int n_out) -> Tensor");
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor at, Tensor mask, float scale) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] weights, Tensor[] caches, Tensor rope, Tensor write, Tensor at, "
+        "Tensor mask, int[] shape, float eps, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(OPS, CPU, m) {
@@ -534,4 +586,5 @@ TORCH_LIBRARY_IMPL(OPS, CPU, m) {
   m.impl("int4_gemv", int4_gemv);
   m.impl("bf16_gemv", bf16_gemv);
   m.impl("attend", attend);
+  m.impl("decode_layers", decode_layers);
 }

@@ -56,6 +56,24 @@ struct Attend {   // one call's operands
   float scale;
 };
 
+// query head g of (row, KV head) bh: its runs' outputs (m, l, o as attend_run leaves them, runs after runs) merged
+// into y (D floats), each scaled by e^(its maximum - the maximum), then normalized
+void merge_runs(const float* m, const float* l, const float* o, int64_t bh, int64_t g, int64_t G, int64_t runs,
+                int64_t D, float* y) {
+  float top = -INFINITY, total = 0;
+  for (int64_t r = 0; r < runs; r++) top = std::max(top, m[(bh * runs + r) * G + g]);
+  std::fill(y, y + D, 0.0f);
+  for (int64_t r = 0; r < runs; r++) {
+    const int64_t t = (bh * runs + r) * G + g;
+    if (m[t] == -INFINITY) continue;
+    const float w = std::exp(m[t] - top);
+    total += w * l[t];
+    for (int64_t d = 0; d < D; d++) y[d] += w * o[t * D + d];
+  }
+  const float inv = total > 0 ? 1.0f / total : 0.0f;   // nothing attended: all zero
+  for (int64_t d = 0; d < D; d++) y[d] *= inv;
+}
+
 // pick(T(0), D): the attend_run for element type T and head size D, called as runner(a, Q, K, V, b, h, s0, s1, m, l,
 // o) for keys s0..s1-1 of row b, KV head h: m[g] (the largest score), l[g] (sum of e^(score - m)), o[g] (D floats:
 // sum of e^(score - m) v) for the G query heads of h
@@ -101,20 +119,10 @@ Tensor attend_with(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     });
     T* O = out.data_ptr<T>();
     std::vector<float> y(D);
-    for (int64_t bh = 0; bh < B * Hkv; bh++)   // merge the runs: each scaled by e^(its maximum - the maximum)
+    for (int64_t bh = 0; bh < B * Hkv; bh++)
       for (int64_t g = 0; g < G; g++) {
-        float top = -INFINITY, total = 0;
-        for (int64_t r = 0; r < runs; r++) top = std::max(top, m[(bh * runs + r) * G + g]);
-        std::fill(y.begin(), y.end(), 0.0f);
-        for (int64_t r = 0; r < runs; r++) {
-          const int64_t t = (bh * runs + r) * G + g;
-          if (m[t] == -INFINITY) continue;
-          const float w = std::exp(m[t] - top);
-          total += w * l[t];
-          for (int64_t d = 0; d < D; d++) y[d] += w * o[t * D + d];
-        }
-        const float inv = total > 0 ? 1.0f / total : 0.0f;   // nothing attended: all zero
-        for (int64_t d = 0; d < D; d++) O[(bh * G + g) * D + d] = T(y[d] * inv);
+        merge_runs(m.data(), l.data(), o.data(), bh, g, G, runs, D, y.data());
+        for (int64_t d = 0; d < D; d++) O[(bh * G + g) * D + d] = T(y[d]);
       }
   };
   switch (q.scalar_type()) {
@@ -124,4 +132,32 @@ Tensor attend_with(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     default: TORCH_CHECK(false, "zoofast attend: fp32, bf16 or fp16 tensors");
   }
   return out;
+}
+
+// decode_layers' linears (cpu_layers.h): one in a GEMV kernel's layout, its operands checked
+struct Lin {   // one linear in a GEMV kernel's layout
+  int kind;    // 0: bf16 [N, K]; 1: int8 [N16/16, K/4, 64] and fp32 scales [N16]; 2: int4 [N16/16, K/g, 64 + 8g]
+  const uint8_t* w;
+  const float* s;
+  int64_t K, N, units, group;   // units: what the threads split (rows for bf16, blocks of 16 rows otherwise)
+};
+
+Lin make_lin(const Tensor& w, const Tensor& s, int64_t K, int64_t N) {
+  TORCH_CHECK(w.is_contiguous() && w.device().is_cpu(), "zoofast decode_layers: contiguous CPU weights");
+  if (w.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == K && K % 32 == 0,
+                "zoofast decode_layers: a bf16 weight [N, K] for its layer's shape");
+    return {0, (const uint8_t*)w.data_ptr(), nullptr, K, N, N, 0};
+  }
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 3 && w.size(0) * 16 >= N && w.size(0) * 16 < N + 16,
+              "zoofast decode_layers: a packed weight [N16/16, ., .] uint8 for its layer's shape");
+  if (s.numel()) {
+    TORCH_CHECK(w.size(1) * 4 == K && w.size(2) == 64 && s.scalar_type() == at::kFloat && s.is_contiguous() &&
+                s.numel() == w.size(0) * 16, "zoofast decode_layers: int8 weight [N16/16, K/4, 64], fp32 scales [N16]");
+    return {1, w.data_ptr<uint8_t>(), s.data_ptr<float>(), K, N, w.size(0), 0};
+  }
+  const int64_t g = (w.size(2) - 64) / 8;
+  TORCH_CHECK((g == 32 || g == 64 || g == 128 || g == 256) && w.size(1) * g == K && w.size(2) == 64 + 8 * g,
+              "zoofast decode_layers: int4 weight [N16/16, K/g, 64 + 8g], g 32, 64, 128 or 256");
+  return {2, w.data_ptr<uint8_t>(), nullptr, K, N, w.size(0), g};
 }

@@ -63,6 +63,8 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
         from packed import huge_pages, pack_linears
         pack_linears(model)     # CPU bf16: cpu_kernels.cpp on the checkpoint's layout, else oneDNN's blocked one
         huge_pages(model)       # what the CPU GEMVs stream, copied onto 2 MB pages
+        import fused_decode
+        fused_decode.attach(model)   # CPU decode steps: every layer in one C++ call, where the model qualifies
     return model.eval()
 
 

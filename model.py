@@ -156,15 +156,13 @@ def resolve_name(name: str) -> str:
     raise ValueError(f"model name {name!r} is ambiguous: {', '.join(sorted(hits))}")
 
 
-# The most layers a compiled stage runs. Compiling the decode step layer run by layer run rather than whole: the
-# layers of a run have one structure, so one Inductor graph (the weights its inputs) serves every run of equal length.
-# stage_runs splits a model into runs of at most STAGE, all of one length where up to twice the fewest runs allow it
-# (30 layers: 3 of 10, 28: 4 of 7, 32: 4 of 8, 40: 4 of 10), so most models compile one graph and call it a few times
-# a step. A cold compile is about linear in the layers of its graph, a call costs ~0.05 ms (Dynamo's bytecode 36 us,
-# its guards skipped past a decode's first step, and the wrappers): on the 2-core Zen 3, default model bf16, 3 runs of
-# 10 against 2 of 15 compiled cold in 27.2-27.5 s against 33.6-38.1, and 2 of 15 decoded 1.00x and 1.02x as fast as 3
-# of 10 at bf16, 1.05x at int8, 0.97x and 1.01x at int4 g32 (one process, rounds interleaved). 6 runs of 5 had decoded
-# 7% slower than 2 of 15 on a Zen 4, before the guards were skipped.
+# The most layers a compiled CPU stage runs (for steps fused_decode.py does not take: verify, fp32, other layouts).
+# Compiling a step layer run by layer run rather than whole: the layers of a run have one structure, so one Inductor
+# graph (the weights its inputs) serves every run of equal length. stage_runs splits a model into runs of at most
+# STAGE, all of one length where up to twice the fewest runs allow it (30 layers: 3 of 10, 28: 4 of 7, 32: 4 of 8),
+# so most models compile one graph and call it a few times a step. A cold compile is about linear in the layers of
+# its graph, a call costs ~0.05 ms: on the 2-core Zen 3, default model bf16, 3 runs of 10 against 2 of 15 compiled
+# cold in 27.2-27.5 s against 33.6-38.1, and decoded 0.97-1.05x as fast (one process, rounds interleaved).
 STAGE = 10
 ATTEND_STEP = 128   # a decode step attends to a multiple of this many cache positions (Transformer.positions)
 PAGE = 16           # positions a page of a paged KV cache holds (PagedKVCache)
@@ -277,6 +275,7 @@ class Transformer(nn.Module):
         self.heads = slice(None)   # this model's attention heads (tp.py keeps a rank's share)
         self.head_apart = False    # a tied head with its own copy of the embedding (device_map: on another device)
         self.attention_kernel = False   # CPU decode attention through cpu_kernels' attend (setup_caches)
+        self.decode_layers: Optional[Callable] = None   # every layer of a decode step in one call (fused_decode.py)
         self.register_buffer("rope_cache", rope_table(config, config.block_size), persistent=False)
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.register_buffer("ntk_alpha", torch.ones(1), persistent=False)   # per-row state set by a prefill
@@ -336,9 +335,12 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(idx)
         if p is None:
             p = self.positions(idx, input_pos, rows, last, x.dtype)
-        layers = list(self.layers)   # a plain list: slicing the ModuleList built a Module each run, ~15 us
-        for run in stage_runs(len(layers), STAGE):
-            x = (stage or run_layers)(layers[run], x, p)
+        if self.decode_layers is not None and self.decode_layers.serves(x, p):   # a decode step: one C++ call
+            x = self.decode_layers(x, p)
+        else:
+            layers = list(self.layers)   # a plain list: slicing the ModuleList built a Module each run, ~15 us
+            for run in stage_runs(len(layers), STAGE):
+                x = (stage or run_layers)(layers[run], x, p)
         if last is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last]
         return self.output(self.norm(x))

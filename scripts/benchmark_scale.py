@@ -26,10 +26,12 @@ import cli  # noqa: E402
 OURS = {"bf16": "model.pth", "int8": "model_int8.pth", "int4 g32": "model_int4.g32.pth",
         "int4 g128": "model_int4.g128.pth"}
 LLAMA = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_K_M": "q4_k_m"}
-# "... whole": the same file, its decode step compiled whole (generate.py --compile_whole) instead of in stages
-OURS |= {f"{v} whole": f for v, f in OURS.items()}
-ORDER = ["bf16", "bf16 whole", "BF16", "int8", "int8 whole", "Q8_0", "int4 g32", "int4 g32 whole", "int4 g128",
-         "int4 g128 whole", "Q4_0", "Q4_K_M"]   # a round, pairs side by side
+# "... whole": the same file, its decode step compiled whole (generate.py --compile_whole); "... layers": its decode
+# step layer by layer in compiled stages (ZOOFAST_FUSED=0), not in fused_decode.py's one C++ call
+OURS |= {f"{v} {how}": f for v, f in OURS.items() for how in ("whole", "layers")}
+ORDER = ["bf16", "bf16 layers", "bf16 whole", "BF16", "int8", "int8 layers", "int8 whole", "Q8_0", "int4 g32",
+         "int4 g32 layers", "int4 g32 whole", "int4 g128", "int4 g128 layers", "int4 g128 whole", "Q4_0",
+         "Q4_K_M"]   # a round, pairs side by side
 
 
 def run_sampled(cmd: list, **kw) -> dict:
@@ -135,12 +137,15 @@ def gptq(path: Path, layers: int, samples: int, seq_length: int) -> dict:
     return r | res
 
 
-def ours(path: Path, tokens: int, prefill: list, cache: Path, whole: bool, depth: int) -> dict:
+def ours(path: Path, tokens: int, prefill: list, cache: Path, how: str, depth: int) -> dict:
     """One run of our engine in its own process, compiling into the Inductor cache `cache` and saving its step there
-    (compile_cache.py) (a fresh one: a cold compile, as a user's first run; later rounds load the saved step)."""
+    (compile_cache.py) (a fresh one: a cold compile, as a user's first run; later rounds load the saved step). how:
+    "whole", "layers" or "" (see OURS)."""
     r = run_sampled([sys.executable, __file__, "--worker", str(path), "--tokens", str(tokens),
-                     "--prefill", ",".join(map(str, prefill)), "--depth", str(depth), *["--whole"] * whole], cwd=REPO,
-                    env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(cache), "ZOOFAST_COMPILED": str(cache / "saved")})
+                     "--prefill", ",".join(map(str, prefill)), "--depth", str(depth), *["--whole"] * (how == "whole")],
+                    cwd=REPO, env=os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(cache),
+                                                "ZOOFAST_COMPILED": str(cache / "saved"),
+                                                "ZOOFAST_FUSED": "0" if how == "layers" else "1"})
     res = json.loads(next(line for line in r["out"].splitlines() if line.startswith("RESULT "))[7:])
     res["prefill"] = {int(n): t for n, t in res["prefill"].items()}
     return res | {"peak": r["rss"] * 1e9, "weights": path.stat().st_size}
@@ -221,7 +226,8 @@ def benchmark(args):
             path = file_of(v, args.work)
             if v in OURS:
                 cache = args.work / "inductor" / v.replace(" ", "")
-                res = ours(path, args.tokens, prefill, cache, whole=v.endswith(" whole"), depth=args.depth)
+                how = next((h for h in ("whole", "layers") if v.endswith(" " + h)), "")
+                res = ours(path, args.tokens, prefill, cache, how, depth=args.depth)
             else:
                 res = llama(path, args.llama_cpp / "build" / "bin", args.tokens, prefill, args.depth)
             runs[v].append(res)
