@@ -199,8 +199,9 @@ class Engine:
         self.waiting: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
         # compiled: on CPU one staged graph serves every bucket (its batch size unbacked: compile_cache.any_batch)
+        fused = self.model.decode_layers is not None   # a decode step: one C++ call (fused_decode.py), no graph
         self.step_fn = gen.compiled(gen.decode_logits, self.device, **({"dynamic": False} if self.device.startswith(
-            "cuda") else {"batch": max_batch_size})) if compile else gen.decode_logits
+            "cuda") else {"batch": max_batch_size})) if compile and not fused else gen.decode_logits
         self.closed = False
         self.fatal: Optional[str] = None     # why the scheduler stopped, if it had to
         self.drain_deadline: Optional[float] = None   # drain(): stop once idle or at this time
@@ -212,7 +213,9 @@ class Engine:
         self.weight_bytes = gen.weight_bytes_per_token(self.model)   # what one decode step reads
         self.metrics = Metrics(self)
         self.buckets = bucket_sizes(max_batch_size)
-        if compile:   # each bucket's graph (on CPU one for all) compiled now rather than on the first users' time
+        if compile and fused:
+            gen.compile_notice(self.device, 0)
+        elif compile:   # each bucket's graph (on CPU one for all) compiled now rather than on the first users' time
             gen.compile_notice(self.device, len(self.buckets) if self.device.startswith("cuda") else 1)
             with torch.no_grad():   # CUDA graph trees warm up on a graph's first call and record it on the second
                 for n in self.buckets:

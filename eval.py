@@ -188,7 +188,7 @@ def run(args) -> dict:
     model = gen.load_model(checkpoint, device, gen.PRECISIONS[args.precision], use_tp=rank is not None)
     print(f"loaded {model.config.name or checkpoint} ({checkpoint.name}) in {time.perf_counter() - t0:.2f} s",
           file=sys.stderr)
-    steps = gen.compile_steps(device) if args.compile else gen.EAGER
+    steps = gen.compile_steps(device, model=model) if args.compile else gen.EAGER
     lm = make_lm(model, tokenizer, args.batch_size, min(args.max_seq_length, model.config.block_size), steps)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     try:

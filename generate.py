@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import cli  # noqa: E402
 import compile_cache  # noqa: E402
 import cpu_kernels  # noqa: E402
+import fused_decode  # noqa: E402
 from cli import (DEFAULT_CHECKPOINT, DEFAULT_MODEL, command_line, find_checkpoint, pick_device,  # noqa: E402, F401
                  prepare_default)   # re-exported: eval.py, server.py and the scripts use them through this module
 from model import Transformer, run_layers  # noqa: E402
@@ -63,7 +64,6 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
         from packed import huge_pages, pack_linears
         pack_linears(model)     # CPU bf16: cpu_kernels.cpp on the checkpoint's layout, else oneDNN's blocked one
         huge_pages(model)       # what the CPU GEMVs stream, copied onto 2 MB pages
-        import fused_decode
         fused_decode.attach(model)   # CPU decode steps: every layer in one C++ call, where the model qualifies
     return model.eval()
 
@@ -163,8 +163,7 @@ def decode_one_token(model: Transformer, x: torch.Tensor, input_pos: torch.Tenso
 
 def decode_n_tokens(model, cur_token, input_pos, num_new_tokens: int, stop_ids=(), callback=None,
                     step=decode_one_token, **sampling):
-    """Decode up to num_new_tokens per row; a row is done at its first stop id. Returns [B, n]. step:
-    decode_one_token or its compiled form (Steps.decode)."""
+    """Decode up to num_new_tokens per row, a row done at its first stop id; [B, n]. step: Steps.decode's."""
     new_tokens, done = [], torch.zeros(cur_token.shape[0], dtype=torch.bool)
     stop = torch.tensor(sorted(stop_ids), dtype=torch.int) if stop_ids else None
     # On a GPU the host reads each step's tokens one step late, from a non-blocking copy: the device runs step i + 1
@@ -203,8 +202,7 @@ def to_host(t: torch.Tensor):
     """(a CPU copy of t, an event to wait on before reading it, or None when it is already there)."""
     if not t.is_cuda:
         return t.cpu(), None
-    host = t.to("cpu", non_blocking=True)   # into pinned memory: the copy queues behind the step
-    event = torch.cuda.Event()
+    host, event = t.to("cpu", non_blocking=True), torch.cuda.Event()   # the copy queues behind the step
     event.record()
     return host, event
 
@@ -437,15 +435,11 @@ class Steps(NamedTuple):
 EAGER = Steps()
 
 
-# CPU: no freezing. It would prepack a copy of the weights inside each graph and keep the originals (3.5x the
-# weights at 1.5B); load_model's packed linears (packed.py) give the GEMVs the same layout in one shared copy.
-# The C++ wrapper calls the kernels without Python in between; set per graph, so nothing leaks to later compiles.
-# Built apart from its kernels, the wrapper (plain calls, ~100 KB of C++ for 15 layers) compiles at -O1 and the
-# kernels at -O3: a cold compile of 2 runs of 15 layers took 15 s instead of 32, decode as fast (135M int4 g32).
-# No size or alignment asserts: the wrapper checked every input and every custom op's output each call (~20 a
-# layer), 4.8% of a 135M int4 step; Dynamo's guards check the inputs, opcheck tests the custom ops' fakes.
-# No precompiled headers: building them (2 x 150 MB, once per torch, venv and flags) made a first compile 36-43 s;
-# without, 22-28 s, and later cold ones as fast (wrapper and kernels built side by side: compile_cache.quicker_builds).
+# CPU: no freezing (it would prepack a copy of the weights inside each graph and keep the originals: 3.5x the weights
+# at 1.5B; packed.py gives the GEMVs their layout in one shared copy). The C++ wrapper calls the kernels without
+# Python between, built apart from them (at -O1: 15 s instead of 32 cold for 2 runs of 15 layers, decode as fast). No
+# size or alignment asserts (4.8% of a 135M int4 step; Dynamo's guards check the inputs, opcheck the custom ops'
+# fakes). No precompiled headers (2 x 150 MB: a first compile 36-43 s against 22-28 s, later ones as fast).
 CPU_OPTIONS = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True, "size_asserts": False,
                "alignment_asserts": False, "cpp_cache_precompile_headers": False}
 
@@ -464,12 +458,10 @@ def compile_step(fn: Callable, device: str, tree: bool = True, **kw) -> Callable
 def compiled(fn: Callable, device: str, tree: bool = True, whole: bool = False, saved: bool = False, batch: int = 0,
              **kw) -> Callable:
     """A forward step (decode_one_token, verify, ...) compiled. On CUDA whole: one CUDA graph replay a step. On CPU
-    in stages: its runs of layers (model.stage_runs) go through one compiled run_layers (a graph shared by every run
-    of the same structure), the embedding, positions and head eager between them (see model.STAGE for what it buys);
-    whole=True compiles the CPU step whole too but for its positions, computed eager (with them the attended length,
-    a dynamic size of the graph, as in stages): one graph call a step and no eager work between graphs, 1.8x the
-    compile (--compile_whole's help has the numbers). saved: the stage kept on disk between runs (compile_cache.py;
-    ZOOFAST_SAVED_STEPS=0 turns it off)."""
+    in stages: its runs of layers (model.stage_runs) through one compiled run_layers, the embedding, positions and
+    head eager between them (model.STAGE); whole=True: the CPU step whole but for its positions, computed eager (the
+    attended length a dynamic size, as in stages), 1.8x the compile (--compile_whole's help). saved: the stage kept
+    on disk between runs (compile_cache.py; ZOOFAST_SAVED_STEPS=0 turns it off)."""
     if device.startswith("cuda"):
         return compile_step(fresh(fn), device, tree, **kw)
     compile_cache.quicker_builds()
@@ -488,12 +480,15 @@ def with_positions(step: Callable, model: Transformer, x: torch.Tensor, input_po
     return step(model, x, input_pos, *args, p=p, **kwargs)
 
 
-def compile_notice(device: str, steps: int = 1):
-    """Say what --compile is about to do and roughly how long it takes, before the silent wait."""
+def compile_notice(device: str, steps: int = 1, fused: bool = False):
+    """Say what --compile is about to do and how long it takes, before the silent wait (fused: see compile_steps)."""
+    one_call = "decode steps run as one C++ call each (fused_decode.py)"
+    if not steps:
+        return print(f"nothing to compile: {one_call}", file=sys.stderr, flush=True)
     each = "about a minute each" if device.startswith("cuda") else \
         "about 20-40 s each on a 2-core CPU the first time, seconds on later runs (compile_cache.py)"
     print(f"compiling {steps} forward step{'s' * (steps > 1)} with torch.compile (Inductor): {each}; "
-          f"then decoding starts", file=sys.stderr, flush=True)
+          f"then decoding starts{f' ({one_call})' if fused else ''}", file=sys.stderr, flush=True)
 
 
 def fresh(fn: Callable) -> Callable:
@@ -505,13 +500,16 @@ def fresh(fn: Callable) -> Callable:
 
 
 def compile_steps(device: str, compile_prefill: bool = False, speculative: bool = False,
-                  lookup: bool = False, tp: bool = False, whole: bool = False) -> Steps:
+                  lookup: bool = False, tp: bool = False, whole: bool = False, model=None) -> Steps:
     """The decode step compiled (and the draft and verify steps with a draft, the verify step with prompt lookup;
-    prefill, with dynamic shapes, when asked). Compiling happens at the first call of each."""
-    compile_notice(device, 1 + 2 * speculative + lookup)
+    prefill, with dynamic shapes, when asked). Compiling happens at the first call of each. Where `model` decodes
+    through its decode_layers (fused_decode.py) and whole is not asked, its decode step stays as it is: one C++ call,
+    nothing for Inductor (whose first build, beside the decode, would only slow it)."""
+    fused = model is not None and model.decode_layers is not None and not whole
+    compile_notice(device, (not fused) + 2 * speculative + lookup + compile_prefill, fused)
     tree = not (tp and (speculative or lookup))
     saved = not tp   # a tensor-parallel stage's collectives: Dynamo's compile
-    steps = Steps(decode=compiled(decode_one_token, device, tree, whole, saved))
+    steps = Steps(decode=decode_one_token if fused else compiled(decode_one_token, device, tree, whole, saved))
     if speculative:
         steps = steps._replace(draft=compiled(draft_one_token, device, tree, whole, saved))
     if speculative or lookup:   # prompt lookup's drafts vary in length: one graph for them all
@@ -740,7 +738,7 @@ def run(args):
         print(f"draft: {draft_path}, {args.speculate_k} tokens a step", file=sys.stderr)
     steps = compile_steps(device, args.compile_prefill, speculative=draft is not None,
                           lookup=bool(args.prompt_lookup), tp=rank is not None,
-                          whole=args.compile_whole) if args.compile else EAGER
+                          whole=args.compile_whole, model=model) if args.compile else EAGER
     if args.interactive:
         return interactive(model, tokenizer, args, steps)
 

@@ -77,7 +77,7 @@ def worker(path: str, tokens: int, prefill: list, whole: bool = False, depth: in
     model = gen.load_model(path, "cpu", torch.bfloat16)
     load = time.perf_counter() - t0
     weights = sum(t.numel() * t.element_size() for _, t in gen.weight_tensors(model))
-    steps = gen.compile_steps("cpu", whole=whole)
+    steps = gen.compile_steps("cpu", whole=whole, model=model)
     prompt = list(range(1000, 1016))
     t0 = time.perf_counter()
     gen.generate(model, [prompt], 3, temperature=0, steps=steps)

@@ -118,9 +118,13 @@ def test_generate_runs_the_fused_step_compiled_or_not(default_checkpoint, monkey
     monkeypatch.setattr(fused_decode.torch.ops.zoofast_kernels, "decode_layers",
                         lambda *a: calls.append(1) or op(*a), raising=False)
     prompts = [[1, 504, 3458, 282, 4649, 314], [1, 2020, 1346]]
-    fused = gen.generate(model, prompts, 16, temperature=0, steps=gen.compile_steps("cpu"))
+    steps = gen.compile_steps("cpu", model=model)
+    assert steps.decode is gen.decode_one_token   # nothing for Inductor
+    fused = gen.generate(model, prompts, 16, temperature=0, steps=steps)
     assert len(calls) == 15
     assert gen.generate(model, prompts, 16, temperature=0) == fused and len(calls) == 30
+    staged = gen.compile_steps("cpu")   # not told of the model: its compiled stages, which the step goes around
+    assert gen.generate(model, prompts, 16, temperature=0, steps=staged) == fused and len(calls) == 45
 
 
 def test_fused_layers_are_attached_only_where_they_serve(tmp_path, monkeypatch):
