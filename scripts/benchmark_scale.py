@@ -184,7 +184,7 @@ def prepare(hf: Path, work: Path, llama_dir: Path, variants: list) -> dict:
              "--model_name", hf.parent.name], cwd=REPO)
     for v in variants:
         if v in OURS and OURS[v] != "model.pth" and not (ckpt / OURS[v]).exists():
-            mode, _, g = v.removesuffix(" whole").partition(" g")
+            mode, _, g = v.removesuffix(" whole").removesuffix(" layers").partition(" g")
             steps[f"zoofast quantize {v}"] = run_sampled(
                 [py, "quantize.py", "--checkpoint_path", str(ckpt / "model.pth"), "--mode", mode,
                  "--groupsize", g or "32"], cwd=REPO)
