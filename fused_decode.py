@@ -13,8 +13,6 @@ from torch import Tensor, nn
 import cpu_kernels
 from model import FeedForward, RMSNorm, Transformer
 
-PER_LAYER = 11   # the op's weights a layer (cpu_layers.h)
-
 
 def linear_parts(m: nn.Module) -> Optional[tuple]:
     """(weight, int8 scales or an empty tensor) of a linear held in a cpu_kernels GEMV layout, else None."""
