@@ -13,6 +13,8 @@ from torch import Tensor, nn
 import cpu_kernels
 from model import FeedForward, RMSNorm, Transformer
 
+VERIFY = 16   # a row's tokens a call takes at most (a speculative verify, a short prompt): rows of its GEMVs
+
 
 def linear_parts(m: nn.Module) -> Optional[tuple]:
     """(weight, int8 scales or an empty tensor) of a linear held in a cpu_kernels GEMV layout, else None."""
@@ -81,20 +83,27 @@ class DecodeLayers:
         return self.caches
 
     def serves(self, x: Tensor, p) -> bool:
-        """A decode step (one token a row, on a KV cache), eager, in bf16, on the weights gathered here (a .to() or
-        an assigned state dict would leave the op reading old copies). Inside a graph compiled whole, the layers."""
-        return x.shape[1] == 1 and p.cache_pos is not None and x.dtype == torch.bfloat16 and \
-            not torch.compiler.is_compiling() and \
+        """A decode step (one token a row) or a verify step (up to VERIFY tokens of one row) on a KV cache, eager, in
+        bf16, on the weights gathered here (a .to() or an assigned state dict would leave the op reading old copies).
+        Inside a graph compiled whole, the layers."""
+        B, T = x.shape[:2]
+        return (T == 1 or B == 1 and T <= VERIFY) and p.cache_pos is not None and x.dtype == torch.bfloat16 and \
+            p.mask.shape[1] == 1 and not torch.compiler.is_compiling() and \
             self.model.layers[0].attention_norm.weight.data_ptr() == self.weights[0].data_ptr()
 
     def __call__(self, x: Tensor, p) -> Tensor:
-        B = x.shape[0]
-        write = p.cache_pos.view(B).long()   # positions (static cache) or slots (paged)
-        at = p.read if p.read is not None else torch.arange(B) if p.rows is None else p.rows.long()
+        """B rows of one token, or one row's T tokens as T rows of one cache row: each writes its keys at its own
+        position before any attends (the op's barrier), and its mask row stops at its position, so the T rows see
+        each other as a causal forward would."""
+        B, T = x.shape[:2]
+        n = B * T
+        write = p.cache_pos.reshape(n).long()   # positions (static cache) or slots (paged)
+        at = p.read.expand(n, -1) if p.read is not None else \
+            torch.arange(B).repeat_interleave(T) if p.rows is None else p.rows.long().repeat_interleave(T)
         y = torch.ops.zoofast_kernels.decode_layers(
-            x.view(B, -1), self.weights, self.kv(), p.rope.view(B, -1), write, at,
-            p.mask.view(B, p.mask.shape[1], p.mask.shape[-1]), self.shape, self.eps, self.scale)
-        return y.view(B, 1, -1)
+            x.reshape(n, -1), self.weights, self.kv(), p.rope.reshape(n, -1), write, at,
+            p.mask.reshape(n, 1, p.mask.shape[-1]), self.shape, self.eps, self.scale)
+        return y.view(B, T, -1)
 
 
 def attach(model: Transformer) -> Optional[str]:

@@ -159,3 +159,27 @@ def test_bad_operands_are_refused_in_one_line(tmp_path):
         run(x, d.weights[:-1], d.kv(), rope, torch.tensor([0]), torch.tensor([0]), mask, d.shape, d.eps, d.scale)
     with pytest.raises(RuntimeError, match="bf16"):
         run(x.float(), d.weights, d.kv(), rope, torch.tensor([0]), torch.tensor([0]), mask, d.shape, d.eps, d.scale)
+
+
+def test_a_verify_step_runs_as_rows_of_one_cache_row(tmp_path):
+    """Up to VERIFY tokens of one row (a speculative verify, a short prompt) go through the call as rows of the same
+    cache row, each writing its keys before any attends: the layer-by-layer forward's logits, and each token's as a
+    decode step of its own would give them (a rounding apart: the top token the same)."""
+    model = gen.load_model(checkpoint(tmp_path, "int8", **VARIANTS["qwen2 bias"]), "cpu", torch.bfloat16)
+    ids = torch.randint(0, 300, (1, 140), generator=torch.Generator().manual_seed(4))
+    out, fused = {}, model.decode_layers
+    for label, layers in (("fused", fused), ("layers", None)):
+        model.decode_layers = layers
+        model.setup_caches(1, 256)
+        with torch.no_grad():
+            model(ids[:, :125], torch.arange(125).view(1, 125))
+            verify = model(ids[:, 125:134], torch.arange(125, 134).view(1, 9))[0]   # across 128: two attended lengths
+            steps = torch.cat([model(ids[:, i: i + 1], torch.tensor([[i]]))[0] for i in range(125, 134)])
+        out[label] = verify, steps
+    model.decode_layers = fused
+    assert not model.decode_layers.serves(model.tok_embeddings(ids[:, :17]), model.positions(
+        ids[:, :17], torch.arange(17).view(1, 17), None, None, torch.bfloat16))   # past VERIFY: the layers
+    (verify, steps), (layers, _) = out["fused"], out["layers"]
+    torch.testing.assert_close(verify, layers, atol=0.1 * layers.abs().max().item(), rtol=0)
+    torch.testing.assert_close(verify, steps, atol=0.1 * steps.abs().max().item(), rtol=0)
+    assert torch.equal(verify.argmax(-1), steps.argmax(-1)) and torch.equal(verify.argmax(-1), layers.argmax(-1))
