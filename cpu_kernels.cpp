@@ -145,6 +145,18 @@ void int8_tile(const Quantized& q, const uint8_t* rows, const float* S, int64_t 
   }
 }
 
+// y rows for 16 weight rows (one row block), tiles of 4 rows of x
+void int8_rows(const Quantized& q, const uint8_t* rows, const float* S, int64_t M, int64_t K, int64_t r,
+               const Tensor& y, int64_t n_out) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) int8_tile<4>(q, rows, S, K, r, m, y, n_out);
+  switch (M - m) {
+    case 3: int8_tile<3>(q, rows, S, K, r, m, y, n_out); break;
+    case 2: int8_tile<2>(q, rows, S, K, r, m, y, n_out); break;
+    case 1: int8_tile<1>(q, rows, S, K, r, m, y, n_out); break;
+  }
+}
+
 // w: [N16/16, K/4, 64] uint8, codes + 128, 16 rows interleaved (byte 4j + t of chunk c = row 16r + j, column
 // 4c + t); scales: [N16] fp32
 Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t n_out) {
@@ -155,16 +167,7 @@ Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t
   const uint8_t* W = w.data_ptr<uint8_t>();
   const float* S = scales.data_ptr<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) {
-      const uint8_t* rows = W + r * (K / 4) * 64;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) int8_tile<4>(q, rows, S, K, r, m, y, n_out);
-      switch (M - m) {
-        case 3: int8_tile<3>(q, rows, S, K, r, m, y, n_out); break;
-        case 2: int8_tile<2>(q, rows, S, K, r, m, y, n_out); break;
-        case 1: int8_tile<1>(q, rows, S, K, r, m, y, n_out); break;
-      }
-    }
+    for (int64_t r = r0; r < r1; r++) int8_rows(q, W + r * (K / 4) * 64, S, M, K, r, y, n_out);
   });
   return y;
 }
@@ -499,6 +502,7 @@ Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a
 
 // decode_layers' hooks (cpu_layers.h): a GEMV input quantized from bf16, a thread's share of a GEMV, e^x 16 at a
 // time as torch computes it, bf16 attention's runner
+
 // x (M rows of K bf16) into q, as quantize() does from a tensor
 void quantize_bf16(Quantized& q, const uint16_t* x, int64_t M, int64_t K) {
   quantize_into(q, M, K, [&](int64_t m, float* buf) {
@@ -515,14 +519,7 @@ void gemv_share(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, 
   }
   for (int64_t r = u0; r < u1; r++) {
     if (L.kind == 1) {
-      const uint8_t* rows = L.w + r * (K / 4) * 64;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) int8_tile<4>(q, rows, L.s, K, r, m, y, N);
-      switch (M - m) {
-        case 3: int8_tile<3>(q, rows, L.s, K, r, m, y, N); break;
-        case 2: int8_tile<2>(q, rows, L.s, K, r, m, y, N); break;
-        case 1: int8_tile<1>(q, rows, L.s, K, r, m, y, N); break;
-      }
+      int8_rows(q, L.w + r * (K / 4) * 64, L.s, M, K, r, y, N);
       continue;
     }
     const uint8_t* rows = L.w + r * (K / L.group) * (64 + 8 * L.group);

@@ -524,6 +524,8 @@ Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a
 
 // decode_layers' hooks (cpu_layers.h): a GEMV input quantized from bf16, a thread's share of a GEMV, e^x 16 at a
 // time as torch computes it, bf16 attention's runner
+
+// x (M rows of K bf16) into q, as quantize() does from a tensor
 void quantize_bf16(Quantized& q, const uint16_t* x, int64_t M, int64_t K) {
   quantize_into(q, M, K, [&](int64_t m, float* buf) {
     for (int64_t k = 0; k < K; k++) buf[k] = c10::detail::f32_from_bits(x[m * K + k]);
