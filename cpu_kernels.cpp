@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -233,6 +234,17 @@ void int4_rows(const Quantized& q, const uint8_t* rows, int64_t M, int64_t K, in
   }
 }
 
+// int4_rows for a group size g (32, 64, 128 or 256): a switch of direct calls, each inlined
+void int4_block(const Quantized& q, const uint8_t* rows, int64_t M, int64_t K, int64_t r, int64_t g, const Tensor& y,
+                int64_t n_out) {
+  switch (g) {
+    case 32: int4_rows<1>(q, rows, M, K, r, y, n_out); break;
+    case 64: int4_rows<2>(q, rows, M, K, r, y, n_out); break;
+    case 128: int4_rows<4>(q, rows, M, K, r, y, n_out); break;
+    default: int4_rows<8>(q, rows, M, K, r, y, n_out); break;
+  }
+}
+
 // w: [N16/16, K/g, 64 + 8g] uint8 (the layout above: a row block's groups one after another, each its 16 scales and
 // 16 zeros in bf16, then its codes): one sequential stream a thread, scales included (1.3-1.45x the speed of the
 // scales in a tensor of their own, [K/g, 2, N16], at g = 32 and 1.5B shapes)
@@ -244,15 +256,7 @@ Tensor int4_gemv(const Tensor& x, const Tensor& w, int64_t groupsize, int64_t n_
   const uint8_t* W = w.data_ptr<uint8_t>();
   const int64_t block_bytes = w.size(1) * w.size(2);
   at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) {
-      const uint8_t* rows = W + r * block_bytes;
-      switch (groupsize) {
-        case 32: int4_rows<1>(q, rows, M, K, r, y, n_out); break;
-        case 64: int4_rows<2>(q, rows, M, K, r, y, n_out); break;
-        case 128: int4_rows<4>(q, rows, M, K, r, y, n_out); break;
-        default: int4_rows<8>(q, rows, M, K, r, y, n_out); break;
-      }
-    }
+    for (int64_t r = r0; r < r1; r++) int4_block(q, W + r * block_bytes, M, K, r, groupsize, y, n_out);
   });
   return y;
 }
@@ -500,15 +504,8 @@ Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a
   });
 }
 
-// decode_layers' hooks (cpu_layers.h): a GEMV input quantized from bf16, a thread's share of a GEMV, e^x 16 at a
-// time as torch computes it, bf16 attention's runner
-
-// x (M rows of K bf16) into q, as quantize() does from a tensor
-void quantize_bf16(Quantized& q, const uint16_t* x, int64_t M, int64_t K) {
-  quantize_into(q, M, K, [&](int64_t m, float* buf) {
-    for (int64_t k = 0; k < K; k++) buf[k] = c10::detail::f32_from_bits(x[m * K + k]);
-  });
-}
+// decode_layers' hooks (cpu_layers.h): a thread's share of a GEMV, e^x 16 at a time as torch computes it, bf16
+// attention's runner
 
 // thread t of n: its share of y = x L^T (y [M, N] bf16); q: x quantized (int8 and int4 kinds)
 void gemv_share(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, const Tensor& y, int t, int n) {
@@ -522,13 +519,7 @@ void gemv_share(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, 
       int8_rows(q, L.w + r * (K / 4) * 64, L.s, M, K, r, y, N);
       continue;
     }
-    const uint8_t* rows = L.w + r * (K / L.group) * (64 + 8 * L.group);
-    switch (L.group) {
-      case 32: int4_rows<1>(q, rows, M, K, r, y, N); break;
-      case 64: int4_rows<2>(q, rows, M, K, r, y, N); break;
-      case 128: int4_rows<4>(q, rows, M, K, r, y, N); break;
-      default: int4_rows<8>(q, rows, M, K, r, y, N); break;
-    }
+    int4_block(q, L.w + r * (K / L.group) * (64 + 8 * L.group), M, K, r, L.group, y, N);
   }
 }
 

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -281,6 +282,12 @@ void int4_rows(const Quantized& q, const uint8_t* rows, int64_t M, int64_t K, in
   in_tiles(M, [&](auto mt, int64_t m) { int4_tile<mt, PG>(q, rows, K, r, m, y, n_out); });
 }
 
+// int4_rows for a group size (32, 64, 128 or 256)
+auto int4_rows_for(int64_t groupsize) {
+  return groupsize == 32 ? int4_rows<1> : groupsize == 64 ? int4_rows<2> : groupsize == 128 ? int4_rows<4>
+                                                                                            : int4_rows<8>;
+}
+
 // w: [N16/16, K/g, 64 + 8g] uint8 (cpu_kernels.cpp's layout)
 Tensor int4_gemv(const Tensor& x, const Tensor& w, int64_t groupsize, int64_t n_out) {
   const int64_t M = x.size(0), K = x.size(1), blocks = w.size(0);
@@ -290,8 +297,7 @@ Tensor int4_gemv(const Tensor& x, const Tensor& w, int64_t groupsize, int64_t n_
   const Out out(y);
   const uint8_t* W = w.data_ptr<uint8_t>();
   const int64_t block_bytes = w.size(1) * w.size(2);
-  auto rows = groupsize == 32 ? int4_rows<1> : groupsize == 64 ? int4_rows<2> : groupsize == 128 ? int4_rows<4>
-                                                                                                  : int4_rows<8>;
+  const auto rows = int4_rows_for(groupsize);
   at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) rows(q, W + r * block_bytes, M, K, r, out, n_out);
   });
@@ -522,15 +528,8 @@ Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a
   return attend_with(q, k, v, at, mask, scale, [](auto zero, int64_t) { return attend_run<decltype(zero)>; });
 }
 
-// decode_layers' hooks (cpu_layers.h): a GEMV input quantized from bf16, a thread's share of a GEMV, e^x 16 at a
-// time as torch computes it, bf16 attention's runner
-
-// x (M rows of K bf16) into q, as quantize() does from a tensor
-void quantize_bf16(Quantized& q, const uint16_t* x, int64_t M, int64_t K) {
-  quantize_into(q, M, K, [&](int64_t m, float* buf) {
-    for (int64_t k = 0; k < K; k++) buf[k] = c10::detail::f32_from_bits(x[m * K + k]);
-  });
-}
+// decode_layers' hooks (cpu_layers.h): a thread's share of a GEMV, e^x 16 at a time as torch computes it, bf16
+// attention's runner
 
 // thread t of n: its share of y = x L^T (y [M, N] bf16); q: x quantized (int8 and int4 kinds)
 void gemv_share(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, const Tensor& y, int t, int n) {
@@ -548,8 +547,7 @@ void gemv_share(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, 
     bf16_rows(xs.data(), (const uint16_t*)L.w, (uint16_t*)out.data, M, N, K, u0, u1);
     return;
   }
-  auto rows = L.group == 32 ? int4_rows<1> : L.group == 64 ? int4_rows<2> : L.group == 128 ? int4_rows<4>
-                                                                                            : int4_rows<8>;
+  const auto rows = int4_rows_for(L.group);
   for (int64_t r = u0; r < u1; r++) {
     if (L.kind == 1)
       in_tiles(M, [&](auto mt, int64_t m) { int8_tile<mt>(q, L.w + r * (K / 4) * 64, L.s, K, r, m, out, N); });

@@ -9,12 +9,17 @@
 // eager model step for step, bf16 after every op where it rounds (norm, GEMV, bias, rotary, residual, SwiGLU), with
 // the same kernels for GEMVs and attention and torch's own exp in SwiGLU: the logits are the layer-by-layer step's to
 // the last bit but where a norm's sum of squares (summed in order here, in a cascade by torch) rounds apart.
-// Included by both builds inside their namespace, after their hooks: quantize_bf16, gemv_share (a thread's share of
-// a GEMV), exp16 (torch's exp), bf16_runner (attention's run for bf16 and a head size).
-#include <omp.h>
+// Included by both builds inside their namespace (omp.h included above it), after their hooks: quantize_into (a
+// GEMV input's rows to int8), gemv_share (a thread's share of a GEMV), exp16 (torch's exp), bf16_runner (attention's
+// run for bf16 and a head size).
 
 inline float f32(uint16_t b) { return c10::detail::f32_from_bits(b); }
 inline uint16_t bf16(float f) { return c10::detail::round_to_nearest_even(f); }
+
+// x (M rows of K bf16) into q, as quantize() does from a tensor
+void quantize_bf16(Quantized& q, const uint16_t* x, int64_t M, int64_t K) {
+  quantize_into(q, M, K, [&](int64_t m, float* buf) { for (int64_t k = 0; k < K; k++) buf[k] = f32(x[m * K + k]); });
+}
 
 // RMSNorm as model.RMSNorm: statistics in fp32, the normalized row rounded to bf16, then times the weight
 void rms_norm(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t M, int64_t D, float eps) {
@@ -108,7 +113,7 @@ Tensor decode_layers(const Tensor& x, at::TensorList weights, at::TensorList cac
     thread_local Quantized q;
     thread_local std::vector<uint16_t> xs, h, qr, act;   // residual stream, a GEMV's input, rotated queries
     xs.assign(X0, X0 + B * dim);
-    h.resize(B * std::max({dim, H * D, I}));
+    h.resize(B * std::max(dim, H * D));
     qr.resize(B * H * D);
     act.resize(B * I);
     auto input = [&](const Lin& lin, const uint16_t* in) {   // a GEMV's input, quantized where its kind wants it
