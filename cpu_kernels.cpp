@@ -536,6 +536,7 @@ auto bf16_runner(int64_t D) {
 }
 
 #include "cpu_layers.h"   // decode_layers: a decode step's layers in one call
+#include "cpu_prefill.h"  // a prefill's attention (AVX512-BF16) and its row-wise work between GEMMs
 
 }  // namespace
 
@@ -547,6 +548,11 @@ TORCH_LIBRARY(OPS, m) {
   m.def("int4_gemv(Tensor x, Tensor w, int groupsize, int n_out) -> Tensor");
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor at, Tensor mask, float scale) -> Tensor");
+  m.def("prefill_attend(Tensor q, Tensor k, Tensor v, Tensor at, Tensor pos, int window, float scale) -> Tensor");
+  m.def("add_norm(Tensor x, Tensor y, Tensor w, float eps) -> (Tensor, Tensor)");
+  m.def("swiglu(Tensor up) -> Tensor");
+  m.def("rotate_store(Tensor qkv, Tensor rope, Tensor(a!) k, Tensor(b!) v, Tensor write, Tensor at, int[] shape) "
+        "-> Tensor");
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor[] caches, Tensor rope, Tensor write, Tensor at, "
         "Tensor mask, int[] shape, float eps, float scale) -> Tensor");
 }
@@ -556,5 +562,9 @@ TORCH_LIBRARY_IMPL(OPS, CPU, m) {
   m.impl("int4_gemv", int4_gemv);
   m.impl("bf16_gemv", bf16_gemv);
   m.impl("attend", attend);
+  m.impl("prefill_attend", prefill_attend);
+  m.impl("add_norm", add_norm);
+  m.impl("swiglu", swiglu);
+  m.impl("rotate_store", rotate_store);
   m.impl("decode_layers", decode_layers);
 }

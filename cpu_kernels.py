@@ -20,6 +20,7 @@ import cli
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADER = SOURCE.with_name("cpu_kernels_shared.h")   # the ops' checks, attention's driver: in both builds
 LAYERS = SOURCE.with_name("cpu_layers.h")           # decode_layers' driver: in both builds too
+PREFILL = SOURCE.with_name("cpu_prefill.h")       # prefill attention and row-wise ops: the AVX-512 build's
 # bf16 inputs of up to this many rows (decode, a verify, a server's batch) run the bf16 GEMV; oneDNN's GEMM wins above
 GEMV_ROWS = 16
 # each build: its source, g++'s flags, the CPU flags it needs (/proc/cpuinfo's names); the first this CPU has is taken
@@ -76,7 +77,7 @@ def build(out: Path, name: str = "avx512", ops: str = "zoofast_kernels"):
 def library(name: str, ops: str = "zoofast_kernels") -> bool:
     """BUILDS[name] built (once per machine, torch version and source) and loaded, its ops as torch.ops.<ops>."""
     source, flags, _ = BUILDS[name]
-    text = source.read_bytes() + HEADER.read_bytes() + LAYERS.read_bytes()
+    text = source.read_bytes() + HEADER.read_bytes() + LAYERS.read_bytes() + PREFILL.read_bytes()
     key = hashlib.sha256(text + " ".join([torch.__version__, *flags, ops]).encode()).hexdigest()[:16]
     lib = cache_dir() / f"{source.stem}-{key}.so"
     try:
@@ -113,6 +114,11 @@ def _register_fakes():
     def _(q, k, v, at, mask, scale):
         return q.new_empty(q.shape)
 
+    if hasattr(torch.ops.zoofast_kernels, "prefill_attend"):
+        @torch.library.register_fake("zoofast_kernels::prefill_attend")
+        def _(q, k, v, at, pos, window, scale):
+            return q.new_empty(q.shape)
+
 
 def load(kind: str = "int") -> bool:
     """available() (kind "bf16": and the bf16 GEMV runs: the AVX2 build's, or the AVX-512 one's on a CPU with
@@ -128,6 +134,11 @@ def load(kind: str = "int") -> bool:
 def attends(head_dim: int) -> bool:
     """cpu_kernels' decode attention serves a KV cache of this head size (on the CPU)."""
     return head_dim % 32 == 0 and head_dim <= 256 and load()
+
+
+def prefills(head_dim: int) -> bool:
+    """and its bf16 prefill attention too (the AVX-512 build, on a CPU with AVX512-BF16)."""
+    return attends(head_dim) and load("bf16") and hasattr(torch.ops.zoofast_kernels, "prefill_attend")
 
 
 # ---- the layout the kernel takes, from quantize.py's ---------------------------------------------------------

@@ -21,6 +21,7 @@ import cli  # noqa: E402
 import compile_cache  # noqa: E402
 import cpu_kernels  # noqa: E402
 import fused_decode  # noqa: E402
+import fused_prefill  # noqa: E402
 from cli import (DEFAULT_CHECKPOINT, DEFAULT_MODEL, command_line, find_checkpoint, pick_device,  # noqa: E402, F401
                  prepare_default)   # re-exported: eval.py, server.py and the scripts use them through this module
 from model import Transformer, run_layers  # noqa: E402
@@ -34,9 +35,8 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
     torchrun): keep only this rank's shard, sliced off the mmapped checkpoint before anything is copied.
     reserve (rows, positions): the KV cache to be set up; a model and cache that cannot fit in the free memory
     are refused in one line (ValueError) before the weights are copied (prefill_rows, kv_tokens: see memory_needed).
-    pack=False keeps every nn.Linear a plain one (for code that reads or copies the weights). device_map: layers
-    spread over devices (device_map.py's "cuda:0=20,cpu=12"), instead of all on `device`. fuse=False keeps each
-    feed-forward's w1 and w3 apart on CPU (packed.fuse_gate_up)."""
+    pack=False keeps every nn.Linear plain (for code that reads or copies the weights). device_map: layers spread
+    over devices (device_map.py's "cuda:0=20,cpu=12"). fuse=False keeps w1 and w3 apart on CPU (packed.fuse_gate_up)."""
     def swap(*a):   # quantize.py's output: its modules rebuilt before the weights are assigned
         from quantize import swap_modules
         swap_modules(*a)
@@ -54,6 +54,7 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
     model.retie_and_rebuild()  # re-tie after the move, rope table back to fp32
     if any(p.device.type == "cpu" for p in model.layers.parameters()):   # their decode attention: the cache in place
         model.attention_kernel = cpu_kernels.attends(model.config.head_dim)
+        model.prefill_kernel = cpu_kernels.prefills(model.config.head_dim)
     if pack and fuse:
         from packed import fuse_gate_up
         fuse_gate_up(model)     # CPU: gate and up as one linear, one GEMV a step
@@ -65,6 +66,7 @@ def load_model(checkpoint_path, device="cpu", precision=torch.bfloat16, use_tp=F
         pack_linears(model)     # CPU bf16: cpu_kernels.cpp on the checkpoint's layout, else oneDNN's blocked one
         huge_pages(model)       # what the CPU GEMVs stream, copied onto 2 MB pages
         fused_decode.attach(model)   # CPU decode steps: every layer in one C++ call, where the model qualifies
+        fused_prefill.attach(model)  # and CPU bf16 prefills: C++ between the GEMMs
     return model.eval()
 
 
@@ -117,8 +119,7 @@ def chunk_size(config, T: int, chunk: Optional[int]) -> int:
 
 
 def prefill_logits(model: Transformer, x: torch.Tensor, input_pos: torch.Tensor, last: torch.Tensor, rows=None):
-    """One prefill forward of a chunk: it fills the cache at input_pos (in cache rows `rows`), returns logits
-    [B, V] at last [B]."""
+    """One prefill forward of a chunk: fills the cache at input_pos (cache rows `rows`), logits [B, V] at last [B]."""
     return model(x, input_pos, rows=rows, last=last)
 
 
@@ -501,10 +502,9 @@ def fresh(fn: Callable) -> Callable:
 
 def compile_steps(device: str, compile_prefill: bool = False, speculative: bool = False,
                   lookup: bool = False, tp: bool = False, whole: bool = False, model=None) -> Steps:
-    """The decode step compiled (and the draft and verify steps with a draft, the verify step with prompt lookup;
-    prefill, with dynamic shapes, when asked). Compiling happens at the first call of each. Where `model` decodes
-    through its decode_layers (fused_decode.py) and whole is not asked, its decode step stays as it is: one C++ call,
-    nothing for Inductor (whose first build, beside the decode, would only slow it)."""
+    """The decode step compiled (the draft and verify steps with a draft, verify with prompt lookup; prefill, with
+    dynamic shapes, when asked), each at its first call. Where `model` decodes through decode_layers (fused_decode.py)
+    and whole is not asked, its decode step stays one C++ call: nothing for Inductor (its build would slow it)."""
     fused = model is not None and model.decode_layers is not None and not whole
     compile_notice(device, (not fused) + 2 * speculative + lookup + compile_prefill, fused)
     tree = not (tp and (speculative or lookup))

@@ -153,7 +153,7 @@ def attach(model, adapter_dirs: list, checkpoint_dir) -> None:
         for name, ab in our_pairs(pairs, table, model.config).items():
             per_linear.setdefault(name, {})[k] = ab
     per_linear = onto_fused(per_linear, model)
-    model.decode_layers = None   # its C++ decode step would skip the adapters' hooks (fused_decode.py)
+    model.decode_layers = model.prefill_layers = None   # their C++ would skip the adapters' hooks (fused_*.py)
     model.register_buffer("lora_ids", torch.zeros(1, dtype=torch.long, device=model.tok_embeddings.weight.device),
                           persistent=False)
     for name, by_adapter in per_linear.items():

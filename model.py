@@ -11,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from kv_cache import PAGE, KVCache, PagedKVCache, attend_one  # noqa: F401  (PAGE: engine, server)
+
 
 @dataclass
 class ModelArgs:
@@ -165,7 +167,6 @@ def resolve_name(name: str) -> str:
 # cold in 27.2-27.5 s against 33.6-38.1, and decoded 0.97-1.05x as fast (one process, rounds interleaved).
 STAGE = 10
 ATTEND_STEP = 128   # a decode step attends to a multiple of this many cache positions (Transformer.positions)
-PAGE = 16           # positions a page of a paged KV cache holds (PagedKVCache)
 
 
 def round_up(n: int, step: int) -> int:
@@ -188,78 +189,6 @@ def run_layers(layers, x: Tensor, p) -> Tensor:
     return x
 
 
-class KVCache(nn.Module):
-    """Static cache [B, H_kv, S, D], allocated once. Row b's token at position p lives in slot p,
-    so rows of a batch can sit at different positions (batched prompts, serving slots)."""
-
-    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype, device=None, kernel=False):
-        super().__init__()
-        shape = (max_batch_size, n_heads, max_seq_length, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.kernel = kernel   # cpu_kernels' attend for decode steps (reads the cache in place)
-
-    def store(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Optional[Tensor] = None) -> Tensor:
-        """input_pos [B, T]; k, v [B, H, T, D]; rows [B]: the cache rows of the batch's rows (default 0..B-1).
-        Returns the rows written, [B]."""
-        r = torch.arange(k.shape[0], device=k.device) if rows is None else rows
-        self.k_cache[r.unsqueeze(-1), :, input_pos] = k.transpose(1, 2)
-        self.v_cache[r.unsqueeze(-1), :, input_pos] = v.transpose(1, 2)
-        return r
-
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Optional[Tensor] = None):
-        """store, then the rows' whole caches [B, H, S_max, D] (views when rows is None)."""
-        r = self.store(input_pos, k, v, rows)
-        if rows is None:
-            return self.k_cache[:k.shape[0]], self.v_cache[:k.shape[0]]
-        return self.k_cache[r], self.v_cache[r]
-
-    def attend(self, q: Tensor, write: Tensor, k: Tensor, v: Tensor, rows: Optional[Tensor], mask: Tensor) -> Tensor:
-        """A decode step's attention with the kernel: q [B, H, 1, D] (write = input_pos, k, v, rows as in store;
-        mask [B, 1 or H, 1, S] as in attend_one, S <= the cache's length) -> [B, H, 1, D]."""
-        r = self.store(write, k, v, rows)
-        B, H, _, D = q.shape
-        return torch.ops.zoofast_kernels.attend(q.view(B, H, D), self.k_cache, self.v_cache, r,
-                                                mask.reshape(B, -1, mask.shape[-1]), D ** -0.5).view(B, H, 1, D)
-
-
-class PagedKVCache(nn.Module):
-    """Every row's keys and values in one pool of pages [H_kv, (pages + 1) * PAGE, D] (a server's: rows hold only
-    the pages their requests can reach, Engine hands them out). Row b's position p lives in slot
-    page_table[b, p // PAGE] * PAGE + p % PAGE (Transformer.positions computes the slots); the last page is a
-    scratch one, where a row's positions without a page of their own (a placeholder row's, padding's) land."""
-
-    def __init__(self, pages, n_heads, head_dim, dtype, device=None, kernel=False):
-        super().__init__()
-        shape = (n_heads, (pages + 1) * PAGE, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.kernel = kernel   # cpu_kernels' attend for decode steps (reads the pages in place)
-
-    def store(self, write: Tensor, k: Tensor, v: Tensor):
-        # write [B, T]: slots; k, v [B, H, T, D]
-        self.k_cache[:, write] = k.transpose(0, 1)
-        self.v_cache[:, write] = v.transpose(0, 1)
-
-    def update(self, write: Tensor, k: Tensor, v: Tensor, read: Tensor):
-        """store, then the keys and values at slots read [B, S] -> [B, H, S, D] (a copy)."""
-        self.store(write, k, v)
-        return self.k_cache[:, read].transpose(0, 1), self.v_cache[:, read].transpose(0, 1)
-
-    def attend(self, q: Tensor, write: Tensor, k: Tensor, v: Tensor, read: Tensor, mask: Tensor) -> Tensor:
-        """A decode step's attention with the kernel: q [B, H, 1, D] (k, v, write, read as in update; mask as in
-        attend_one) -> [B, H, 1, D]."""
-        self.store(write, k, v)
-        B, H, _, D = q.shape
-        return torch.ops.zoofast_kernels.attend(q.view(B, H, D), self.k_cache, self.v_cache, read,
-                                                mask.reshape(B, -1, read.shape[1]), D ** -0.5).view(B, H, 1, D)
-
-    def copy(self, source: Tensor, target: Tensor):
-        """Slots target <- slots source (a cached prefix copied from one row to another)."""
-        self.k_cache[:, target] = self.k_cache[:, source]
-        self.v_cache[:, target] = self.v_cache[:, source]
-
-
 class Transformer(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
@@ -275,7 +204,9 @@ class Transformer(nn.Module):
         self.heads = slice(None)   # this model's attention heads (tp.py keeps a rank's share)
         self.head_apart = False    # a tied head with its own copy of the embedding (device_map: on another device)
         self.attention_kernel = False   # CPU decode attention through cpu_kernels' attend (setup_caches)
+        self.prefill_kernel = False     # and bf16 prefill attention through its prefill_attend (Positions.causal)
         self.decode_layers: Optional[Callable] = None   # every layer of a decode step in one call (fused_decode.py)
+        self.prefill_layers: Optional[Callable] = None  # a CPU bf16 prefill's layers op by op (fused_prefill.py)
         self.register_buffer("rope_cache", rope_table(config, config.block_size), persistent=False)
         self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
         self.register_buffer("ntk_alpha", torch.ones(1), persistent=False)   # per-row state set by a prefill
@@ -337,6 +268,8 @@ class Transformer(nn.Module):
             p = self.positions(idx, input_pos, rows, last, x.dtype)
         if self.decode_layers is not None and self.decode_layers.serves(x, p):   # a decode step: one C++ call
             x = self.decode_layers(x, p)
+        elif self.prefill_layers is not None and self.prefill_layers.serves(x, p):   # C++ between the GEMMs
+            x = self.prefill_layers(x, p)
         else:
             layers = list(self.layers)   # a plain list: slicing the ModuleList built a Module each run, ~15 us
             for run in stage_runs(len(layers), STAGE):
@@ -392,7 +325,9 @@ class Transformer(nn.Module):
             torch._dynamo.decorators.mark_unbacked(mask, mask.dim() - 1)
             if read is not None:
                 torch._dynamo.decorators.mark_unbacked(read, read.dim() - 1)
-        return Positions(rope, mask, write, rows, q_scale, read)
+        causal = pos if cached and T > 1 and self.config.position == "rope" and self.prefill_kernel and \
+            dtype == torch.bfloat16 and not torch.compiler.is_compiling() else None   # a mask by position alone
+        return Positions(rope, mask, write, rows, q_scale, read, causal)
 
     def slots(self, rows, at: Tensor) -> Tensor:
         """A paged cache's slots of positions at [B, N] in cache rows `rows` (an index or a slice of B rows);
@@ -447,6 +382,7 @@ class Positions(NamedTuple):
     rows: Optional[Tensor]         # [B]: the cache rows (None: rows 0..B-1)
     q_scale: Optional[Tensor]      # Qwen's logn query scale [B, T, 1, 1], or None
     read: Optional[Tensor] = None  # a paged cache's slots of positions 0..S-1 [B, S]
+    causal: Optional[Tensor] = None   # the positions [B, T] where the CPU prefill kernel takes a T > 1 forward
 
 
 class TransformerBlock(nn.Module):
@@ -481,6 +417,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=config.out_bias)
         self.rotary_dim, self.interleaved = config.rotary_dim, config.rope_interleaved
         self.rope_2d = config.position == "rope_2d"
+        self.window = config.sliding_window or 0
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: Tensor, p: Positions) -> Tensor:
@@ -501,8 +438,9 @@ class Attention(nn.Module):
         if p.q_scale is not None:
             q = (q * p.q_scale).type_as(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))       # [B, H, T, D]
-        if T == 1 and p.cache_pos is not None and self.kv_cache.kernel:   # keys and values read where they lie
-            y = self.kv_cache.attend(q, p.cache_pos, k, v, p.rows if p.read is None else p.read, mask)
+        if p.cache_pos is not None and self.kv_cache.kernel and (T == 1 or p.causal is not None):   # in place
+            y = self.kv_cache.attend(q, p.cache_pos, k, v, p.rows if p.read is None else p.read, mask,
+                                     p.causal, self.window)
             return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
         if p.read is not None:
             k, v = self.kv_cache.update(p.cache_pos, k, v, p.read)
@@ -515,28 +453,6 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, q_size))
-
-
-def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of one query per row (a decode step) as two small matmuls, the softmax in fp32, where cpu_kernels'
-    attend does not serve (a GPU, a CPU without its build, a head size it does not take). On CPU the flash kernel's
-    fixed cost per call is most of a small model's decode step (115 us a layer here).
-    q [B, H, 1, D]; k, v [B, H_kv, S, D]; mask [B, 1 or H, 1, S], bool or an additive bias."""
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    q = q.view(B, Hkv, H // Hkv, D)                                          # query heads grouped by KV head
-    # compiled on CPU: products and sums, which Inductor fuses into one loop each (aten's bmm costs ~35 us a call
-    # there, 2 ms of a 135M model's step); eager keeps the matmuls (the products would be materialized)
-    fused = q.device.type == "cpu" and torch.compiler.is_compiling()
-    if fused:
-        scores = (q.unsqueeze(-2).float() * k.unsqueeze(2).float()).sum(-1) * D ** -0.5
-    else:
-        scores = (q @ k.transpose(-1, -2)).float() * D ** -0.5              # [B, H_kv, G, S]
-    mask = mask.reshape(B, -1, H // Hkv if mask.shape[1] > 1 else 1, mask.shape[-1])
-    scores = scores.masked_fill(~mask, -float("inf")) if mask.dtype == torch.bool else scores + mask
-    if fused:
-        return (scores.softmax(-1).unsqueeze(-1) * v.unsqueeze(2).float()).sum(-2).to(v.dtype).view(B, H, 1, D)
-    return (scores.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
 
 
 class FeedForward(nn.Module):
