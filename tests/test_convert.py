@@ -230,7 +230,8 @@ def test_download_fails_fast_offline(env, tmp_path):
 
 def test_prepare_sh_uses_files_placed_by_hand(tmp_path):
     """prepare.sh in a copy of the repo: hub files already in checkpoints/ORG/NAME/hf -> no download."""
-    for f in ("cli.py", "model.py", "convert_hf_checkpoint.py", "scripts/prepare.sh", "scripts/download.py"):
+    for f in ("cli.py", "model.py", "kv_cache.py", "convert_hf_checkpoint.py", "scripts/prepare.sh",
+              "scripts/download.py"):
         (tmp_path / f).parent.mkdir(exist_ok=True)
         shutil.copy(ROOT / f, tmp_path / f)
     ckpt = tmp_path / "checkpoints" / "org" / "tiny"
