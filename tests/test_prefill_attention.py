@@ -3,8 +3,6 @@ queries, causal by position, over a static cache's rows or a paged pool's slots,
 refuses; and a bf16 model's prefill through it (load_model's default there) against torch's SDPA, one-shot or in
 chunks. Skipped where the build has no prefill_attend (an AVX2-only CPU, or AVX-512 without AVX512-BF16: torch's SDPA
 runs there, tested by every other prefill test)."""
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +12,8 @@ import fused_prefill
 import generate as gen
 import kv_cache
 from kv_cache import prefill_attend
-from model import ModelArgs, RMSNorm, Transformer, apply_rotary_emb
+from conftest import tiny_checkpoint
+from model import RMSNorm, apply_rotary_emb
 from test_fused_decode import VARIANTS, checkpoint
 
 pytestmark = pytest.mark.skipif(not kernels.prefills(64), reason="no prefill_attend here (it needs AVX512-BF16)")
@@ -121,12 +120,8 @@ def test_a_bf16_prefill_through_the_kernel_gives_sdpas_logits(tmp_path, monkeypa
     """load_model turns the kernel on for a bf16 model; a prefill through it, in the eager layers (no prefill_layers:
     a model fused_prefill does not take) gives SDPA's logits (model.prefill_kernel off), one-shot and in chunks of 17,
     rows at different positions, a sliding window kept; greedy decoding after it runs."""
-    config = ModelArgs(block_size=300, vocab_size=256, n_layer=2, n_head=4, n_local_heads=2, dim=128,
-                       intermediate_size=256, name="tiny", sliding_window=60)
-    torch.manual_seed(0)
-    torch.save(Transformer(config).state_dict(), tmp_path / "model.pth")
-    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
-    model = gen.load_model(tmp_path / "model.pth", "cpu", torch.bfloat16)
+    path = tiny_checkpoint(tmp_path, block_size=300, vocab_size=256, dim=128, intermediate_size=256, sliding_window=60)
+    model = gen.load_model(path, "cpu", torch.bfloat16)
     assert model.prefill_kernel and model.prefill_layers is not None
     model.prefill_layers = None
     model.setup_caches(2, 300)
@@ -141,9 +136,11 @@ def test_a_bf16_prefill_through_the_kernel_gives_sdpas_logits(tmp_path, monkeypa
         logits[kernel, "chunks"] = torch.cat([model(ids[:, i:i + 17], pos[:, i:i + 17]) for i in range(0, 150, 17)],
                                              1).float()
     assert len(calls) == 2 * (1 + 9)   # the kernel's calls: a layer's each forward, none with it off
-    for how in ("whole", "chunks"):
-        torch.testing.assert_close(logits[True, how], logits[False, how], atol=0.05, rtol=0.05)
-    assert (logits[True, "whole"] - logits[True, "chunks"]).abs().max() < 0.05
+    scale = logits[False, "whole"].abs().max().item()
+    for how in ("whole", "chunks"):   # bf16 products and weights: a few bf16 steps of the logits' scale at most
+        torch.testing.assert_close(logits[True, how], logits[False, how], atol=0.02 * scale, rtol=0)
+        assert (logits[True, how].argmax(-1) == logits[False, how].argmax(-1)).float().mean() >= 0.95
+    assert (logits[True, "whole"] - logits[True, "chunks"]).abs().max() < 0.02 * scale
     model.prefill_kernel = True
     assert len(gen.generate(model, [[1, 5, 9, 200, 3] * 20], 10, temperature=0)[0]) == 10
 
