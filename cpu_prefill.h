@@ -1,10 +1,10 @@
 // A bf16 prefill's ops (the AVX-512 build's; fused_prefill.py runs a Llama-shaped model's prefill through them, with
 // the linears' own GEMMs between): attention, and the row-wise work between the GEMMs.
 //
-// Attention (on a CPU with AVX512-BF16): a prompt's or a chunk's T queries a row, causal
-// by position, over a KV cache, static or paged (the operands as decode attention's, cpu_kernels_shared.h). torch's
-// CPU flash attention runs its products as fp32 GEMMs; here both products are vdpbf16ps (32 bf16 products an
-// instruction, twice the fp32 FMA's rate), as flash attention: blocks of KB keys, a running maximum and sum a query.
+// Attention (on a CPU with AVX512-BF16): a prompt's or a chunk's T queries a row, causal by position, over a KV cache,
+// static or paged (the operands as decode attention's, cpu_kernels_shared.h). torch's CPU flash attention runs its
+// products as fp32 GEMMs; here both are vdpbf16ps (32 bf16 products an instruction, twice the fp32 FMA's rate), as
+// flash attention: blocks of KB keys, a running maximum and sum a query.
 //
 //   keys: each (row, KV head)'s keys packed once a call, KB at a time, in pairs of dimensions: 32-bit unit
 //         [j, key] = (k[key, 2j], k[key, 2j + 1]), so that one vector is 16 keys' pair j and a query's pair j,
