@@ -102,17 +102,26 @@ const Quantized& quantize(const Tensor& x) {
   return q;
 }
 
+// 16 floats to bf16, nearest even (AVX-512F: no AVX512-BF16 needed)
+inline __m256i round16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i round = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)),
+                                         _mm512_set1_epi32(0x7FFF));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, round), 16));
+}
+
+// 16 bf16 values at p as fp32
+inline __m512 load_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
 // 16 floats (the first `valid` of them) into y at flat index `at`, in y's dtype; bf16 rounded to nearest even
 inline void put16(const Tensor& y, int64_t at, __m512 v, int64_t valid) {
   __mmask16 k = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
   if (y.scalar_type() == at::kFloat) {
     _mm512_mask_storeu_ps(y.data_ptr<float>() + at, k, v);
   } else if (y.scalar_type() == at::kBFloat16) {
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i round = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1)),
-                                     _mm512_set1_epi32(0x7FFF));
-    __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, round), 16));
-    _mm256_mask_storeu_epi16(y.data_ptr<at::BFloat16>() + at, k, h);
+    _mm256_mask_storeu_epi16(y.data_ptr<at::BFloat16>() + at, k, round16(v));
   } else {
     _mm256_mask_storeu_epi16(y.data_ptr<at::Half>() + at, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
@@ -171,11 +180,6 @@ Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t
     for (int64_t r = r0; r < r1; r++) int8_rows(q, W + r * (K / 4) * 64, S, M, K, r, y, n_out);
   });
   return y;
-}
-
-// 16 bf16 values at p as fp32
-inline __m512 load_bf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
 // One block of 16 weight rows against MT rows of x (m0...), PG blocks of 32 columns a group: each block is unpacked

@@ -8,7 +8,7 @@
 // GEMVs' row blocks and attention's tasks are split between the threads, their outputs shared. Rounding follows the
 // eager model step for step, bf16 after every op where it rounds (norm, GEMV, bias, rotary, residual, SwiGLU), with
 // the same kernels for GEMVs and attention and torch's own exp in SwiGLU: the logits are the layer-by-layer step's to
-// the last bit but where a norm's sum of squares (summed in order here, in a cascade by torch) rounds apart.
+// the last bit but where a norm's sum of squares (16 running sums here, a cascade by torch) rounds apart.
 // Included by both builds inside their namespace (omp.h included above it), after their hooks: quantize_into (a
 // GEMV input's rows to int8), gemv_share (a thread's share of a GEMV), exp16 (torch's exp), bf16_runner (attention's
 // run for bf16 and a head size).
@@ -25,8 +25,10 @@ void quantize_bf16(Quantized& q, const uint16_t* x, int64_t M, int64_t K) {
 void rms_norm(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t M, int64_t D, float eps) {
   for (int64_t m = 0; m < M; m++) {
     const uint16_t* r = x + m * D;
-    float sum = 0;   // in order (torch's cascade of vector sums differs in the last bit at times: so may the norm)
-    for (int64_t d = 0; d < D; d++) sum += f32(r[d]) * f32(r[d]);
+    float part[16] = {}, sum = 0;   // 16 running sums, which vectorize (torch's cascade of vector sums adds in
+    for (int64_t d = 0; d < D; d += 16)   // another order: the norm may differ from its in the last bit at times)
+      for (int j = 0; j < 16 && d + j < D; j++) part[j] += f32(r[d + j]) * f32(r[d + j]);
+    for (float p : part) sum += p;
     const float inv = 1.0f / std::sqrt(sum / D + eps);
     for (int64_t d = 0; d < D; d++) out[m * D + d] = bf16(f32(w[d]) * f32(bf16(f32(r[d]) * inv)));
   }
@@ -46,6 +48,21 @@ void rotate_head(const uint16_t* src, const uint16_t* bias, const float* rope, i
     dst[b] = bf16(x2 * c + x1 * s);
   }
   for (int64_t d = R; d < D; d++) dst[d] = bf16(v[d]);
+}
+
+// KV head hk of one token's qkv row y (its bias, or none): the key rotated into k, the value (bias added, rounded)
+// into v, at `at` of each cache (cache_at)
+void store_kv(const uint16_t* y, const uint16_t* bias, const float* rope, int64_t H, int64_t Hkv, int64_t hk,
+              int64_t D, int64_t R, bool pairs, uint16_t* k, uint16_t* v) {
+  const int64_t kat = (H + hk) * D, vat = (H + Hkv + hk) * D;
+  rotate_head(y + kat, bias ? bias + kat : nullptr, rope, D, R, pairs, k);
+  for (int64_t d = 0; d < D; d++) v[d] = bias ? bf16(f32(y[vat + d]) + f32(bias[vat + d])) : y[vat + d];
+}
+
+// where KV head hk of a token writes (an element offset): a paged pool [Hkv, N, D] at its slot `write`, or a static
+// cache [B', Hkv, N, D] at cache row `row`, position `write` (-1: the last, as KVCache.store's index)
+inline int64_t cache_at(bool paged, int64_t N, int64_t Hkv, int64_t D, int64_t row, int64_t write, int64_t hk) {
+  return paged ? (hk * N + write) * D : ((row * Hkv + hk) * N + (write + N) % N) * D;
 }
 
 // shape: H, Hkv, D, rotary dims, interleaved (0/1), intermediate size. weights: 11 a layer (attention norm, qkv
@@ -140,12 +157,8 @@ Tensor decode_layers(const Tensor& x, at::TensorList weights, at::TensorList cac
                       qr.data() + (b * H + hd) * D);
         for (int64_t hk = 0; hk < Hkv; hk++) {
           if ((b * Hkv + hk) % n != t) continue;
-          const int64_t slot = paged ? wpos[b] : (wpos[b] + N) % N;
-          const int64_t base = paged ? (hk * N + slot) * D : ((where[b] * Hkv + hk) * N + slot) * D;
-          const int64_t kat = (H + hk) * D, vat = (H + Hkv + hk) * D;
-          rotate_head(Y + b * QKV + kat, bias ? bias + kat : nullptr, RP + b * R, D, R, pairs, K + base);
-          for (int64_t d = 0; d < D; d++)
-            V[base + d] = bias ? bf16(f32(Y[b * QKV + vat + d]) + f32(bias[vat + d])) : Y[b * QKV + vat + d];
+          const int64_t base = cache_at(paged, N, Hkv, D, paged ? 0 : where[b], wpos[b], hk);
+          store_kv(Y + b * QKV, bias, RP + b * R, H, Hkv, hk, D, R, pairs, K + base, V + base);
         }
       }
 #pragma omp barrier

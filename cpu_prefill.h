@@ -202,7 +202,8 @@ Tensor prefill_attend(const Tensor& q, const Tensor& k, const Tensor& v, const T
 // A prefill's layers op by op (fused_prefill.py): the row-wise work between its GEMMs, each one call over all rows,
 // rounded as decode_layers rounds (as the eager layers do), the threads splitting the rows.
 
-// x + y (y empty: x) rounded to bf16, and its RMSNorm -> (sum, normalized); x, y [M, dim] bf16
+// x + y (y empty: x) rounded to bf16, and its RMSNorm (decode_layers' rms_norm) -> (sum, normalized); x, y [M, dim]
+// bf16
 std::tuple<Tensor, Tensor> add_norm(const Tensor& x, const Tensor& y, const Tensor& w, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous() && w.is_contiguous() &&
               w.scalar_type() == at::kBFloat16 && w.numel() == x.size(1) &&
@@ -214,32 +215,11 @@ std::tuple<Tensor, Tensor> add_norm(const Tensor& x, const Tensor& y, const Tens
   const uint16_t* W = (const uint16_t*)w.data_ptr();
   uint16_t *S = (uint16_t*)s.data_ptr(), *Hn = (uint16_t*)h.data_ptr();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++) {
-      uint16_t* r = S + m * D;
-      if (Y)
-        for (int64_t d = 0; d < D; d++) r[d] = bf16(f32(X[m * D + d]) + f32(Y[m * D + d]));
-      float part[16] = {};   // 16 running sums (vectorized; torch's cascade sums in another order)
-      for (int64_t d = 0; d < D; d += 16)
-        for (int j = 0; j < 16 && d + j < D; j++) part[j] += f32(r[d + j]) * f32(r[d + j]);
-      float sum = 0;
-      for (float p : part) sum += p;
-      const float inv = 1.0f / std::sqrt(sum / D + float(eps));
-      for (int64_t d = 0; d < D; d++) Hn[m * D + d] = bf16(f32(W[d]) * f32(bf16(f32(r[d]) * inv)));
-    }
+    if (Y)
+      for (int64_t i = m0 * D; i < m1 * D; i++) S[i] = bf16(f32(X[i]) + f32(Y[i]));
+    rms_norm(S + m0 * D, W, Hn + m0 * D, m1 - m0, D, float(eps));
   });
   return {s, h};
-}
-
-// 16 floats to bf16, nearest even (AVX-512F: no AVX512-BF16 needed)
-inline __m256i round16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i up = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(up, 16));
-}
-
-inline __m512 widen16(const uint16_t* p) {   // 16 bf16 -> fp32
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
 // SwiGLU of up [M, 2I] ([gate; up] a row, I % 16 == 0) -> [M, I], as decode_layers' (F.silu(gate) * up in bf16:
@@ -254,7 +234,7 @@ Tensor swiglu(const Tensor& up) {
   at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
     for (int64_t b = m0; b < m1; b++)
       for (int64_t i = 0; i < I; i += 16) {
-        const __m512 g = widen16(U + b * 2 * I + i), u = widen16(U + b * 2 * I + I + i);
+        const __m512 g = load_bf16(U + b * 2 * I + i), u = load_bf16(U + b * 2 * I + I + i);
         const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), g));
         const __m256i silu = round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
         const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(silu), 16));
@@ -295,9 +275,8 @@ Tensor rotate_store(const Tensor& qkv, const Tensor& rope, const Tensor& k, cons
       for (int64_t hd = 0; hd < H; hd++)
         rotate_head(y + hd * D, nullptr, RP + i * R, D, R, pairs, Q + (i * H + hd) * D);
       for (int64_t hk = 0; hk < Hkv; hk++) {
-        const int64_t base = paged ? (hk * N + wp[i]) * D : ((ap[i] * Hkv + hk) * N + (wp[i] + N) % N) * D;
-        rotate_head(y + (H + hk) * D, nullptr, RP + i * R, D, R, pairs, K + base);
-        std::memcpy(V + base, y + (H + Hkv + hk) * D, D * sizeof(uint16_t));
+        const int64_t base = cache_at(paged, N, Hkv, D, paged ? 0 : ap[i], wp[i], hk);
+        store_kv(y, nullptr, RP + i * R, H, Hkv, hk, D, R, pairs, K + base, V + base);
       }
     }
   });

@@ -37,7 +37,7 @@ class PrefillLayers:
         n, H, D = B * T, self.shape[0], self.shape[2]
         rows = torch.arange(B) if p.rows is None else p.rows.long()
         at = p.read if p.read is not None else rows                 # the attention's cache rows, or slots
-        write, rope = p.cache_pos.reshape(n).long(), p.rope.reshape(n, -1).float().contiguous()
+        write, rope = p.cache_pos.reshape(n).long(), p.rope.reshape(n, -1).contiguous()   # fp32 rotations
         store_rows = rows.repeat_interleave(T)
         x, out = x.reshape(n, dim).contiguous(), torch.empty(0, dtype=x.dtype)
         for layer in self.model.layers:
