@@ -25,6 +25,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -110,10 +111,9 @@ inline __m256i round16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, round), 16));
 }
 
-// 16 bf16 values at p as fp32
-inline __m512 load_bf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
+// 16 bf16 values as fp32
+inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+inline __m512 load_bf16(const uint16_t* p) { return widen(_mm256_loadu_si256((const __m256i*)p)); }
 
 // 16 floats (the first `valid` of them) into y at flat index `at`, in y's dtype; bf16 rounded to nearest even
 inline void put16(const Tensor& y, int64_t at, __m512 v, int64_t valid) {
@@ -422,6 +422,13 @@ void attend_run(const Attend& a, const T* Q, const T* K, const T* V, int64_t b, 
     const __mmask16 valid = w == 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << w) - 1);
     block(j, w);
     for (int64_t g = 0; g < G; g++) {
+      const int64_t mi = (b * a.Hm + (a.Hm == 1 ? 0 : h * G + g)) * S + s0 + j;
+      const __mmask16 on = a.Mb ? _mm_mask_test_epi8_mask(valid, _mm_maskz_loadu_epi8(valid, a.Mb + mi),
+                                                          _mm_set1_epi8(1)) : valid;
+      if (!on) {   // a block masked whole (past a row's position in the attended length): no dot products
+        _mm512_storeu_ps(&p[g * n16 + j], _mm512_set1_ps(-INFINITY));
+        continue;
+      }
       const T* qg = Q + (b * a.H + h * G + g) * D;
       Pair q[P];
       __m512 dots[16];
@@ -436,9 +443,7 @@ void attend_run(const Attend& a, const T* Q, const T* K, const T* V, int64_t b, 
           dots[i] = _mm512_fmadd_ps(q[c].b, k.b, _mm512_fmadd_ps(q[c].a, k.a, dots[i]));
         }
       __m512 scores = _mm512_mul_ps(sum16(dots), _mm512_set1_ps(a.scale));
-      const int64_t mi = (b * a.Hm + (a.Hm == 1 ? 0 : h * G + g)) * S + s0 + j;
       if (a.Mb) {
-        const __mmask16 on = _mm_mask_test_epi8_mask(valid, _mm_maskz_loadu_epi8(valid, a.Mb + mi), _mm_set1_epi8(1));
         scores = _mm512_mask_blend_ps(on, _mm512_set1_ps(-INFINITY), scores);
       } else {
         scores = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY),
@@ -508,12 +513,12 @@ Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a
   });
 }
 
-// decode_layers' hooks (cpu_layers.h): a thread's share of a GEMV, e^x 16 at a time as torch computes it, bf16
-// attention's runner
+// decode_layers' hooks (cpu_layers.h): a range of a GEMV, a row's SwiGLU, bf16 attention's runner
 
-// thread t of n: its share of y = x L^T (y [M, N] bf16); q: x quantized (int8 and int4 kinds)
-void gemv_share(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, const Tensor& y, int t, int n) {
-  const int64_t u0 = L.units * t / n, u1 = L.units * (t + 1) / n, K = L.K, N = L.N;
+// units u0..u1-1 (rows, or blocks of 16) of y = x L^T (y [M, N] bf16); q: x quantized (int8 and int4 kinds)
+void gemv_units(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, const Tensor& y, int64_t u0,
+                int64_t u1, bool) {
+  const int64_t K = L.K, N = L.N;
   if (L.kind == 0) {
     bf16_rows(x, (const uint16_t*)L.w, (uint16_t*)y.data_ptr<at::BFloat16>(), M, N, K, u0, u1);
     return;
@@ -529,7 +534,17 @@ void gemv_share(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, 
 
 extern "C" __m512 Sleef_expf16_u10(__m512);   // libtorch_cpu's: torch's vectorized exp on AVX-512 (its silu's)
 
-inline void exp16(const float* x, float* y) { _mm512_storeu_ps(y, Sleef_expf16_u10(_mm512_loadu_ps(x))); }
+// SwiGLU of a row's I values, F.silu(gate) * up in bf16: gate / (1 + e^-gate) with torch's exp, rounded, times up,
+// rounded; 16 at a time
+void swiglu_row(const uint16_t* gate, const uint16_t* up, uint16_t* act, int64_t I) {
+  for (int64_t i = 0; i < I; i += 16) {
+    const __mmask16 k = I - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (I - i)) - 1);
+    const __m512 g = widen(_mm256_maskz_loadu_epi16(k, gate + i)), u = widen(_mm256_maskz_loadu_epi16(k, up + i));
+    const __m512 e = Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    const __m512 silu = widen(round16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e))));
+    _mm256_mask_storeu_epi16(act + i, k, round16(_mm512_mul_ps(silu, u)));
+  }
+}
 
 auto bf16_runner(int64_t D) {
   decltype(&attend_run<at::BFloat16, 1>) runners[] = {

@@ -18,6 +18,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -528,17 +529,17 @@ Tensor attend(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a
   return attend_with(q, k, v, at, mask, scale, [](auto zero, int64_t) { return attend_run<decltype(zero)>; });
 }
 
-// decode_layers' hooks (cpu_layers.h): a thread's share of a GEMV, e^x 16 at a time as torch computes it, bf16
-// attention's runner
+// decode_layers' hooks (cpu_layers.h): a range of a GEMV, a row's SwiGLU, bf16 attention's runner
 
-// thread t of n: its share of y = x L^T (y [M, N] bf16); q: x quantized (int8 and int4 kinds)
-void gemv_share(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, const Tensor& y, int t, int n) {
-  const int64_t u0 = L.units * t / n, u1 = L.units * (t + 1) / n, K = L.K, N = L.N;
+// units u0..u1-1 (rows, or blocks of 16) of y = x L^T (y [M, N] bf16); q: x quantized (int8 and int4 kinds)
+void gemv_units(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, const Tensor& y, int64_t u0,
+                int64_t u1, bool fresh) {
+  const int64_t K = L.K, N = L.N;
   const Out out(y);
   if (L.kind == 0) {
-    thread_local std::vector<float> xs;   // x split to fp32 as bf16_rows takes it
+    thread_local std::vector<float> xs;   // x split to fp32 as bf16_rows takes it, once a GEMV (fresh: a new x)
     xs.resize(M * K);
-    for (int64_t i = 0; i < M * K; i += 16) {
+    for (int64_t i = 0; fresh && i < M * K; i += 16) {
       __m256 even, odd;
       split16(x + i, even, odd);
       _mm256_storeu_ps(&xs[i], even);
@@ -558,9 +559,18 @@ void gemv_share(const Lin& L, const Quantized& q, const uint16_t* x, int64_t M, 
 
 extern "C" __m256 Sleef_expf8_u10(__m256);   // libtorch_cpu's: torch's vectorized exp on AVX2 (its silu's)
 
-inline void exp16(const float* x, float* y) {
-  _mm256_storeu_ps(y, Sleef_expf8_u10(_mm256_loadu_ps(x)));
-  _mm256_storeu_ps(y + 8, Sleef_expf8_u10(_mm256_loadu_ps(x + 8)));
+// SwiGLU of a row's I values, F.silu(gate) * up in bf16: gate / (1 + e^-gate) with torch's exp, rounded, times up,
+// rounded
+void swiglu_row(const uint16_t* gate, const uint16_t* up, uint16_t* act, int64_t I) {
+  using c10::detail::f32_from_bits, c10::detail::round_to_nearest_even;
+  for (int64_t i = 0; i < I; i += 8) {
+    alignas(32) float g[8], e[8];
+    for (int j = 0; j < 8; j++) g[j] = -f32_from_bits(gate[i + std::min<int64_t>(j, I - 1 - i)]);
+    _mm256_store_ps(e, Sleef_expf8_u10(_mm256_load_ps(g)));
+    for (int j = 0; j < 8 && i + j < I; j++)
+      act[i + j] = round_to_nearest_even(f32_from_bits(round_to_nearest_even(-g[j] / (1.0f + e[j]))) *
+                                         f32_from_bits(up[i + j]));
+  }
 }
 
 auto bf16_runner(int64_t) { return attend_run<at::BFloat16>; }

@@ -56,7 +56,6 @@ def attach(model: Transformer) -> Optional[str]:
     """Set model.prefill_layers where every layer qualifies (fused_decode.why_not) and the build has prefill_attend;
     returns why not otherwise (None when attached)."""
     reason = fused_decode.why_not(model) or \
-        (None if cpu_kernels.prefills(model.config.head_dim) else "no prefill_attend in this build") or \
-        (None if model.config.intermediate_size % 16 == 0 else "an intermediate size not a multiple of 16")
+        (None if cpu_kernels.prefills(model.config.head_dim) else "no prefill_attend in this build")
     model.prefill_layers = None if reason else PrefillLayers(model)
     return reason

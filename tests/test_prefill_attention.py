@@ -92,9 +92,10 @@ def test_the_row_wise_ops_round_as_the_eager_layers():
     fp32 sum of squares in another order: a last bit apart at most)."""
     ops = torch.ops.zoofast_kernels
     torch.manual_seed(0)
-    up = (torch.randn(70, 2 * 96) * 4).bfloat16()
-    gate, u = up.chunk(2, -1)
-    assert torch.equal(ops.swiglu(up), F.silu(gate) * u)
+    for width in (96, 100):   # 16 at a time, and a tail
+        up = (torch.randn(70, 2 * width) * 4).bfloat16()
+        gate, u = up.chunk(2, -1)
+        assert torch.equal(ops.swiglu(up), F.silu(gate) * u)
     x, y, w = torch.randn(70, 192).bfloat16(), torch.randn(70, 192).bfloat16(), torch.randn(192).bfloat16()
     norm = RMSNorm(192, 1e-5)
     norm.weight.data = w
