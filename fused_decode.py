@@ -1,7 +1,7 @@
 # A CPU decode step's layers in one C++ call: cpu_kernels' decode_layers (cpu_layers.h) runs every layer of a
 # Llama-shaped model (RMSNorm, rotary, GQA, SwiGLU; a qkv bias allowed) in one parallel region, where a step
-# otherwise goes from Python or a compiled graph into ~9 ops a layer, each forking and joining the threads. The
-# embedding, the positions, the final norm, the head and sampling stay as they are. load_model attaches it where every
+# otherwise goes from Python or a compiled graph into ~9 ops a layer, each forking and joining the threads; the final
+# norm too. The embedding, the positions, the head and sampling stay as they are. load_model attaches it where every
 # layer qualifies (attach() says why not where one does not); Transformer.forward takes it for T = 1 steps on a KV
 # cache, eager or inside a compiled step (which then has no decode graph to compile). ZOOFAST_FUSED=0 turns it off.
 import os
@@ -41,6 +41,8 @@ def why_not(model: Transformer) -> Optional[str]:
         return "not a Llama-shaped model"
     if c.head_dim % 32 or c.head_dim > 256 or model.tok_embeddings.weight.dtype != torch.bfloat16:
         return "head size or dtype"
+    if type(model.norm) is not RMSNorm or model.norm._forward_hooks or model.norm._forward_pre_hooks:
+        return "a final norm the kernel does not take"
     if model.heads != slice(None) or not model.attention_kernel:
         return "tensor parallel, or no CPU attention kernel"
     for layer in model.layers:
@@ -56,7 +58,8 @@ def why_not(model: Transformer) -> Optional[str]:
 
 
 class DecodeLayers:
-    """model.decode_layers: (x [B, 1, dim], positions) -> x after every layer, for a decode step on a KV cache."""
+    """model.decode_layers: (x [B, 1, dim], positions) -> x after every layer and the final norm, for a decode step
+    on a KV cache."""
 
     def __init__(self, model: Transformer):
         c = model.config
@@ -67,6 +70,7 @@ class DecodeLayers:
             bias = a.wqkv.bias if a.wqkv.bias is not None else torch.empty(0)
             self.weights += [layer.attention_norm.weight, *linear_parts(a.wqkv), bias, *linear_parts(a.wo),
                              layer.ffn_norm.weight, *linear_parts(f.w13), *linear_parts(f.w2)]
+        self.weights.append(model.norm.weight)
         self.weights = [t.detach() for t in self.weights]
         self.shape = [c.n_head, c.n_local_heads, c.head_dim, c.rotary_dim, int(c.rope_interleaved),
                       c.intermediate_size]

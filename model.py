@@ -266,8 +266,9 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(idx)
         if p is None:
             p = self.positions(idx, input_pos, rows, last, x.dtype)
+        normed = False
         if self.decode_layers is not None and self.decode_layers.serves(x, p):   # a decode step: one C++ call
-            x = self.decode_layers(x, p)
+            x, normed = self.decode_layers(x, p), True                            # (the final norm included)
         elif self.prefill_layers is not None and self.prefill_layers.serves(x, p):   # C++ between the GEMMs
             x = self.prefill_layers(x, p)
         else:
@@ -276,7 +277,7 @@ class Transformer(nn.Module):
                 x = (stage or run_layers)(layers[run], x, p)
         if last is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last]
-        return self.output(self.norm(x))
+        return self.output(x if normed else self.norm(x))
 
     def positions(self, idx: Tensor, input_pos: Optional[Tensor], rows: Optional[Tensor], last: Optional[Tensor],
                   dtype) -> "Positions":

@@ -157,9 +157,25 @@ def test_bad_operands_are_refused_in_one_line(tmp_path):
     with pytest.raises(RuntimeError, match="out of range"):
         run(x, d.weights, d.kv(), rope, torch.tensor([16]), torch.tensor([0]), mask, d.shape, d.eps, d.scale)
     with pytest.raises(RuntimeError, match="11 weights"):
-        run(x, d.weights[:-1], d.kv(), rope, torch.tensor([0]), torch.tensor([0]), mask, d.shape, d.eps, d.scale)
+        run(x, d.weights[:-2], d.kv(), rope, torch.tensor([0]), torch.tensor([0]), mask, d.shape, d.eps, d.scale)
     with pytest.raises(RuntimeError, match="bf16"):
         run(x.float(), d.weights, d.kv(), rope, torch.tensor([0]), torch.tensor([0]), mask, d.shape, d.eps, d.scale)
+
+
+def test_the_final_norm_is_the_models(tmp_path):
+    """Given the final norm's weight last, the call ends with model.norm (its fp32 sum in another order: a last bit
+    apart at most); without it, x after the layers."""
+    model = gen.load_model(checkpoint(tmp_path, "bf16" if cpu_kernels.load("bf16") else "int8"), "cpu", torch.bfloat16)
+    model.setup_caches(1, 16)
+    d = model.decode_layers
+    assert d.weights[-1].data_ptr() == model.norm.weight.data_ptr()
+    x = torch.randn(1, 128).bfloat16()
+    args = (d.kv(), torch.randn(1, 32), torch.tensor([0]), torch.tensor([0]), torch.ones(1, 1, 16, dtype=torch.bool),
+            d.shape, d.eps, d.scale)
+    run = torch.ops.zoofast_kernels.decode_layers
+    normed, bare = run(x, d.weights, *args), run(x, d.weights[:-1], *args)
+    assert not torch.equal(normed, bare)
+    torch.testing.assert_close(normed, model.norm(bare), atol=0, rtol=2 ** -7)
 
 
 def test_a_verify_step_runs_as_rows_of_one_cache_row(tmp_path):
