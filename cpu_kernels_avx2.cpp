@@ -204,7 +204,7 @@ Tensor int8_gemv(const Tensor& x, const Tensor& w, const Tensor& scales, int64_t
   const Out out(y);
   const uint8_t* W = w.data_ptr<uint8_t>();
   const float* S = scales.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
+  share_out(blocks, 4, [&](int64_t r0, int64_t r1, bool) {
     for (int64_t r = r0; r < r1; r++)
       in_tiles(M, [&](auto mt, int64_t m) { int8_tile<mt>(q, W + r * (K / 4) * 64, S, K, r, m, out, n_out); });
   });
@@ -299,7 +299,7 @@ Tensor int4_gemv(const Tensor& x, const Tensor& w, int64_t groupsize, int64_t n_
   const uint8_t* W = w.data_ptr<uint8_t>();
   const int64_t block_bytes = w.size(1) * w.size(2);
   const auto rows = int4_rows_for(groupsize);
-  at::parallel_for(0, blocks, 1, [&](int64_t r0, int64_t r1) {
+  share_out(blocks, 4, [&](int64_t r0, int64_t r1, bool) {
     for (int64_t r = r0; r < r1; r++) rows(q, W + r * block_bytes, M, K, r, out, n_out);
   });
   return y;
@@ -361,7 +361,7 @@ Tensor bf16_gemv(const Tensor& x, const Tensor& w) {
   const uint16_t* W = (const uint16_t*)w.data_ptr<at::BFloat16>();
   uint16_t* Y = (uint16_t*)y.data_ptr<at::BFloat16>();
   const float* xp = xs.data();   // this thread's buffer (in the lambda, `xs` would name each worker's own)
-  at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) { bf16_rows(xp, W, Y, M, N, K, n0, n1); });
+  share_out(N, 16, [&](int64_t n0, int64_t n1, bool) { bf16_rows(xp, W, Y, M, N, K, n0, n1); });
   return y;
 }
 

@@ -13,34 +13,6 @@
 // GEMV input's rows to int8), gemv_units (a range of a GEMV's rows or row blocks), swiglu_row (F.silu(gate) * up),
 // bf16_runner (attention's run for bf16 and a head size).
 
-// A GEMV's units (rows, or blocks of 16 rows) split between the threads: each takes its own share from the front, a
-// chunk at a time, then takes chunks from the back of shares not yet done. Every thread streams its weights at once
-// and none waits at the barrier for a core that streams slower (a busy neighbour, a longer path to memory): on the
-// default model, 2 threads of a Zen 4 VM, one core's GEMVs took 6.1 ms a step against the other's 5.3 with halves.
-// A share is one atomic word, epoch (the GEMV's number in the call) | front | back: whoever first meets a share in an
-// older epoch starts it, so no barrier is needed to reset them.
-struct alignas(64) Share {
-  std::atomic<uint64_t> word{0};
-};
-
-// [c0, c1) of share o (of n over `units`) in epoch e, taken from its front or back; c0 == c1 when it is done
-inline std::pair<int64_t, int64_t> take(Share& share, uint64_t e, int64_t units, int o, int n, bool front,
-                                        int64_t chunk) {
-  const auto pack = [e](uint64_t f, uint64_t b) { return e << 48 | f << 24 | b; };
-  uint64_t cur = share.word.load();
-  while (true) {
-    if (cur >> 48 != e) {
-      const uint64_t start = pack(units * o / n, units * (o + 1) / n);
-      if (share.word.compare_exchange_weak(cur, start)) cur = start;
-      continue;
-    }
-    const int64_t f = cur >> 24 & 0xFFFFFF, b = cur & 0xFFFFFF;
-    if (f >= b) return {0, 0};
-    const int64_t c0 = front ? f : std::max(f, b - chunk), c1 = front ? std::min(b, f + chunk) : b;
-    if (share.word.compare_exchange_weak(cur, front ? pack(c1, b) : pack(f, c0))) return {c0, c1};
-  }
-}
-
 inline float f32(uint16_t b) { return c10::detail::f32_from_bits(b); }
 inline uint16_t bf16(float f) { return c10::detail::round_to_nearest_even(f); }
 
@@ -169,17 +141,11 @@ Tensor decode_layers(const Tensor& x, at::TensorList weights, at::TensorList cac
     qr.resize(B * H * D);
     act.resize(B * I);
     uint64_t epoch = 0;   // the GEMVs this call has begun, the same count in every thread
-    auto gemv = [&](const Lin& lin, const uint16_t* in, const Tensor& y) {   // y = in lin^T, shared (Share)
+    auto gemv = [&](const Lin& lin, const uint16_t* in, const Tensor& y) {   // y = in lin^T, shared (run_shares)
       if (lin.kind) quantize_bf16(q, in, B, lin.K);   // the input, quantized where the weights' kind wants it
-      const int64_t chunk = lin.kind ? 4 : 16;           // 16-64 KB of weights
-      bool fresh = true;
-      epoch++;
-      for (int i = 0; i < n; i++) {   // its own share from the front, then the others' from the back
-        const int o = (t + i) % n;
-        for (auto [c0, c1] = take(shares[o], epoch, lin.units, o, n, i == 0, chunk); c0 < c1;
-             std::tie(c0, c1) = take(shares[o], epoch, lin.units, o, n, i == 0, chunk))
-          gemv_units(lin, q, in, B, y, c0, c1, std::exchange(fresh, false));
-      }
+      run_shares(shares, ++epoch, lin.units, lin.kind ? 4 : 16, t, [&](int64_t u0, int64_t u1, bool fresh) {
+        gemv_units(lin, q, in, B, y, u0, u1, fresh);
+      });
     };
     auto add = [&](const Tensor& y) {   // the residual stream += y, rounded as bf16 + bf16
       const uint16_t* Y = (const uint16_t*)y.data_ptr();
