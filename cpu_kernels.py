@@ -54,11 +54,12 @@ def isa() -> str | None:
     return next((name for name in ([want] if want in BUILDS else BUILDS) if BUILDS[name][2] <= cpu_flags()), None)
 
 
-def build(out: Path, name: str = "avx512", ops: str = "zoofast_kernels"):
-    """g++ BUILDS[name]'s source, its ops named `ops` -> out, through a temporary file renamed into place (a killed
-    build leaves nothing)."""
+def build(out: Path, name: str = "avx512", ops: str = "zoofast_kernels", source: Path | None = None):
+    """g++ BUILDS[name]'s source (or `source`, another copy of it: a benchmark's older commit), its ops named `ops`
+    -> out, through a temporary file renamed into place (a killed build leaves nothing)."""
     torch_dir = Path(torch.__file__).parent
-    source, flags, _ = BUILDS[name]
+    own, flags, _ = BUILDS[name]
+    source = source or own
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def compile_into(f):

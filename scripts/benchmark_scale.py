@@ -1,8 +1,8 @@
 # A 1.5B- or 7B-class checkpoint through every stage, next to llama.cpp on the same weights. The checkpoint is
 # scripts/make_checkpoint.py's (random weights in the real layout: speed, memory and time do not depend on the
 # values). Stages: our converter and llama.cpp's convert_hf_to_gguf.py from the same HF folder; our quantizer
-# (int8, int4 g32/g128) and llama-quantize (Q8_0, Q4_0, Q4_K_M); then, in rounds, each variant in its own process
-# in turn (two engines' copies of a 7B model do not fit in 24 GB at once): load, compile, decode, prefill. The
+# (int8, int4 g32/g64/g128) and llama-quantize (Q8_0, Q4_0, Q4_1, Q4_K_M); then, in rounds, each variant in its own
+# process in turn (two engines' copies of a 7B model do not fit in 24 GB at once): load, compile, decode, prefill. The
 # machine's read bandwidth is measured at each round's start; medians are reported. Peak RSS and RssAnon come
 # from sampling /proc/PID/status every 50 ms.
 #   python scripts/benchmark_scale.py --hf HF_DIR --llama_cpp LLAMA_CPP_DIR [--work DIR] [--rounds 2]
@@ -24,14 +24,14 @@ sys.path.insert(0, str(REPO))
 import cli  # noqa: E402
 
 OURS = {"bf16": "model.pth", "int8": "model_int8.pth", "int4 g32": "model_int4.g32.pth",
-        "int4 g128": "model_int4.g128.pth"}
-LLAMA = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_K_M": "q4_k_m"}
+        "int4 g64": "model_int4.g64.pth", "int4 g128": "model_int4.g128.pth"}   # g64: 4.5 bits a weight, as Q4_0
+LLAMA = {"BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q4_K_M": "q4_k_m"}   # Q4_1: 5, as g32
 # "... whole": the same file, its decode step compiled whole (generate.py --compile_whole); "... layers": its decode
 # step layer by layer in compiled stages (ZOOFAST_FUSED=0), not in fused_decode.py's one C++ call
 OURS |= {f"{v} {how}": f for v, f in OURS.items() for how in ("whole", "layers")}
 ORDER = ["bf16", "bf16 layers", "bf16 whole", "BF16", "int8", "int8 layers", "int8 whole", "Q8_0", "int4 g32",
-         "int4 g32 layers", "int4 g32 whole", "int4 g128", "int4 g128 layers", "int4 g128 whole", "Q4_0",
-         "Q4_K_M"]   # a round, pairs side by side
+         "int4 g32 layers", "int4 g32 whole", "int4 g64", "int4 g64 layers", "int4 g64 whole", "int4 g128",
+         "int4 g128 layers", "int4 g128 whole", "Q4_0", "Q4_1", "Q4_K_M"]   # a round, pairs side by side
 
 
 def run_sampled(cmd: list, **kw) -> dict:
