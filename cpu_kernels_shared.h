@@ -83,6 +83,7 @@ void run_shares(std::vector<Share>& shares, uint64_t e, int64_t units, int64_t c
 // a job alone (an op's GEMV) run by the threads (run_shares); a chunk or less runs here
 template <typename F>
 void share_out(int64_t units, int64_t chunk, F&& fn) {
+  TORCH_CHECK(units < (1 << 24), "zoofast: a GEMV of fewer than 2^24 rows");   // a share's front and back: 24 bits
   if (units <= chunk) return fn(0, units, true);
   std::vector<Share> shares(at::get_num_threads());
 #pragma omp parallel num_threads(shares.size())

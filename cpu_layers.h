@@ -117,6 +117,8 @@ Tensor decode_layers(const Tensor& x, at::TensorList weights, at::TensorList cac
     lins.push_back(make_lin(w[1], w[2], dim, QKV)), lins.push_back(make_lin(w[4], w[5], H * D, dim));
     lins.push_back(make_lin(w[7], w[8], dim, 2 * I)), lins.push_back(make_lin(w[9], w[10], I, dim));
   }
+  const bool fits = std::all_of(lins.begin(), lins.end(), [](const Lin& l) { return l.units < 1 << 24; });
+  TORCH_CHECK(4 * L < (1 << 16) && fits, "zoofast decode_layers: under 16384 layers, linears of under 2^24 rows");
   const Tensor& last = weights[weights.size() - 1];   // the final norm's weight, where given
   TORCH_CHECK(!final_norm || (last.scalar_type() == at::kBFloat16 && last.numel() == dim && last.is_contiguous()),
               "zoofast decode_layers: a bf16 final norm weight [dim]");
