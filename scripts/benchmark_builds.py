@@ -37,15 +37,19 @@ def base_ops(rev: str, model) -> dict:
         cpu_kernels.build(Path(tmp) / "base.so", kind, "zoofast_base", source)
         torch.ops.load_library(str(Path(tmp) / "base.so"))
     ops = {name: getattr(torch.ops.zoofast_base, name) for name in OPS if hasattr(torch.ops.zoofast_base, name)}
-    layers, norm = ops["decode_layers"], model.norm
+    layers, norm, takes_norm = ops["decode_layers"], model.norm, []
 
     def decode_layers(x, weights, *args):
-        try:
-            return layers(x, weights, *args)
-        except RuntimeError as e:
-            if "11 weights" not in str(e):
-                raise
-            return norm(layers(x, weights[:-1], *args))
+        if not takes_norm:   # found out at the first call (its weight count is checked before any work)
+            try:
+                y = layers(x, weights, *args)
+                takes_norm.append(True)
+                return y
+            except RuntimeError as e:
+                if "11 weights" not in str(e):
+                    raise
+                takes_norm.append(False)
+        return layers(x, weights, *args) if takes_norm[0] else norm(layers(x, weights[:-1], *args))
     ops["decode_layers"] = decode_layers
     return ops
 
