@@ -361,3 +361,19 @@ def test_each_kernels_fake_gives_the_kernels_shapes_strides_and_dtype():
                                                             torch.randn(40, 96).bfloat16())))
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(kernels.isa() != "avx512" or "avx512_bf16" not in kernels.cpu_flags(),
+                    reason="scripts/peak.cpp probes AVX512-BF16 and VNNI instructions")
+def test_the_peak_probe_builds_and_its_time_grows_with_its_rounds(tmp_path):
+    """scripts/benchmark_peak.py's instruction rates come from scripts/peak.cpp: it builds through cpu_kernels.build,
+    each kind's time grows with the rounds asked (the chains are not folded away), a bad kind is refused."""
+    kernels.build(tmp_path / "peak.so", "avx512", "zoofast_peak_test", kernels.SOURCE.parent / "scripts" / "peak.cpp")
+    torch.ops.load_library(str(tmp_path / "peak.so"))
+    rate = torch.ops.zoofast_peak_test.rate
+    for kind in range(3):
+        short, long = (min(rate(kind, n, 1.0) for _ in range(3)) for n in (20_000, 2_000_000))
+        assert 0 < short and long > 20 * short
+        assert 12 * 2_000_000 / long < 16e9   # at most a few instructions a cycle: the loop was not optimized away
+    with pytest.raises(RuntimeError, match="kind 0-2"):
+        rate(3, 10, 1.0)
