@@ -127,6 +127,14 @@ inline void put16(const Tensor& y, int64_t at, __m512 v, int64_t valid) {
   }
 }
 
+// acc + the 16 lanes' dot products of w's bytes (unsigned) with the 4 bytes at x (signed), x broadcast by the
+// instruction's own load ({1to16}). g++ writes _mm512_set1_epi32(*x) as a vpbroadcastd of its own, which on Zen 4
+// holds the int4 GEMV's pace a thread to 56-71 GB/s hot, against 74 this way (3-5% more while streaming, 2 threads)
+inline __m512i dpbusd_word(__m512i acc, __m512i w, const int32_t* x) {
+  asm("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
+  return acc;
+}
+
 // One block of 16 weight rows (r) against MT rows of x (m0...): each block of 32 columns is loaded once and meets
 // every one of the MT rows
 template <int MT>
@@ -141,8 +149,8 @@ void int8_tile(const Quantized& q, const uint8_t* rows, const float* S, int64_t 
       const int32_t* xq = (const int32_t*)(q.xq.data() + (m0 + i) * K) + b * 8;
       __m512i d0 = _mm512_setzero_si512(), d1 = d0;
       for (int c = 0; c < 8; c += 2) {
-        d0 = _mm512_dpbusd_epi32(d0, v[c], _mm512_set1_epi32(xq[c]));
-        d1 = _mm512_dpbusd_epi32(d1, v[c + 1], _mm512_set1_epi32(xq[c + 1]));
+        d0 = dpbusd_word(d0, v[c], xq + c);
+        d1 = dpbusd_word(d1, v[c + 1], xq + c + 1);
       }
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)),
                                _mm512_set1_ps(q.scale[(m0 + i) * K / BLOCK + b]), acc[i]);
@@ -209,8 +217,8 @@ void int4_tile(const Quantized& q, const uint8_t* rows, int64_t K, int64_t r, in
         const int32_t* xb = (const int32_t*)(q.xq.data() + m * K + b * BLOCK);
         __m512i L = _mm512_setzero_si512(), H = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) {
-          L = _mm512_dpbusd_epi32(L, lo[c], _mm512_set1_epi32(xb[2 * c]));
-          H = _mm512_dpbusd_epi32(H, hi[c], _mm512_set1_epi32(xb[2 * c + 1]));
+          L = dpbusd_word(L, lo[c], xb + 2 * c);
+          H = dpbusd_word(H, hi[c], xb + 2 * c + 1);
         }
         __m512i sum = _mm512_add_epi32(L, _mm512_srai_epi32(H, 4));
         gacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(q.scale[m * K / BLOCK + b]), gacc[i]);

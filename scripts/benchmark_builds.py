@@ -3,6 +3,7 @@
 # other's, in turn. From one process to the next a decode's speed moves by a quarter on a 2-core VM (where its memory
 # lands, the machine's hour); within one process the two builds meet the same pages and the same hour.
 #   python scripts/benchmark_builds.py --base REV [--checkpoint_path CKPT] [--rounds 8] [--tokens 128] [--prefill 256]
+#   python scripts/benchmark_builds.py --base REV --gemv 37888,3584   (the int8 and int4 GEMVs alone, at 7B's gate+up)
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ sys.path.insert(0, str(REPO))
 import cli  # noqa: E402
 import cpu_kernels  # noqa: E402
 import generate as gen  # noqa: E402
+from quantize import quantize_int4  # noqa: E402
 
 SOURCES = ["cpu_kernels.cpp", "cpu_kernels_avx2.cpp", "cpu_kernels_shared.h", "cpu_layers.h", "cpu_prefill.h"]
 OPS = ["decode_layers", "bf16_gemv", "int8_gemv", "int4_gemv", "attend", "prefill_attend", "add_norm", "rotate_store",
@@ -37,6 +39,8 @@ def base_ops(rev: str, model) -> dict:
         cpu_kernels.build(Path(tmp) / "base.so", kind, "zoofast_base", source)
         torch.ops.load_library(str(Path(tmp) / "base.so"))
     ops = {name: getattr(torch.ops.zoofast_base, name) for name in OPS if hasattr(torch.ops.zoofast_base, name)}
+    if model is None:   # --gemv: the GEMV ops alone
+        return ops
     layers, norm, takes_norm = ops["decode_layers"], model.norm, []
 
     def decode_layers(x, weights, *args):
@@ -61,6 +65,8 @@ def main():
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens (best of 2)")
+    p.add_argument("--gemv", default="", help="N,K: instead of a decode, each build's int8 and int4 g32 GEMV on N x K "
+                   "weights (3 copies in turn: at 7B's shapes, far larger than the caches)")
     args = p.parse_args()
     cli.positive(args, "rounds", "tokens")
     if args.prefill < 0:
@@ -68,6 +74,11 @@ def main():
     if subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.base}^{{commit}}"], cwd=REPO,
                       capture_output=True).returncode:
         raise ValueError(f"--base {args.base!r} is not a commit of this checkout")
+    if args.gemv:
+        shape = args.gemv.split(",")
+        if len(shape) != 2 or not all(v.isdigit() and int(v) > 0 for v in shape) or int(shape[1]) % 32:
+            raise ValueError(f"--gemv takes N,K (positive, K a multiple of 32), got {args.gemv!r}")
+        return gemvs(args, *map(int, shape))
     model = gen.load_model(gen.find_checkpoint(args.checkpoint_path))
     if model.decode_layers is None:
         raise SystemExit("error: no one-call decode step for this model here (fused_decode.why_not says why)")
@@ -91,6 +102,38 @@ def main():
     table(f"decode tok/s ({args.tokens} greedy tokens after 16)", rates)
     if args.prefill:
         table(f"prefill {args.prefill} tok/s (best of 2)", prefills)
+
+
+def gemvs(args, N: int, K: int):
+    """GB/s of weights through each build's int8 and int4 g32 GEMV (one row of x, best of 3 passes over the copies),
+    rounds interleaved; the two builds' outputs are checked equal first."""
+    if not cpu_kernels.load():
+        raise SystemExit("error: no CPU kernels build here (cpu_kernels.available() says why)")
+    base = base_ops(args.base, None)
+    this = {name: getattr(torch.ops.zoofast_kernels, name) for name in base}
+    w = torch.randn(N, K)
+    i4 = cpu_kernels.int4_layout(*quantize_int4(w, 32))
+    scales = w.abs().amax(1) / 127
+    i8, s8 = cpu_kernels.int8_layout(torch.round(w / scales[:, None]).to(torch.int8), scales)
+    del w
+    x = torch.randn(1, K).bfloat16()
+    runs = {"int8": (lambda ops, m: ops["int8_gemv"](x, m, s8, N), [i8, i8.clone(), i8.clone()]),
+            "int4 g32": (lambda ops, m: ops["int4_gemv"](x, m, 32, N), [i4, i4.clone(), i4.clone()])}
+    for kind, (run, mats) in runs.items():
+        if not torch.equal(run(base, mats[0]), run(this, mats[0])):
+            raise SystemExit(f"error: the two builds' {kind} GEMVs give different outputs")
+    rates = {kind: {"base": [], "this": []} for kind in runs}
+    for r in range(args.rounds + 1):   # round 0 warms both
+        for label in ("base", "this") if r % 2 else ("this", "base"):
+            for kind, (run, mats) in runs.items():
+                ops = base if label == "base" else this
+                seconds = min(timed(lambda: [run(ops, m) for m in mats]) for _ in range(3))
+                if r:
+                    rates[kind][label].append(sum(m.numel() for m in mats) / seconds / 1e9)
+    print(f"{N} x {K} weights, 3 copies: {cli.cpu_name()}, {torch.get_num_threads()} threads; rounds interleaved; "
+          f"base {args.base}")
+    for kind in runs:
+        table(f"{kind} GEMV, GB/s of weights", rates[kind])
 
 
 def timed(f) -> float:

@@ -192,6 +192,8 @@ FLAG_CASES = {   # id -> (script and arguments, {zoo} for the zoo folder; words 
     "benchmark-builds-base-bogus": (["scripts/benchmark_builds.py", "--base", "no-such-rev"], "is not a commit"),
     "benchmark-builds-prefill-negative": (["scripts/benchmark_builds.py", "--base", "HEAD", "--prefill", "-1"],
                                           "--prefill must be >= 0"),
+    "benchmark-builds-gemv-bogus": (["scripts/benchmark_builds.py", "--base", "HEAD", "--gemv", "100,33"],
+                                    "--gemv takes N,K"),
     "benchmark-peak-rounds-0": (["scripts/benchmark_peak.py", "--rounds", "0"], "--rounds must be positive"),
     "benchmark-peak-shapes-bogus": (["scripts/benchmark_peak.py", "--shapes", "default,70b"], "--shapes takes"),
     "benchmark-compile-against-nothing": (["scripts/benchmark_compile.py", "--against", "{zoo}"],
