@@ -128,8 +128,9 @@ inline void put16(const Tensor& y, int64_t at, __m512 v, int64_t valid) {
 }
 
 // acc + the 16 lanes' dot products of w's bytes (unsigned) with the 4 bytes at x (signed), x broadcast by the
-// instruction's own load ({1to16}). g++ writes _mm512_set1_epi32(*x) as a vpbroadcastd of its own, which on Zen 4
-// holds the int4 GEMV's pace a thread to 56-71 GB/s hot, against 74 this way (3-5% more while streaming, 2 threads)
+// instruction's own load ({1to16}), where g++ writes _mm512_set1_epi32(*x) as a vpbroadcastd of its own: the int4
+// GEMV 1.04x in the caches and 1.06x streaming at 7B's shapes on Zen 4 (benchmark_builds.py --gemv). int8 keeps the
+// intrinsic: there it was 0.99-1.02x as a GEMV and 0.94x in the default model's decode step
 inline __m512i dpbusd_word(__m512i acc, __m512i w, const int32_t* x) {
   asm("vpdpbusd %[x]%{1to16%}, %[w], %[acc]" : [acc] "+v"(acc) : [w] "v"(w), [x] "m"(*x));
   return acc;
@@ -149,8 +150,8 @@ void int8_tile(const Quantized& q, const uint8_t* rows, const float* S, int64_t 
       const int32_t* xq = (const int32_t*)(q.xq.data() + (m0 + i) * K) + b * 8;
       __m512i d0 = _mm512_setzero_si512(), d1 = d0;
       for (int c = 0; c < 8; c += 2) {
-        d0 = dpbusd_word(d0, v[c], xq + c);
-        d1 = dpbusd_word(d1, v[c + 1], xq + c + 1);
+        d0 = _mm512_dpbusd_epi32(d0, v[c], _mm512_set1_epi32(xq[c]));
+        d1 = _mm512_dpbusd_epi32(d1, v[c + 1], _mm512_set1_epi32(xq[c + 1]));
       }
       acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)),
                                _mm512_set1_ps(q.scale[(m0 + i) * K / BLOCK + b]), acc[i]);
