@@ -26,7 +26,8 @@ OPS = ["decode_layers", "bf16_gemv", "int8_gemv", "int4_gemv", "attend", "prefil
 
 def base_ops(rev: str, model) -> dict:
     """The ops of `rev`'s kernels, built into a temporary folder as torch.ops.zoofast_base. A base from before the
-    final norm moved into decode_layers refuses its weight: the norm then runs in torch after it, as it did there."""
+    final norm moved into decode_layers refuses its weight: the norm then runs in torch after it, as it did there.
+    model None (--gemv): the ops as built, no decode_layers shim."""
     with tempfile.TemporaryDirectory() as tmp:
         for name in SOURCES:
             text = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=REPO, capture_output=True)
@@ -39,7 +40,7 @@ def base_ops(rev: str, model) -> dict:
         cpu_kernels.build(Path(tmp) / "base.so", kind, "zoofast_base", source)
         torch.ops.load_library(str(Path(tmp) / "base.so"))
     ops = {name: getattr(torch.ops.zoofast_base, name) for name in OPS if hasattr(torch.ops.zoofast_base, name)}
-    if model is None:   # --gemv: the GEMV ops alone
+    if model is None:
         return ops
     layers, norm, takes_norm = ops["decode_layers"], model.norm, []
 
