@@ -1,8 +1,9 @@
 # This CPU's ceilings next to what our kernels and oneDNN reach under them: the rate of the instruction each kernel
 # is built on (vdpbf16ps for bf16, vpdpbusd for int8 and int4), a prefill's bf16 GEMMs (oneDNN's) against the
-# vdpbf16ps ceiling, and the decode GEMVs hot (one thread, weights in the caches: the instructions' pace) and streaming (every
-# thread, weights far larger than the caches) against a streaming read. Where a target against llama.cpp is missed,
-# this says whether a ceiling of the machine is in the way. AVX-512 CPUs (the kernels' AVX-512 build).
+# vdpbf16ps ceiling, and the decode GEMVs hot (one thread, weights in the caches: the instructions' pace) and
+# streaming (every thread, weights far larger than the caches) against a streaming read. Where a target against
+# llama.cpp is missed, this says whether a ceiling of the machine is in the way. AVX-512 CPUs (the kernels' AVX-512
+# build).
 #   python scripts/benchmark_peak.py [--shapes default,7b] [--rounds 3]
 import sys
 import tempfile
@@ -119,7 +120,8 @@ def main():
     # int4 g32: a group of 16 rows x 32 columns is 8 vpdpbusd on 320 bytes (codes, scales and zeros); int8: 1 on 64
     pace = {"bf16": rate["vdpbf16ps"] * 64, "int8": rate["vpdpbusd"] * 64, "int4 g32": rate["vpdpbusd"] * 40}
     print(f"\n| decode GEMV (ours, one row) | instruction ceiling, a thread, GB/s | hot, a thread, GB/s | "
-          f"streaming, {threads} threads, GB/s | of a streaming read ({bandwidth:.1f} GB/s) |\n|---|---:|---:|---:|---:|")
+          f"streaming, {threads} threads, GB/s | of a streaming read ({bandwidth:.1f} GB/s) |")
+    print("|---|---:|---:|---:|---:|")
     for kind in hot:
         print(f"| {kind} | {pace[kind] / 1e9:.0f} | {hot[kind]:.1f} | {stream[kind]:.1f} | "
               f"{stream[kind] / bandwidth:.0%} |")
