@@ -3,7 +3,7 @@
 # other's, in turn. From one process to the next a decode's speed moves by a quarter on a 2-core VM (where its memory
 # lands, the machine's hour); within one process the two builds meet the same pages and the same hour.
 #   python scripts/benchmark_builds.py --base REV [--checkpoint_path CKPT] [--rounds 8] [--tokens 128] [--prefill 256]
-#   python scripts/benchmark_builds.py --base REV --gemv 37888,3584   (the int8 and int4 GEMVs alone, at 7B's gate+up)
+#   python scripts/benchmark_builds.py --base REV --gemv 37888,3584   (the decode GEMVs alone, at 7B's gate+up)
 import subprocess
 import sys
 import tempfile
@@ -14,10 +14,11 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 import cli  # noqa: E402
 import cpu_kernels  # noqa: E402
 import generate as gen  # noqa: E402
-from quantize import quantize_int4  # noqa: E402
+from benchmark_peak import gemv_weights  # noqa: E402
 
 SOURCES = ["cpu_kernels.cpp", "cpu_kernels_avx2.cpp", "cpu_kernels_shared.h", "cpu_layers.h", "cpu_prefill.h"]
 OPS = ["decode_layers", "bf16_gemv", "int8_gemv", "int4_gemv", "attend", "prefill_attend", "add_norm", "rotate_store",
@@ -66,8 +67,8 @@ def main():
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--prefill", type=int, default=0, help="also time a prefill of this many tokens (best of 2)")
-    p.add_argument("--gemv", default="", help="N,K: instead of a decode, each build's int8 and int4 g32 GEMV on N x K "
-                   "weights (3 copies in turn: at 7B's shapes, far larger than the caches)")
+    p.add_argument("--gemv", default="", help="N,K: instead of a decode, each build's bf16, int8 and int4 g32 GEMV on "
+                   "N x K weights (3 copies in turn: at 7B's shapes, far larger than the caches)")
     args = p.parse_args()
     cli.positive(args, "rounds", "tokens")
     if args.prefill < 0:
@@ -106,31 +107,27 @@ def main():
 
 
 def gemvs(args, N: int, K: int):
-    """GB/s of weights through each build's int8 and int4 g32 GEMV (one row of x, best of 3 passes over the copies),
-    rounds interleaved; the two builds' outputs are checked equal first."""
+    """GB/s of weights through each build's decode GEMVs (benchmark_peak.gemv_weights: bf16 where it runs, int8, int4
+    g32; one row of x, best of 3 passes over 3 copies), rounds interleaved; the builds' outputs are checked equal
+    first."""
     if not cpu_kernels.load():
         raise SystemExit("error: no CPU kernels build here (cpu_kernels.available() says why)")
     base = base_ops(args.base, None)
     this = {name: getattr(torch.ops.zoofast_kernels, name) for name in base}
-    w = torch.randn(N, K)
-    i4 = cpu_kernels.int4_layout(*quantize_int4(w, 32))
-    scales = w.abs().amax(1) / 127
-    i8, s8 = cpu_kernels.int8_layout(torch.round(w / scales[:, None]).to(torch.int8), scales)
-    del w
     x = torch.randn(1, K).bfloat16()
-    runs = {"int8": (lambda ops, m: ops["int8_gemv"](x, m, s8, N), [i8, i8.clone(), i8.clone()]),
-            "int4 g32": (lambda ops, m: ops["int4_gemv"](x, m, 32, N), [i4, i4.clone(), i4.clone()])}
-    for kind, (run, mats) in runs.items():
-        if not torch.equal(run(base, mats[0]), run(this, mats[0])):
+    runs = {kind: (call, [w, w.clone(), w.clone()])
+            for kind, (call, w) in gemv_weights(N, K, bf16=cpu_kernels.load("bf16")).items()}
+    for kind, (call, mats) in runs.items():
+        if not torch.equal(call(base, x, mats[0]), call(this, x, mats[0])):
             raise SystemExit(f"error: the two builds' {kind} GEMVs give different outputs")
     rates = {kind: {"base": [], "this": []} for kind in runs}
     for r in range(args.rounds + 1):   # round 0 warms both
         for label in ("base", "this") if r % 2 else ("this", "base"):
-            for kind, (run, mats) in runs.items():
+            for kind, (call, mats) in runs.items():
                 ops = base if label == "base" else this
-                seconds = min(timed(lambda: [run(ops, m) for m in mats]) for _ in range(3))
+                seconds = min(timed(lambda: [call(ops, x, m) for m in mats]) for _ in range(3))
                 if r:
-                    rates[kind][label].append(sum(m.numel() for m in mats) / seconds / 1e9)
+                    rates[kind][label].append(sum(m.numel() * m.element_size() for m in mats) / seconds / 1e9)
     print(f"{N} x {K} weights, 3 copies: {cli.cpu_name()}, {torch.get_num_threads()} threads; rounds interleaved; "
           f"base {args.base}")
     for kind in runs:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 import benchmark  # noqa: E402
 import cli  # noqa: E402
 import cpu_kernels  # noqa: E402
-from quantize import quantize_int4  # noqa: E402
+from quantize import quantize_int4, quantize_int8  # noqa: E402
 
 # (dim, intermediate, qkv rows, prefill tokens) of the default model (SmolLM2-135M) and the 7B class (Qwen2.5-7B)
 SHAPES = {"default": (576, 1536, 960, 256), "7b": (3584, 18944, 4608, 512)}
@@ -53,31 +53,29 @@ def gemms(shape: str, rounds: int) -> list:
     return rows
 
 
-def gemv_layouts(N: int, K: int, copies: int) -> dict:
-    """{kind: (op on x, bytes a call, copies of the weights)}: our decode GEMVs on N x K weights, `copies` of each
-    so that a pass streams from memory."""
+def gemv_weights(N: int, K: int, bf16: bool = True) -> dict:
+    """{kind: (call(ops, x, w), w)}: a random N x K matrix in our decode GEMVs' layouts (bf16 where asked, int8,
+    int4 g32, quantized as quantize.py does); ops: a build's ops by name, x [M, K] bf16. scripts/benchmark_builds.py
+    times two builds on these."""
     w = torch.randn(N, K)
-    codes, sz = quantize_int4(w, 32)
-    i4 = cpu_kernels.int4_layout(codes, sz)
-    scales = w.abs().amax(1) / 127
-    i8, s8 = cpu_kernels.int8_layout(torch.round(w / scales[:, None]).to(torch.int8), scales)
-    b16 = w.bfloat16()
-    ops = torch.ops.zoofast_kernels
-    return {
-        "bf16": (lambda x, m: ops.bf16_gemv(x, m), b16.numel() * 2, [b16.clone() for _ in range(copies)]),
-        "int8": (lambda x, m: ops.int8_gemv(x, m, s8, N), i8.numel(), [i8.clone() for _ in range(copies)]),
-        "int4 g32": (lambda x, m: ops.int4_gemv(x, m, 32, N), i4.numel(), [i4.clone() for _ in range(copies)]),
-    }
+    i8, s8 = cpu_kernels.int8_layout(*quantize_int8(w))
+    kinds = {"bf16": (lambda ops, x, m: ops["bf16_gemv"](x, m), w.bfloat16())} if bf16 else {}
+    kinds["int8"] = (lambda ops, x, m: ops["int8_gemv"](x, m, s8, N), i8)
+    i4 = cpu_kernels.int4_layout(*quantize_int4(w, 32))
+    kinds["int4 g32"] = (lambda ops, x, m: ops["int4_gemv"](x, m, 32, N), i4)
+    return kinds
 
 
 def gemv_rates(N: int, K: int, copies: int, threads: int, rounds: int) -> dict:
-    """{kind: GB/s of weights} for a decode step's GEMV (one row of x) over the copies in turn."""
+    """{kind: GB/s of weights} for a decode step's GEMV (one row of x) over `copies` of the weights in turn (enough
+    of them, and a pass streams from memory)."""
     torch.set_num_threads(threads)
+    ops = {name: getattr(torch.ops.zoofast_kernels, name) for name in ("bf16_gemv", "int8_gemv", "int4_gemv")}
     x, out = torch.randn(1, K).bfloat16(), {}
-    for kind, (op, nbytes, mats) in gemv_layouts(N, K, copies).items():
-        inner = max(1, 200 // copies)
-        s = best_seconds(lambda: [op(x, m) for m in mats], rounds, inner)
-        out[kind] = nbytes * len(mats) / s / 1e9
+    for kind, (call, w) in gemv_weights(N, K).items():
+        mats = [w] + [w.clone() for _ in range(copies - 1)]
+        s = best_seconds(lambda: [call(ops, x, m) for m in mats], rounds, max(1, 200 // copies))
+        out[kind] = w.numel() * w.element_size() * copies / s / 1e9
     return out
 
 
